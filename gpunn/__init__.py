@@ -1,0 +1,21 @@
+"""gpunn: fused training kernels for NumPy, CuPy and PyTorch arrays.
+
+``import gpunn`` is cheap: it imports neither CuPy nor torch and compiles nothing. The
+submodules (``gpunn.ops``, ``gpunn.backend``, ...) load on first access.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("backend", "bench", "cli", "cpu_math", "cuda", "ops")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'gpunn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])

@@ -1,0 +1,240 @@
+"""Where an op runs: the one place in gpunn that tells arrays apart.
+
+Backends
+    numpy  the reference: plain array code, readable and unfused. On CuPy data it runs the
+           same code through CuPy (this is the "unfused CuPy" baseline of the benchmarks).
+    cpu    fused Numba kernels on host memory.
+    cuda   fused CUDA kernels (``kernels/*.cu`` compiled through CuPy) on device memory.
+
+The backend follows the data: NumPy arrays and CPU torch tensors run on ``cpu`` (``numpy``
+when Numba is missing), CuPy arrays and CUDA torch tensors on ``cuda``. ``backend=`` on an
+op, or else the ``GPUNN_BACKEND`` environment variable, overrides that choice; a request
+that cannot be met raises. Data never moves between host and device behind the user's back.
+
+Results come back in the caller's array type: torch tensors are viewed as NumPy/CuPy arrays
+without a copy (``Tensor.numpy`` / DLPack) and the result is viewed back the same way.
+CUDA work on torch tensors is queued on torch's current stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+BACKENDS = ("numpy", "cpu", "cuda")
+ENV_VAR = "GPUNN_BACKEND"
+
+#: dtypes each backend computes in (math in float32 for the 16-bit types, float64 for float64).
+DTYPES = {
+    "numpy": ("float32", "float64"),
+    "cpu": ("float32", "float64"),
+    "cuda": ("float16", "bfloat16", "float32", "float64"),
+}
+
+
+@cache
+def has_numba() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+@cache
+def has_cupy() -> bool:
+    return importlib.util.find_spec("cupy") is not None
+
+
+@cache
+def cuda_device_count() -> int:
+    """Devices CuPy can see (0 without CuPy or without a driver)."""
+    if not has_cupy():
+        return 0
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver, or a driver older than CuPy's runtime
+        return 0
+
+
+def available() -> tuple[str, ...]:
+    """The backends this machine can run."""
+    return tuple(b for b in BACKENDS if b == "numpy" or (b == "cpu" and has_numba())
+                 or (b == "cuda" and cuda_device_count() > 0))
+
+
+def array_kind(a, name: str) -> str:
+    """'numpy', 'cupy' or 'torch'; anything else is a TypeError naming the argument."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    module = type(a).__module__.split(".")[0]
+    if module in ("cupy", "torch"):
+        return module
+    raise TypeError(f"{name} must be a NumPy array, a CuPy array or a torch tensor, "
+                    f"got {type(a).__name__}")
+
+
+def dtype_name(a) -> str:
+    """The element type's short name: 'float32', 'bfloat16', ... (torch's too)."""
+    if array_kind(a, "array") == "torch":
+        return str(a.dtype).removeprefix("torch.")
+    return np.dtype(a.dtype).name
+
+
+def _device(a, kind: str, name: str) -> str:
+    """Where an array lives: 'cpu' or 'cuda:<id>'."""
+    if kind == "numpy":
+        return "cpu"
+    if kind == "cupy":
+        return f"cuda:{a.device.id}"
+    if a.device.type == "cpu":
+        return "cpu"
+    if a.device.type == "cuda":
+        return f"cuda:{a.device.index or 0}"
+    raise TypeError(f"{name} is a torch tensor on {a.device}; gpunn runs on cpu and cuda tensors")
+
+
+def _requested(backend: str | None) -> str | None:
+    """The explicit choice: the ``backend=`` argument, else GPUNN_BACKEND, else None."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend
+    env = os.environ.get(ENV_VAR, "").strip()
+    if not env:
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} or empty, got {env!r}")
+    return env
+
+
+@dataclass(frozen=True)
+class Call:
+    """One op call, resolved: where it runs and how to convert its arrays in and out."""
+
+    op: str
+    backend: str
+    kind: str  # the caller's array type: 'numpy', 'cupy' or 'torch'
+    device: str  # 'cpu' or 'cuda:<id>'
+
+    @property
+    def xp(self):
+        """The array module of the native arrays (numpy or cupy)."""
+        if self.device == "cpu":
+            return np
+        import cupy
+
+        return cupy
+
+    def check_dtype(self, a, name: str, dtypes: tuple[str, ...] | None = None) -> None:
+        supported = dtypes or DTYPES[self.backend]
+        dt = dtype_name(a)
+        if dt not in supported:
+            raise TypeError(f"{self.op}: {name} has dtype {dt}, which the {self.backend!r} "
+                            f"backend does not support (supported: {', '.join(supported)})")
+
+    def native(self, a, name: str):
+        """The caller's array as a C-contiguous NumPy/CuPy array (a view when possible)."""
+        if a is None:
+            return None
+        self.check_dtype(a, name)
+        if self.kind == "torch":
+            a = a.detach()
+            if self.device == "cpu":
+                a = a.numpy()
+            else:
+                import cupy
+
+                a = cupy.from_dlpack(a)
+        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
+    def output(self, out, like, name: str = "out"):
+        """A native array to write the result into: ``out`` checked against ``like``, or new."""
+        if out is None:
+            return self.xp.empty_like(like)
+        if tuple(out.shape) != like.shape:
+            raise ValueError(f"{self.op}: {name} has shape {tuple(out.shape)}, expected {like.shape}")
+        if dtype_name(out) != like.dtype.name:
+            raise TypeError(f"{self.op}: {name} has dtype {dtype_name(out)}, expected {like.dtype.name}")
+        contiguous = out.is_contiguous() if self.kind == "torch" else out.flags.c_contiguous
+        if not contiguous:
+            raise ValueError(f"{self.op}: {name} must be C-contiguous")
+        return self.native(out, name)
+
+    def wrap(self, a, out=None):
+        """Give a native result back in the caller's array type (``out`` itself if given)."""
+        if out is not None:
+            return out
+        if self.kind != "torch":
+            return a
+        import torch
+
+        return torch.from_numpy(a) if self.device == "cpu" else torch.from_dlpack(a)
+
+    def context(self):
+        """Make the data's device current; for torch tensors also torch's current stream."""
+        if self.backend != "cuda":
+            return contextlib.nullcontext()
+        import cupy
+
+        stack = contextlib.ExitStack()
+        device_id = int(self.device.split(":")[1])
+        stack.enter_context(cupy.cuda.Device(device_id))
+        if self.kind == "torch":
+            import torch
+
+            handle = torch.cuda.current_stream(device_id).cuda_stream
+            stack.enter_context(cupy.cuda.ExternalStream(handle, device_id))
+        return stack
+
+
+def resolve(op: str, backend: str | None = None, **arrays) -> Call:
+    """Decide where ``op`` runs for these arrays (None entries are ignored).
+
+    All arrays must be of one array type on one device. Raises ValueError or RuntimeError
+    when the explicit choice cannot run on this data or this machine.
+    """
+    given = {name: a for name, a in arrays.items() if a is not None}
+    if not given:
+        raise ValueError(f"{op}: no input array")
+    kinds = {name: array_kind(a, name) for name, a in given.items()}
+    devices = {name: _device(a, kinds[name], name) for name, a in given.items()}
+    first = next(iter(given))
+    for name in given:
+        if devices[name] != devices[first]:
+            raise ValueError(f"{op}: {first} is on {devices[first]} but {name} is on "
+                             f"{devices[name]}; gpunn does not move data between devices")
+        if kinds[name] != kinds[first]:
+            raise TypeError(f"{op}: {first} is a {kinds[first]} array but {name} is a "
+                            f"{kinds[name]} array; pass one array type per call")
+    kind, device = kinds[first], devices[first]
+    if device != "cpu" and not has_cupy():
+        raise RuntimeError(f"{op}: {first} is on {device}; gpunn runs device data through CuPy, "
+                           "which is not installed (pip install 'gpunn[cuda12]' or 'gpunn[cuda13]')")
+
+    requested = _requested(backend)
+    if requested is None:
+        if device != "cpu":
+            chosen = "cuda"
+        else:
+            chosen = "cpu" if has_numba() else "numpy"
+    else:
+        chosen = requested
+    if chosen == "cuda":
+        if not has_cupy():
+            raise RuntimeError(f"{op}: the cuda backend needs CuPy "
+                               "(pip install 'gpunn[cuda12]' or 'gpunn[cuda13]')")
+        if cuda_device_count() == 0:
+            raise RuntimeError(f"{op}: the cuda backend needs a CUDA device, and CuPy sees none")
+        if device == "cpu":
+            raise ValueError(f"{op}: backend 'cuda' needs device arrays, but {first} is in host "
+                             "memory; move it first (cupy.asarray, tensor.cuda())")
+    elif chosen == "cpu":
+        if not has_numba():
+            raise RuntimeError(f"{op}: the cpu backend needs Numba (pip install numba)")
+        if device != "cpu":
+            raise ValueError(f"{op}: backend 'cpu' needs host arrays, but {first} is on {device}")
+    return Call(op=op, backend=chosen, kind=kind, device=device)

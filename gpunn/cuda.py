@@ -1,0 +1,98 @@
+"""CUDA kernel loader: ``kernels/<family>.cu`` compiled through CuPy (NVRTC), cached per device.
+
+A family's kernels are C++ templates over the storage type; each op module declares the
+instantiations it launches as a :class:`Family`, and every declared instantiation is compiled
+in one NVRTC call the first time any of them is used on a device. Local ``#include "x.cuh"``
+lines are inlined here, so the text handed to NVRTC is self-contained (no include paths) and
+CuPy's on-disk cache, keyed by that text and the options, never serves a stale build.
+
+The same :func:`source` and :data:`NVRTC_OPTIONS` are what the CI test compiles for sm_80
+and sm_90 without a GPU (tests/test_cuda_compile.py).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+#: Where the .cu sources are: inside the installed package, or beside it in a checkout.
+KERNEL_DIRS = (Path(__file__).parent / "kernels", Path(__file__).parent.parent / "kernels")
+
+#: Compiler options, the same at run time and in the CI compile test (CuPy adds -arch).
+NVRTC_OPTIONS = ("-std=c++17",)
+
+#: C++ storage type of each dtype the cuda backend computes in.
+CTYPES = {"float16": "gpunn::half", "bfloat16": "gpunn::bfloat16", "float32": "float",
+          "float64": "double"}
+
+#: Every declared family, by name (filled as op modules are imported).
+FAMILIES: dict[str, "Family"] = {}
+
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+
+
+def kernel_dir() -> Path:
+    for d in KERNEL_DIRS:
+        if (d / "common.cuh").is_file():
+            return d
+    raise FileNotFoundError(f"gpunn's CUDA sources (common.cuh) are in none of {KERNEL_DIRS}")
+
+
+@cache
+def source(family: str) -> str:
+    """The text of ``kernels/<family>.cu`` with its local includes inlined (each once)."""
+    seen: set[str] = set()
+
+    def inline(match: re.Match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(inline, (kernel_dir() / name).read_text())
+
+    return _INCLUDE.sub(inline, (kernel_dir() / f"{family}.cu").read_text())
+
+
+def ctype(dtype) -> str:
+    return CTYPES[np.dtype(dtype).name]
+
+
+class Family:
+    """The instantiations of one ``kernels/<family>.cu`` that gpunn launches."""
+
+    def __init__(self, name: str, expressions: list[str]):
+        self.name = name
+        self.expressions = tuple(expressions)
+        FAMILIES[name] = self
+
+    def function(self, expression: str):
+        """The compiled kernel for one of this family's name expressions, on the current device."""
+        import cupy
+
+        return _module(self, cupy.cuda.Device().id).get_function(expression)
+
+
+@cache
+def _module(family: Family, device_id: int):
+    import cupy
+
+    return cupy.RawModule(code=source(family.name), options=NVRTC_OPTIONS,
+                          name_expressions=family.expressions)
+
+
+@cache
+def sm_count(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def grid_for(n_items: int, block: int, blocks_per_sm: int = 8) -> int:
+    """Blocks for a grid-stride loop over ``n_items``: enough to fill the device, no more."""
+    import cupy
+
+    wanted = max(1, -(-n_items // block))
+    return min(wanted, sm_count(cupy.cuda.Device().id) * blocks_per_sm)

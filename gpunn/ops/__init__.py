@@ -1,0 +1,17 @@
+"""Functional ops: each takes NumPy or CuPy arrays or torch tensors and returns the same type.
+
+Every op accepts ``out=`` (a preallocated, C-contiguous result; pass the input itself to work
+in place) and ``backend=`` ("numpy" | "cpu" | "cuda"; see :mod:`gpunn.backend`).
+"""
+
+from .activations import (elu, elu_backward, gelu, gelu_backward, leaky_relu,
+                          leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward,
+                          silu, silu_backward, tanh, tanh_backward)
+from .softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
+
+__all__ = [
+    "elu", "elu_backward", "gelu", "gelu_backward", "leaky_relu", "leaky_relu_backward",
+    "log_softmax", "log_softmax_backward", "relu", "relu_backward", "sigmoid",
+    "sigmoid_backward", "silu", "silu_backward", "softmax", "softmax_backward", "tanh",
+    "tanh_backward",
+]

@@ -1,0 +1,30 @@
+"""The call path every op shares: resolve the backend, view inputs natively, check or make
+the output, run the backend's implementation on the data's device, hand the result back."""
+
+from __future__ import annotations
+
+from ..backend import resolve
+
+
+def apply(op: str, backend: str | None, out, run, **inputs):
+    """Run ``run(backend_name, *native_inputs, native_out)``; the output is shaped like the
+    first input. Inputs are checked (dtype, device, shape of ``out``) before anything is
+    written, so a bad call changes nothing."""
+    call = resolve(op, backend, out=out, **inputs)
+    natives = [call.native(a, name) for name, a in inputs.items()]
+    first = natives[0]
+    for name, a in zip(list(inputs)[1:], natives[1:]):
+        if a.shape != first.shape:
+            raise ValueError(f"{op}: {name} has shape {a.shape}, expected {first.shape} "
+                             f"(the shape of {next(iter(inputs))})")
+        if a.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype.name}, expected {first.dtype.name}")
+    y = call.output(out, first)
+    with call.context():
+        run(call.backend, *natives, y)
+    return call.wrap(y, out)
+
+
+def compute_dtype(xp, a):
+    """The reference computes 16-bit inputs in float32 and the rest in their own dtype."""
+    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a

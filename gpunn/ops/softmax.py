@@ -1,0 +1,250 @@
+r"""Softmax and log-softmax over one axis, forward and backward.
+
+For a row x of length n, with m = max_j x_j and s = sum_j e^{x_j - m}:
+
+    softmax      y_i = e^{x_i - m} / s           dx = y * (dy - sum_j dy_j y_j)
+    log_softmax  y_i = x_i - m - log(s)          dx = dy - e^{y} * sum_j dy_j
+
+Subtracting m keeps every exponent <= 0, so rows holding +-1e30 never overflow. Edge rows
+behave as PyTorch's: a row of all -inf, or one holding +inf or NaN, gives NaN throughout
+(those rows have no finite m to shift by); -inf entries beside finite ones give 0 (softmax)
+and -inf (log_softmax).
+
+Memory traffic: forward reads x and writes y, backward reads dy and y and writes dx. The CPU
+kernel keeps each row in cache between its passes; the GPU keeps a row of up to 32768
+elements in registers (one block per row, online max/sum), so x is read once; longer rows
+are read twice. A non-last ``axis`` costs a transposed copy in and out.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+from numba import njit, prange
+
+from .. import cpu_math as cm
+from .. import cuda
+from ._apply import apply, compute_dtype
+
+# --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
+
+
+def _numpy_forward(x, y, log):
+    xp = np if isinstance(x, np.ndarray) else _cupy()
+    xc = compute_dtype(xp, x)
+    if xc.size == 0:
+        return
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = xc - xc.max(axis=-1, keepdims=True)
+        s = xp.exp(shifted).sum(axis=-1, keepdims=True)
+        y[...] = shifted - xp.log(s) if log else xp.exp(shifted) / s
+
+
+def _numpy_backward(dy, y, dx, log):
+    xp = np if isinstance(dy, np.ndarray) else _cupy()
+    dyc, yc = compute_dtype(xp, dy), compute_dtype(xp, y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if log:
+            dx[...] = dyc - xp.exp(yc) * dyc.sum(axis=-1, keepdims=True)
+        else:
+            dx[...] = yc * (dyc - (dyc * yc).sum(axis=-1, keepdims=True))
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+# --- Numba CPU kernels: rows in parallel; each row's passes run in cache ----------------------
+# The sums may reorder their additions (reassoc) so that they vectorize; they add blocks of
+# SUM_BLOCK terms in the array's dtype and the block sums in float64, so a float32 row of 10^6
+# keeps float32 accuracy. The exp pass is separate so reordering never touches its reduction.
+
+SUM_BLOCK = 512
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _block_dot(a, b, start, stop):
+    s = type(a[0])(0)
+    for j in range(start, stop):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(cache=True)
+def _row_dot(a, b):
+    """sum_j a_j b_j"""
+    total = 0.0
+    for start in range(0, a.size, SUM_BLOCK):
+        total += _block_dot(a, b, start, min(start + SUM_BLOCK, a.size))
+    return type(a[0])(total)
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _block_sum(a, start, stop):
+    s = type(a[0])(0)
+    for j in range(start, stop):
+        s += a[j]
+    return s
+
+
+@njit(cache=True)
+def _row_sum(a):
+    """sum_j a_j"""
+    total = 0.0
+    for start in range(0, a.size, SUM_BLOCK):
+        total += _block_sum(a, start, min(start + SUM_BLOCK, a.size))
+    return type(a[0])(total)
+
+
+@njit(cache=True)
+def _row_max(a):
+    m = a[0]
+    for j in range(1, a.size):
+        m = a[j] if a[j] > m else m
+    return m
+
+
+@njit(parallel=True, cache=True)
+def _cpu_forward(x, y, log):
+    for r in prange(x.shape[0]):
+        xr, yr = x[r], y[r]
+        m = _row_max(xr)
+        for j in range(xr.size):
+            yr[j] = cm.exp(xr[j] - m)
+        s = _row_sum(yr)
+        if log:
+            log_s = type(m)(math.log(s))
+            for j in range(xr.size):
+                yr[j] = (xr[j] - m) - log_s
+        else:
+            inv = type(s)(1) / s
+            for j in range(xr.size):
+                yr[j] *= inv
+
+
+@njit(parallel=True, cache=True)
+def _cpu_backward(dy, y, dx, log):
+    for r in prange(dy.shape[0]):
+        dyr, yr, dxr = dy[r], y[r], dx[r]
+        if log:
+            s = _row_sum(dyr)
+            for j in range(dyr.size):
+                dxr[j] = dyr[j] - cm.exp(yr[j]) * s
+        else:
+            s = _row_dot(dyr, yr)
+            for j in range(dyr.size):
+                dxr[j] = yr[j] * (dyr[j] - s)
+
+
+# --- CUDA launcher: kernels/softmax.cu --------------------------------------------------------
+
+ITEMS = (4, 8, 16, 32)  # row elements held per thread by the register-resident kernels
+MAX_BLOCK = 1024
+KERNELS = cuda.Family("softmax", [
+    expr for ctype in cuda.CTYPES.values() for log in ("false", "true") for expr in (
+        *(f"gpunn::softmax_{d}_rows<{ctype}, {log}, {items}>"
+          for items in ITEMS for d in ("forward", "backward")),
+        f"gpunn::softmax_forward_long<{ctype}, {log}>",
+        f"gpunn::softmax_backward_long<{ctype}, {log}>")])
+
+
+def launch_config(n: int) -> tuple[int | None, int]:
+    """(items per thread, block size) for rows of length n; items None: the long-row kernel.
+
+    Prefers 256-thread blocks with few items per thread; a row of 32768 elements takes
+    1024 threads x 32 items."""
+    for items in ITEMS:
+        if n <= 256 * items:
+            return items, max(32, 1 << max(0, (-(-n // items) - 1).bit_length()))
+    if n <= MAX_BLOCK * ITEMS[-1]:
+        return ITEMS[-1], 1 << (-(-n // ITEMS[-1]) - 1).bit_length()
+    return None, MAX_BLOCK
+
+
+def _cuda(direction, arrays, log):
+    rows, n = arrays[0].shape
+    if rows == 0 or n == 0:
+        return
+    ctype, flag = cuda.ctype(arrays[0].dtype), "true" if log else "false"
+    items, block = launch_config(n)
+    if items is None:
+        kernel = KERNELS.function(f"gpunn::softmax_{direction}_long<{ctype}, {flag}>")
+        n_arg = np.int64(n)
+    else:
+        kernel = KERNELS.function(f"gpunn::softmax_{direction}_rows<{ctype}, {flag}, {items}>")
+        n_arg = np.int32(n)
+    grid = cuda.grid_for(rows * block, block, blocks_per_sm=32)
+    kernel((grid,), (block,), (*arrays, np.int64(rows), n_arg))
+
+
+IMPLS = {
+    "numpy": (_numpy_forward, _numpy_backward),
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (lambda x, y, log: _cuda("forward", (x, y), log),
+             lambda dy, y, dx, log: _cuda("backward", (dy, y, dx), log)),
+}
+
+
+def _normalize_axis(op, axis, ndim):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{op}: axis must be an int, got {axis!r}") from None
+    if not -max(ndim, 1) <= axis < max(ndim, 1):
+        raise ValueError(f"{op}: axis {axis} is out of range for an array of {ndim} dimensions")
+    return axis % max(ndim, 1)
+
+
+def _over_rows(impl, axis, *arrays):
+    """Run ``impl`` on 2-D (rows, n) views with the reduced axis last; the last array is the
+    output. A non-last axis is transposed into a contiguous copy and back."""
+    ndim = arrays[0].ndim
+    if ndim == 0:
+        return impl(*(a.reshape(1, 1) for a in arrays))
+    if axis == ndim - 1:
+        n = arrays[0].shape[-1]
+        rows = arrays[0].size // n if n else 0
+        return impl(*(a.reshape(rows, n) for a in arrays))
+    xp = np if isinstance(arrays[0], np.ndarray) else _cupy()
+    moved = [xp.ascontiguousarray(xp.moveaxis(a, axis, -1)) for a in arrays[:-1]]
+    result = xp.empty_like(moved[0])
+    _over_rows(impl, ndim - 1, *moved, result)
+    arrays[-1][...] = xp.moveaxis(result, -1, axis)
+
+
+def _run(name, log, inputs, axis, out, backend):
+    ndim = next(iter(inputs.values())).ndim
+    axis = _normalize_axis(name, axis, ndim)
+    direction = 1 if name.endswith("_backward") else 0
+
+    def run(b, *arrays):
+        _over_rows(lambda *rows: IMPLS[b][direction](*rows, log), axis, *arrays)
+
+    return apply(name, backend, out, run, **inputs)
+
+
+# --- Public API -------------------------------------------------------------------------------
+
+
+def softmax(x, axis=-1, *, out=None, backend=None):
+    """y = e^{x - max} / sum(e^{x - max}) along ``axis``."""
+    return _run("softmax", False, {"x": x}, axis, out, backend)
+
+
+def softmax_backward(dy, y, axis=-1, *, out=None, backend=None):
+    """dx = y * (dy - sum(dy * y)) along ``axis``, from the forward's output y."""
+    return _run("softmax_backward", False, {"dy": dy, "y": y}, axis, out, backend)
+
+
+def log_softmax(x, axis=-1, *, out=None, backend=None):
+    """y = x - max - log(sum(e^{x - max})) along ``axis``."""
+    return _run("log_softmax", True, {"x": x}, axis, out, backend)
+
+
+def log_softmax_backward(dy, y, axis=-1, *, out=None, backend=None):
+    """dx = dy - e^{y} * sum(dy) along ``axis``, from the forward's output y."""
+    return _run("log_softmax_backward", True, {"dy": dy, "y": y}, axis, out, backend)

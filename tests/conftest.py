@@ -1,0 +1,57 @@
+"""Shared test tools: error measure and tolerances (DESIGN.md), backends, the gpu marker."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from gpunn import backend
+
+#: ||out - ref|| / ||ref|| bounds by dtype (DESIGN.md); float64 tighter.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
+#: Host backends the CPU suite runs on.
+HOST_BACKENDS = ("numpy", "cpu")
+#: Odd sizes: empty, one, primes, not a multiple of any vector width, and a million.
+SIZES = (0, 1, 7, 13, 1021, 65537, 10**6)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN positions must match exactly (else inf)."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    nan_out, nan_ref = np.isnan(out), np.isnan(ref)
+    if not np.array_equal(nan_out, nan_ref):
+        return np.inf
+    inf_ref = np.isinf(ref)
+    if not np.array_equal(out[inf_ref], ref[inf_ref]):
+        return np.inf
+    keep = ~(nan_ref | inf_ref)
+    num = np.linalg.norm(out[keep] - ref[keep])
+    den = np.linalg.norm(ref[keep])
+    return float(num / den) if den > 0 else float(num)
+
+
+def assert_close(out, ref, dtype):
+    err = rel_err(out, ref)
+    bound = TOLERANCE[dtype if isinstance(dtype, str) else np.dtype(dtype).name]
+    assert err <= bound, f"relative error {err:.3g} > {bound:g} ({dtype})"
+
+
+def has_gpu() -> bool:
+    return backend.cuda_device_count() > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device visible to CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's name so failures reproduce."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
