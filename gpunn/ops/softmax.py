@@ -22,7 +22,8 @@ import math
 import operator
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from .. import cpu_math as cm
 from .. import cuda
@@ -100,12 +101,39 @@ def _row_sum(a):
     return type(a[0])(total)
 
 
-@njit(cache=True)
 def _row_max(a):
-    m = a[0]
-    for j in range(1, a.size):
-        m = a[j] if a[j] > m else m
-    return m
+    """max_j a_j (NaN may be skipped: a NaN anywhere still turns the row's sum into NaN)."""
+    raise TypeError("_row_max is only callable from Numba-compiled code")
+
+
+@intrinsic
+def _bitcast(typingctx, value, to):
+    """Reinterpret the bits of ``value`` as the type ``to`` (a NumPy scalar type) names."""
+    target = to.instance_type
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(target))
+
+    return target(value, to), codegen
+
+
+@overload(_row_max, jit_options={"cache": True})
+def _row_max_impl(a):
+    """Float max as an integer max over order-preserving images of the bits (v for v >= 0,
+    v ^ 0x7f..f for v < 0): Numba's LLVM vectorizes integer max reductions, not float ones."""
+    bits = 32 if a.dtype == types.float32 else 64
+    int_t = np.int32 if bits == 32 else np.int64
+    float_t = np.float32 if bits == 32 else np.float64
+    shift, mask, lowest = int_t(bits - 1), int_t(2 ** (bits - 1) - 1), int_t(-(2 ** (bits - 1)))
+
+    def impl(a):
+        v = a.view(int_t)
+        m = lowest
+        for j in range(v.size):
+            m = max(m, int_t(v[j] ^ ((v[j] >> shift) & mask)))
+        return _bitcast(int_t(m ^ ((m >> shift) & mask)), float_t)
+
+    return impl
 
 
 @njit(parallel=True, cache=True)
