@@ -61,7 +61,7 @@ def _ref_sigmoid(xp, x):
 
 
 def _ref_gelu_tanh_s(xp, x):
-    return _ref_sigmoid(xp, 2 * SQRT_2_OVER_PI * (x + GELU_C * x**3))
+    return _ref_sigmoid(xp, 2 * SQRT_2_OVER_PI * (x + GELU_C * x * x * x))
 
 
 REF_FORWARD = {

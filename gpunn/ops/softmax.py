@@ -68,36 +68,40 @@ SUM_BLOCK = 512
 
 
 @njit(fastmath={"reassoc", "nsz"}, cache=True)
-def _block_dot(a, b, start, stop):
+def _block_sum(a):
     s = type(a[0])(0)
-    for j in range(start, stop):
+    for j in range(a.size):
+        s += a[j]
+    return s
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _block_dot(a, b):
+    s = type(a[0])(0)
+    for j in range(a.size):
         s += a[j] * b[j]
     return s
 
 
-@njit(cache=True)
-def _row_dot(a, b):
-    """sum_j a_j b_j"""
-    total = 0.0
-    for start in range(0, a.size, SUM_BLOCK):
-        total += _block_dot(a, b, start, min(start + SUM_BLOCK, a.size))
-    return type(a[0])(total)
-
-
-@njit(fastmath={"reassoc", "nsz"}, cache=True)
-def _block_sum(a, start, stop):
-    s = type(a[0])(0)
-    for j in range(start, stop):
-        s += a[j]
-    return s
+# The blocks are passed as slices to functions of their own: inlined, or with start/stop
+# bounds, LLVM was measured not to vectorize them (3x slower).
 
 
 @njit(cache=True)
 def _row_sum(a):
     """sum_j a_j"""
     total = 0.0
-    for start in range(0, a.size, SUM_BLOCK):
-        total += _block_sum(a, start, min(start + SUM_BLOCK, a.size))
+    for j in range(0, a.size, SUM_BLOCK):
+        total += _block_sum(a[j:j + SUM_BLOCK])
+    return type(a[0])(total)
+
+
+@njit(cache=True)
+def _row_dot(a, b):
+    """sum_j a_j b_j"""
+    total = 0.0
+    for j in range(0, a.size, SUM_BLOCK):
+        total += _block_dot(a[j:j + SUM_BLOCK], b[j:j + SUM_BLOCK])
     return type(a[0])(total)
 
 
