@@ -1,0 +1,134 @@
+"""The ``gpunn`` command.
+
+    gpunn bench activations [--device cpu|cuda|all] [--sizes 1M,16M] [--dtypes float32]
+                            [--ops sigmoid,relu,...] [--quick] [--out DIR] [--time-budget S]
+
+``gpunn bench SUITE`` runs one benchmark suite (the suites are listed in
+``gpunn.bench.SUITES``), prints a table and writes the JSON results to
+``bench/results/`` of the checkout (``./gpunn-bench-results/`` outside one, or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .bench import SUITES
+
+DEVICES = ("cpu", "cuda", "all")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _sizes(text: str) -> list[int]:
+    from .bench.harness import parse_size
+
+    try:
+        sizes = [parse_size(s) for s in str(text).split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no sizes in {text!r}")
+    return sizes
+
+
+def _dtypes(text: str) -> list[str]:
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    bad = [s for s in names if s not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype(s) {', '.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every bench suite takes."""
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where to run: cpu (default), cuda, or all")
+    parser.add_argument("--sizes", type=_sizes, metavar="N[,N...]",
+                        help="array sizes in elements, e.g. 1M,16M (K/M/G are powers of 1024)")
+    parser.add_argument("--dtypes", type=_dtypes, metavar="DTYPE[,DTYPE...]",
+                        help="element types (default float32 on the CPU, float32,bfloat16 on "
+                             "the GPU); a device skips those it cannot run")
+    parser.add_argument("--quick", action="store_true",
+                        help="one warm-up and 3 repetitions per contender (for tests)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where to write the JSON (default bench/results/ of the checkout, "
+                             "else ./gpunn-bench-results/)")
+    parser.add_argument("--no-json", dest="json", action="store_false",
+                        help="print the table only")
+    parser.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+                        help="stop starting new cases after this long (the rest are reported "
+                             "as skipped)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument("--quiet", dest="progress", action="store_false",
+                        help="no progress lines on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpunn", description=(
+        "Fused training kernels for NumPy, CuPy and PyTorch arrays."))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = commands.add_parser("bench", help="run a benchmark suite",
+                                description="Run a benchmark suite: a table, and JSON results.")
+    suites = bench.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, module_name in SUITES.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or name).strip()
+        sub = suites.add_parser(name, help=doc.splitlines()[0], description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common_arguments(sub)
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(sub)
+        sub.set_defaults(handler=_bench, module=module_name, parser=sub)
+    return parser
+
+
+def _bench(args) -> int:
+    from .bench import harness
+
+    module = importlib.import_module(args.module)
+    if args.device == "cuda":
+        from . import backend
+
+        if not backend.has_cupy():
+            args.parser.error("argument --device: cuda needs CuPy, which is not installed")
+        if backend.cuda_device_count() == 0:
+            args.parser.error("argument --device: cuda needs a CUDA device, and CuPy sees none")
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    records = module.run(args)
+    title = f"gpunn bench {args.suite} ({args.device}; {harness.cpu_model()})"
+    if any(r.device == "cuda" for r in records):
+        gpu = harness.gpu_info() or {}
+        title = f"gpunn bench {args.suite} ({args.device}; {gpu.get('name', 'GPU')})"
+    harness.print_table(records, title=title)
+    if args.json:
+        options = {k: v for k, v in vars(args).items()
+                   if k not in ("handler", "parser", "module")}
+        path = harness.write_json(records, args.suite, args.device, args.out, options=options,
+                                  notes=[f"command: {' '.join(sys.argv)}",
+                                         f"load average at start: {load_start}"])
+        print(f"results: {path}")
+    interrupted = any(r.note == "interrupted" and r.status == "skipped" for r in records)
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
