@@ -76,6 +76,17 @@ def _block_sum(a):
 
 
 @njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _block_exp_sum(x, m, y):
+    """y = e^{x - m}, returning sum(y). The reassoc flag reaches only this loop's own
+    additions: cpu_math's exp is compiled apart from its callers, so keeps exact rounding."""
+    s = type(m)(0)
+    for j in range(x.size):
+        y[j] = cm.exp(x[j] - m)
+        s += y[j]
+    return s
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
 def _block_dot(a, b):
     s = type(a[0])(0)
     for j in range(a.size):
@@ -94,6 +105,15 @@ def _row_sum(a):
     for j in range(0, a.size, SUM_BLOCK):
         total += _block_sum(a[j:j + SUM_BLOCK])
     return type(a[0])(total)
+
+
+@njit(cache=True)
+def _row_exp_sum(x, m, y):
+    """y = e^{x - m} and sum_j y_j"""
+    total = 0.0
+    for j in range(0, x.size, SUM_BLOCK):
+        total += _block_exp_sum(x[j:j + SUM_BLOCK], m, y[j:j + SUM_BLOCK])
+    return type(m)(total)
 
 
 @njit(cache=True)
@@ -145,9 +165,7 @@ def _cpu_forward(x, y, log):
     for r in prange(x.shape[0]):
         xr, yr = x[r], y[r]
         m = _row_max(xr)
-        for j in range(xr.size):
-            yr[j] = cm.exp(xr[j] - m)
-        s = _row_sum(yr)
+        s = _row_exp_sum(xr, m, yr)
         if log:
             log_s = type(m)(math.log(s))
             for j in range(xr.size):
