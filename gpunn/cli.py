@@ -34,12 +34,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def _dtypes(text: str) -> list[str]:
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
-    bad = [s for s in names if s not in DTYPES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown dtype(s) {', '.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
-    return names
+    from .bench.harness import parse_names
+
+    try:
+        return parse_names(text, DTYPES, "dtype(s)")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:

@@ -119,3 +119,24 @@ def test_numba_kernels_load_from_the_disk_cache(tmp_path):
     second = _run(code, NUMBA_CACHE_DIR=str(tmp_path))
     assert first.split() == ["0", "1"]
     assert second.split() == ["1", "0"]
+
+
+@pytest.mark.gpu
+def test_arrays_on_two_devices_raise():
+    with pytest.raises(ValueError, match="dy is on cpu but x is on cuda:0"):
+        ops.relu_backward(torch.ones(3), torch.ones(3, device="cuda"))
+    cupy = pytest.importorskip("cupy")
+    with pytest.raises(ValueError, match="x is on cuda:0 but out is on cpu"):
+        ops.relu(cupy.ones(3, cupy.float32), out=np.empty(3, np.float32))
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_torch_current_stream():
+    """gpunn's kernels queue behind torch's work on torch's current stream."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.randn(1 << 24, device="cuda")
+        y = ops.sigmoid(x * 2)
+        expected = torch.sigmoid(x * 2)
+    stream.synchronize()
+    torch.testing.assert_close(y, expected)

@@ -111,12 +111,10 @@ def _opt(options, name, default=None):
 
 
 def parse_ops(text: str) -> list[str]:
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
-    unknown = [s for s in names if s not in OPS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown op(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(OPS)}")
-    return names
+    try:
+        return harness.parse_names(text, OPS, "op(s)")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

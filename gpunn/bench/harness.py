@@ -78,6 +78,16 @@ def parse_size(text: str) -> int:
     return n
 
 
+def parse_names(text: str, choices, what: str) -> list[str]:
+    """'a, b' -> ['a', 'b'], each one of ``choices``; ValueError naming the unknown ones."""
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    unknown = [s for s in names if s not in choices]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {', '.join(unknown) or repr(text)}; "
+                         f"choose from {', '.join(choices)}")
+    return names
+
+
 def format_size(n: int) -> str:
     """The inverse of parse_size where exact: 16777216 -> '16M'; else the plain count."""
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
@@ -698,7 +708,7 @@ def print_table(records: list[Record], title: str | None = None, console=None,
         style = "dim" if r.role == "limit" else ("bold" if r.role == "gpunn" else None)
         speedup = _fmt(r.speedup_vs_torch, ".2f") + ("x" if r.speedup_vs_torch else "")
         table.add_row(
-            r.op if first else "", r.direction[:3] if first else "",
+            r.op if first else "", {"forward": "fwd", "backward": "bwd"}.get(r.direction, r.direction) if first else "",
             format_shape(r.shape) if first else "", r.dtype if first else "",
             r.impl, _fmt(r.median_s, ".3f", 1e3), _fmt(r.gbps, ".1f"),
             _fmt(r.frac_of_limit, ".0f", 100), speedup,

@@ -10,7 +10,7 @@ def apply(op: str, backend: str | None, out, run, **inputs):
     """Run ``run(backend_name, *native_inputs, native_out)``; the output is shaped like the
     first input. Inputs are checked (dtype, device, shape of ``out``) before anything is
     written, so a bad call changes nothing."""
-    call = resolve(op, backend, out=out, **inputs)
+    call = resolve(op, backend, **inputs, out=out)
     natives = [call.native(a, name) for name, a in inputs.items()]
     first = natives[0]
     for name, a in zip(list(inputs)[1:], natives[1:]):
