@@ -3,7 +3,7 @@ the output, run the backend's implementation on the data's device, hand the resu
 
 from __future__ import annotations
 
-from ..backend import resolve
+from ..backend import dtype_name, resolve
 
 
 def apply(op: str, backend: str | None, out, run, **inputs):
@@ -18,7 +18,7 @@ def apply(op: str, backend: str | None, out, run, **inputs):
             raise ValueError(f"{op}: {name} has shape {a.shape}, expected {first.shape} "
                              f"(the shape of {next(iter(inputs))})")
         if a.dtype != first.dtype:
-            raise TypeError(f"{op}: {name} has dtype {a.dtype.name}, expected {first.dtype.name}")
+            raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, expected {dtype_name(first)}")
     y = call.output(out, first)
     with call.context():
         run(call.backend, *natives, y)
