@@ -135,8 +135,8 @@ class Call:
 
         return cupy
 
-    def check_dtype(self, a, name: str, dtypes: tuple[str, ...] | None = None) -> None:
-        supported = dtypes or DTYPES[self.backend]
+    def check_dtype(self, a, name: str) -> None:
+        supported = DTYPES[self.backend]
         dt = dtype_name(a)
         if dt not in supported:
             raise TypeError(f"{self.op}: {name} has dtype {dt}, which the {self.backend!r} "
@@ -158,9 +158,15 @@ class Call:
         return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
 
     def output(self, out, like, name: str = "out"):
-        """A native array to write the result into: ``out`` checked against ``like``, or new."""
+        """A native array to write the result into: ``out`` checked against ``like``, or new
+        (for torch callers from torch's allocator, so device memory stays in torch's pool)."""
         if out is None:
-            return self.xp.empty_like(like)
+            if self.kind != "torch":
+                return self.xp.empty_like(like)
+            import torch
+
+            dtype = getattr(torch, dtype_name(like))
+            return self.native(torch.empty(like.shape, dtype=dtype, device=self.device), name)
         if tuple(out.shape) != like.shape:
             raise ValueError(f"{self.op}: {name} has shape {tuple(out.shape)}, expected {like.shape}")
         if dtype_name(out) != dtype_name(like):

@@ -140,3 +140,11 @@ def test_cuda_runs_on_torch_current_stream():
         expected = torch.sigmoid(x * 2)
     stream.synchronize()
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.gpu
+def test_torch_results_live_in_torch_memory_pool():
+    x = torch.randn(1 << 20, device="cuda")
+    before = torch.cuda.memory_allocated()
+    y = ops.sigmoid(x)
+    assert torch.cuda.memory_allocated() - before >= y.numel() * y.element_size()

@@ -11,16 +11,17 @@ def apply(op: str, backend: str | None, out, run, **inputs):
     first input. Inputs are checked (dtype, device, shape of ``out``) before anything is
     written, so a bad call changes nothing."""
     call = resolve(op, backend, **inputs, out=out)
-    natives = [call.native(a, name) for name, a in inputs.items()]
-    first = natives[0]
-    for name, a in zip(list(inputs)[1:], natives[1:]):
-        if a.shape != first.shape:
-            raise ValueError(f"{op}: {name} has shape {a.shape}, expected {first.shape} "
-                             f"(the shape of {next(iter(inputs))})")
-        if a.dtype != first.dtype:
-            raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, expected {dtype_name(first)}")
-    y = call.output(out, first)
-    with call.context():
+    with call.context():  # copies and outputs are made on the data's device
+        natives = [call.native(a, name) for name, a in inputs.items()]
+        first = natives[0]
+        for name, a in zip(list(inputs)[1:], natives[1:]):
+            if a.shape != first.shape:
+                raise ValueError(f"{op}: {name} has shape {a.shape}, expected {first.shape} "
+                                 f"(the shape of {next(iter(inputs))})")
+            if a.dtype != first.dtype:
+                raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, "
+                                f"expected {dtype_name(first)}")
+        y = call.output(out, first)
         run(call.backend, *natives, y)
     return call.wrap(y, out)
 
