@@ -194,6 +194,7 @@ def _cpu_backward(dy, y, dx, log):
 
 ITEMS = (4, 8, 16, 32)  # row elements held per thread by the register-resident kernels
 MAX_BLOCK = 1024
+TARGET_ITEMS = 16
 KERNELS = cuda.Family("softmax", [
     expr for ctype in cuda.CTYPES.values() for log in ("false", "true") for expr in (
         *(f"gpunn::softmax_{d}_rows<{ctype}, {log}, {items}>"
@@ -205,14 +206,15 @@ KERNELS = cuda.Family("softmax", [
 def launch_config(n: int) -> tuple[int | None, int]:
     """(items per thread, block size) for rows of length n; items None: the long-row kernel.
 
-    Prefers 256-thread blocks with few items per thread; a row of 32768 elements takes
-    1024 threads x 32 items."""
-    for items in ITEMS:
-        if n <= 256 * items:
-            return items, max(32, 1 << max(0, (-(-n // items) - 1).bit_length()))
-    if n <= MAX_BLOCK * ITEMS[-1]:
-        return ITEMS[-1], 1 << (-(-n // ITEMS[-1]) - 1).bit_length()
-    return None, MAX_BLOCK
+    Blocks are sized for about TARGET_ITEMS elements per thread (32 to 1024 threads): each
+    thread's loads are independent, so more items per thread keep more bytes in flight per SM
+    (a 256-thread block of 4 bfloat16 items each would leave ~8 KB in flight per SM, too
+    little to cover memory latency). A row of 32768 takes 1024 threads x 32 items."""
+    if n > MAX_BLOCK * ITEMS[-1]:
+        return None, MAX_BLOCK
+    wanted = -(-n // TARGET_ITEMS)
+    block = min(MAX_BLOCK, max(32, 1 << (wanted - 1).bit_length()))
+    return next(items for items in ITEMS if items * block >= n), block
 
 
 def _cuda(direction, arrays, log):
