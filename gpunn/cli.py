@@ -54,8 +54,9 @@ def _seconds(text: str) -> float:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every bench suite takes."""
-    parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="where to run: cpu (default), cuda, or all")
+    parser.add_argument("--device", choices=DEVICES,
+                        help="where to run: cpu, cuda, or all (default: all where CuPy sees a "
+                             "CUDA device, else cpu)")
     parser.add_argument("--sizes", type=_sizes, metavar="N[,N...]",
                         help="array sizes in elements, e.g. 1M,16M (K/M/G are powers of 1024)")
     parser.add_argument("--dtypes", type=_dtypes, metavar="DTYPE[,DTYPE...]",
@@ -98,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench(args) -> int:
     from .bench import harness
 
-    module = importlib.import_module(args.module)
-    if args.device == "cuda":
-        from . import backend
+    from . import backend
 
+    module = importlib.import_module(args.module)
+    if args.device is None:
+        args.device = "all" if backend.cuda_device_count() > 0 else "cpu"
+    if args.device == "cuda":
         if not backend.has_cupy():
             args.parser.error("argument --device: cuda needs CuPy, which is not installed")
         if backend.cuda_device_count() == 0:
