@@ -83,16 +83,26 @@ def _module(family: Family, device_id: int):
                           name_expressions=family.expressions)
 
 
-@cache
-def sm_count(device_id: int) -> int:
+def grid_for(n_items: int, block: int, kernel) -> int:
+    """Blocks for a grid-stride loop over ``n_items``: one full wave of the blocks the device
+    can hold at once (from the kernel's registers), fewer if ``n_items`` needs fewer. A grid
+    that is not a whole number of waves leaves SMs idle for the last partial wave."""
     import cupy
 
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
-def grid_for(n_items: int, block: int, blocks_per_sm: int = 8) -> int:
-    """Blocks for a grid-stride loop over ``n_items``: enough to fill the device, no more."""
-    import cupy
-
+    device = cupy.cuda.Device()
     wanted = max(1, -(-n_items // block))
-    return min(wanted, sm_count(cupy.cuda.Device().id) * blocks_per_sm)
+    return min(wanted, _blocks_per_sm(device.id, kernel.num_regs, block) * device.attributes[
+        "MultiProcessorCount"])
+
+
+@cache
+def _blocks_per_sm(device_id: int, regs_per_thread: int, block: int) -> int:
+    """Resident blocks per SM, limited by threads, registers (allocated per warp in units of
+    256) and the block count."""
+    import cupy
+
+    attributes = cupy.cuda.Device(device_id).attributes
+    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
+    by_regs = attributes["MaxRegistersPerMultiprocessor"] // (regs_per_warp * (block // 32))
+    by_threads = attributes["MaxThreadsPerMultiProcessor"] // block
+    return max(1, min(by_regs, by_threads, attributes["MaxBlocksPerMultiprocessor"]))

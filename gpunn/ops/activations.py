@@ -296,7 +296,7 @@ def _cuda_launch(direction, name, arrays, param):
     kernel = KERNELS.function(
         f"gpunn::unary_{direction}<{cuda.ctype(arrays[0].dtype)}, gpunn::{CUDA_OPS[name]}>")
     per_thread = 16 // arrays[0].dtype.itemsize  # one 16-byte vector
-    grid = cuda.grid_for(-(-n // per_thread), BLOCK)
+    grid = cuda.grid_for(-(-n // per_thread), BLOCK, kernel)
     kernel((grid,), (BLOCK,), (*arrays, np.int64(n), np.float64(param)))
 
 

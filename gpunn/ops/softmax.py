@@ -229,7 +229,7 @@ def _cuda(direction, arrays, log):
     else:
         kernel = KERNELS.function(f"gpunn::softmax_{direction}_rows<{ctype}, {flag}, {items}>")
         n_arg = np.int32(n)
-    grid = cuda.grid_for(rows * block, block, blocks_per_sm=32)
+    grid = cuda.grid_for(rows * block, block, kernel)  # one block per row, grid-stride
     kernel((grid,), (block,), (*arrays, np.int64(rows), n_arg))
 
 
