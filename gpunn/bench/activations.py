@@ -388,38 +388,42 @@ def _run_cpu(runner: _Runner, specs: list[OpSpec], directions: list[str]) -> Non
     dtypes = [d for d in (_opt(options, "dtypes") or CPU_DTYPES) if d in CPU_CAN]
     rng = np.random.default_rng(_opt(options, "seed", 0))
     ref_name = "numpy"
-    for dtype in dtypes:
+    for dtype, tol, kind_specs, shape in _case_groups(specs, options, "cpu", dtypes):
         itemsize = np.dtype(dtype).itemsize
-        tol = harness.CHECK_TOLERANCE[dtype]
+        x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+        dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+        y = np.empty_like(x)  # the forward's output (the reference's), for backwards
+        bufs: dict = {}
+        for spec in kind_specs:
+            have_y = False
+            for direction in DIRECTIONS:
+                if direction == "backward" and not have_y and spec.backward_from == "output":
+                    # the backward needs y even when the forward is not benchmarked
+                    _gpunn_call(spec, "forward")(x, y, backend="numpy")
+                    have_y = True
+                if direction not in directions:
+                    continue
+                v = y if spec.backward_from == "output" else x
+                inputs = [x] if direction == "forward" else [dy, v]
+                case = Case("cpu", spec, direction, shape, dtype, inputs)
+                check = _CpuCheck(case, ref_name, tol)
+                runner.run_case(case, itemsize, _cpu_contenders(case, bufs, ref_name),
+                                check, runner.policy_cpu)
+                if (direction == "forward" and spec.backward_from == "output"
+                        and check.ref is not None):
+                    np.copyto(y, check.ref)
+                    have_y = True
+        bufs.clear()
+
+
+def _case_groups(specs: list[OpSpec], options, device: str, dtypes: list[str]):
+    """(dtype, check tolerance, the specs of one kind, shape) for each group of cases that
+    share their inputs."""
+    for dtype in dtypes:
         for kind in ("elementwise", "softmax"):
             kind_specs = [s for s in specs if s.kind == kind]
-            if not kind_specs:
-                continue
-            for shape in _shapes(kind, options, "cpu"):
-                x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-                dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-                y = np.empty_like(x)  # the forward's output (the reference's), for backwards
-                bufs: dict = {}
-                for spec in kind_specs:
-                    have_y = False
-                    for direction in DIRECTIONS:
-                        if direction == "backward" and not have_y and spec.backward_from == "output":
-                            # the backward needs y even when the forward is not benchmarked
-                            _gpunn_call(spec, "forward")(x, y, backend="numpy")
-                            have_y = True
-                        if direction not in directions:
-                            continue
-                        v = y if spec.backward_from == "output" else x
-                        inputs = [x] if direction == "forward" else [dy, v]
-                        case = Case("cpu", spec, direction, shape, dtype, inputs)
-                        check = _CpuCheck(case, ref_name, tol)
-                        runner.run_case(case, itemsize, _cpu_contenders(case, bufs, ref_name),
-                                        check, runner.policy_cpu)
-                        if (direction == "forward" and spec.backward_from == "output"
-                                and check.ref is not None):
-                            np.copyto(y, check.ref)
-                            have_y = True
-                bufs.clear()
+            for shape in _shapes(kind, options, device) if kind_specs else ():
+                yield dtype, harness.CHECK_TOLERANCE[dtype], kind_specs, shape
 
 
 class _CpuCheck:
@@ -609,43 +613,36 @@ def _run_gpu(runner: _Runner, specs: list[OpSpec], directions: list[str]) -> Non
     options = runner.options
     dtypes = [d for d in (_opt(options, "dtypes") or GPU_DTYPES) if d in GPU_CAN]
     rng = cupy.random.default_rng(_opt(options, "seed", 0))
-    for dtype in dtypes:
+    for dtype, tol, kind_specs, shape in _case_groups(specs, options, "cuda", dtypes):
         itemsize = _itemsize(dtype)
-        tol = harness.CHECK_TOLERANCE[dtype]
-        for kind in ("elementwise", "softmax"):
-            kind_specs = [s for s in specs if s.kind == kind]
-            if not kind_specs:
-                continue
-            for shape in _shapes(kind, options, "cuda"):
-                x = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
-                dy = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
-                for spec in kind_specs:
-                    y = None
-                    if "backward" in directions and spec.backward_from == "output":
-                        y32 = _gpunn_call(spec, "forward")(
-                            x.f32, cupy.empty(shape, dtype=cupy.float32), backend="numpy")
-                        y = _GpuArrays(y32, dtype)  # rounded to the case's dtype
-                        del y32
-                    for direction in directions:
-                        v = y if spec.backward_from == "output" else x
-                        arrays = [x] if direction == "forward" else [dy, v]
-                        case = Case("cuda", spec, direction, shape, dtype,
-                                    [a.native for a in arrays])
-                        if runner.stopped or runner.out_of_time():
-                            runner.run_case(case, itemsize, [], None, runner.policy_gpu)
-                            continue
-                        try:
-                            check = _GpuCheck(case, arrays, tol)
-                        except Exception as e:
-                            check = _failed_check(e)
-                        runner.run_case(case, itemsize, _gpu_contenders(case, arrays), check,
-                                        runner.policy_gpu)
-                        del check
-                    del y
-                del x, dy
-                cupy.get_default_memory_pool().free_all_blocks()
-                if "torch" in sys.modules:
-                    sys.modules["torch"].cuda.empty_cache()
+        x = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        dy = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        for spec in kind_specs:
+            y = None
+            if "backward" in directions and spec.backward_from == "output":
+                y32 = _gpunn_call(spec, "forward")(
+                    x.f32, cupy.empty(shape, dtype=cupy.float32), backend="numpy")
+                y = _GpuArrays(y32, dtype)  # rounded to the case's dtype
+                del y32
+            for direction in directions:
+                v = y if spec.backward_from == "output" else x
+                arrays = [x] if direction == "forward" else [dy, v]
+                case = Case("cuda", spec, direction, shape, dtype, [a.native for a in arrays])
+                if runner.stopped or runner.out_of_time():
+                    runner.run_case(case, itemsize, [], None, runner.policy_gpu)
+                    continue
+                try:
+                    check = _GpuCheck(case, arrays, tol)
+                except Exception as e:
+                    check = _failed_check(e)
+                runner.run_case(case, itemsize, _gpu_contenders(case, arrays), check,
+                                runner.policy_gpu)
+                del check
+            del y
+        del x, dy
+        cupy.get_default_memory_pool().free_all_blocks()
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.empty_cache()
 
 
 def _failed_check(error: Exception):
