@@ -77,6 +77,15 @@ def array_kind(a, name: str) -> str:
                     f"got {type(a).__name__}")
 
 
+def array_module(a):
+    """numpy for a NumPy array, cupy for a CuPy array (the native arrays ops compute on)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
 def dtype_name(a) -> str:
     """The element type's short name: 'float32', 'bfloat16', ... (torch's too)."""
     return _dtype_name(a.dtype)

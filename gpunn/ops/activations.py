@@ -37,6 +37,7 @@ from numba import njit, prange
 
 from .. import cpu_math as cm
 from .. import cuda
+from ..backend import array_module
 from ._apply import apply, compute_dtype
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -102,23 +103,17 @@ REF_BACKWARD = {
 
 
 def _numpy_forward(name, x, y, param):
-    xp = np if isinstance(x, np.ndarray) else _cupy()
+    xp = array_module(x)
     xc = compute_dtype(xp, x)
     with np.errstate(over="ignore", invalid="ignore"):
         y[...] = REF_FORWARD[name](xp, xc, xc.dtype.type(param))
 
 
 def _numpy_backward(name, dy, v, dx, param):
-    xp = np if isinstance(dy, np.ndarray) else _cupy()
+    xp = array_module(dy)
     dyc, vc = compute_dtype(xp, dy), compute_dtype(xp, v)
     with np.errstate(over="ignore", invalid="ignore"):
         dx[...] = REF_BACKWARD[name](xp, dyc, vc, dyc.dtype.type(param))
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 # --- Numba CPU kernels: one parallel, vectorized pass; scalars arrive in the array's dtype ----

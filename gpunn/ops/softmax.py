@@ -27,13 +27,14 @@ from numba.extending import intrinsic, overload
 
 from .. import cpu_math as cm
 from .. import cuda
+from ..backend import array_module
 from ._apply import apply, compute_dtype
 
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
 
 
 def _numpy_forward(x, y, log):
-    xp = np if isinstance(x, np.ndarray) else _cupy()
+    xp = array_module(x)
     xc = compute_dtype(xp, x)
     if xc.size == 0:
         return
@@ -44,19 +45,13 @@ def _numpy_forward(x, y, log):
 
 
 def _numpy_backward(dy, y, dx, log):
-    xp = np if isinstance(dy, np.ndarray) else _cupy()
+    xp = array_module(dy)
     dyc, yc = compute_dtype(xp, dy), compute_dtype(xp, y)
     with np.errstate(invalid="ignore", over="ignore"):
         if log:
             dx[...] = dyc - xp.exp(yc) * dyc.sum(axis=-1, keepdims=True)
         else:
             dx[...] = yc * (dyc - (dyc * yc).sum(axis=-1, keepdims=True))
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 # --- Numba CPU kernels: rows in parallel; each row's passes run in cache ----------------------
@@ -261,7 +256,7 @@ def _over_rows(impl, axis, *arrays):
         n = arrays[0].shape[-1]
         rows = arrays[0].size // n if n else 0
         return impl(*(a.reshape(rows, n) for a in arrays))
-    xp = np if isinstance(arrays[0], np.ndarray) else _cupy()
+    xp = array_module(arrays[0])
     moved = [xp.ascontiguousarray(xp.moveaxis(a, axis, -1)) for a in arrays[:-1]]
     result = xp.empty_like(moved[0])
     _over_rows(impl, ndim - 1, *moved, result)
