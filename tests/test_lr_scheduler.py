@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.optim import lr_scheduler as T
 
 from gpunn.optim.lr_scheduler import (CosineAnnealingLR, ExponentialLR, LRRangeTestResult,
@@ -86,6 +88,29 @@ def test_matches_torch_every_step(name):
     assert sched.last_epoch == ref.last_epoch == STEPS
     assert max_rel_err(values, expected) < 1e-12
     assert np.ptp(values[:, 0]) > 0  # the schedule moved
+
+
+@settings(max_examples=40, deadline=None)
+@given(step_size=st.integers(1, 50), gamma=st.floats(0.05, 2.0),
+       t_max=st.integers(1, 100), eta_min=st.floats(0.0, 0.2),
+       warmup=st.integers(0, 30), start_factor=st.floats(1e-3, 1.0))
+def test_matches_torch_any_hyperparameters(step_size, gamma, t_max, eta_min, warmup,
+                                           start_factor):
+    """Random hyperparameters (eta_min may exceed the base lr: the cosine then rises)."""
+    pairs = [(lambda o: StepLR(o, step_size, gamma), lambda o: T.StepLR(o, step_size, gamma)),
+             (lambda o: ExponentialLR(o, gamma), lambda o: T.ExponentialLR(o, gamma))]
+    if warmup:
+        pairs.append((lambda o: CosineAnnealingLR(o, t_max, eta_min, warmup_steps=warmup,
+                                                  warmup_start_factor=start_factor),
+                      lambda o: T.SequentialLR(o, [
+                          T.LinearLR(o, start_factor=start_factor, total_iters=warmup),
+                          T.CosineAnnealingLR(o, t_max, eta_min)], milestones=[warmup])))
+    else:
+        pairs.append((lambda o: CosineAnnealingLR(o, t_max, eta_min),
+                      lambda o: T.CosineAnnealingLR(o, t_max, eta_min)))
+    for ours, theirs in pairs:
+        opt, ref_opt = torch_sgd(), torch_sgd()
+        assert max_rel_err(run(ours(opt), opt, 120), run(theirs(ref_opt), ref_opt, 120)) < 1e-12
 
 
 @pytest.mark.parametrize("name", CASES)
