@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backend", "bench", "cli", "cpu_math", "cuda", "ops")
+_SUBMODULES = ("backend", "bench", "cli", "cpu_math", "cuda", "nn", "ops", "optim", "torch")
 
 
 def __getattr__(name):

@@ -99,6 +99,20 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
+def describe(a, name: str) -> tuple:
+    """(kind, device, dtype name, shape, C-contiguous, data address) of one array: what the
+    multi-tensor optimizer step checks and records for every tensor it touches."""
+    kind = array_kind(a, name)
+    if kind == "numpy":
+        return (kind, "cpu", _dtype_name(a.dtype), a.shape, a.flags.c_contiguous,
+                a.__array_interface__["data"][0])
+    if kind == "cupy":
+        return (kind, f"cuda:{a.device.id}", _dtype_name(a.dtype), a.shape, a.flags.c_contiguous,
+                a.data.ptr)
+    return (kind, _device(a, kind, name), _dtype_name(a.dtype), tuple(a.shape),
+            a.is_contiguous(), a.data_ptr())
+
+
 def _device(a, kind: str, name: str) -> str:
     """Where an array lives: 'cpu' or 'cuda:<id>'."""
     if kind == "numpy":

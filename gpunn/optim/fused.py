@@ -1,0 +1,385 @@
+"""The fused optimizer step over a table of tensors, on the cpu (Numba) and cuda backends.
+
+A :class:`Table` holds, for every parameter of a step, the addresses of the parameter, its
+gradient, its states, its float32 master copy and its step count (the same row layout as
+``kernels/optim.cu``), and a chunk list of (row, first element) pairs of ``CHUNK`` elements.
+One step is then two launches whatever the number of tensors:
+
+1. the prologue: the gradients' global L2 norm and inf/NaN check when clipping or AMP asks
+   for it (one pass over the gradients), the factor gmul = clip / grad_scale, the skip
+   decision, and the step counts advanced (not when skipped);
+2. the update: every element of every tensor, in one pass (Adam float32: 28 bytes/parameter).
+
+Nothing is synchronised with the host on the GPU: the skip decision stays on the device
+(``Table.run`` returns it as a 0-d array) and a skipped step writes nothing.
+Building a table checks every array (device, dtype, shape, contiguity) before anything runs,
+so a bad call changes nothing; optimizers keep their table between steps and only rebind
+the gradients (:meth:`Table.bind_grads`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+
+from .. import cuda
+from ..backend import describe, has_numba, resolve
+from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
+from .functional import Hyper, reference_step
+
+#: Row layout (kernels/optim.cu: enum Column).
+P, G, S0, S1, S2, MASTER, STEP, N = range(8)
+COLUMNS = 8
+#: Elements per chunk: the unit of work of one thread (cpu) or one block (cuda).
+CHUNK = 16384
+#: dtypes the fused backends take for parameters.
+PARAM_DTYPES = {"cpu": ("float32", "float64"),
+                "cuda": ("float16", "bfloat16", "float32", "float64")}
+
+
+def state_dtype(param_dtype: str) -> str:
+    """States (and master weights) of 16-bit parameters are float32."""
+    return "float32" if param_dtype in ("float16", "bfloat16") else param_dtype
+
+
+def chunk_list(sizes: np.ndarray) -> np.ndarray:
+    """(row, start) pairs covering every element of every row in CHUNK pieces."""
+    counts = -(-sizes // CHUNK)
+    rows = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    starts = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)) * CHUNK
+    return np.ascontiguousarray(np.stack([rows, starts], axis=1), dtype=np.int64)
+
+
+class Table:
+    """The tensors of one optimizer step (one dtype, one device), checked and addressed."""
+
+    def __init__(self, op: str, h: Hyper, params, states: dict, steps, masters=None,
+                 backend=None):
+        if not params:
+            raise ValueError(f"{op}: no parameters")
+        self.op, self.slots = op, h.slots
+        self.call = call = resolve(op, backend, **{"params[0]": params[0]})
+        first = describe(params[0], "params[0]")
+        self.dtype, self.device = first[2], first[1]
+        if call.backend != "numpy" and self.dtype not in PARAM_DTYPES[call.backend]:
+            raise TypeError(f"{op}: params[0] has dtype {self.dtype}, which the {call.backend!r} "
+                            f"backend does not support (supported: "
+                            f"{', '.join(PARAM_DTYPES[call.backend])})")
+        self.state_dtype = state_dtype(self.dtype)
+        n = len(params)
+        for slot in h.slots:
+            if slot not in states or len(states[slot]) != n:
+                raise ValueError(f"{op}: {slot} needs one array per parameter ({n})")
+        if len(steps) != n:
+            raise ValueError(f"{op}: state_steps needs one array per parameter ({n})")
+        if masters is not None and len(masters) != n:
+            raise ValueError(f"{op}: master_params needs one array per parameter ({n})")
+
+        self.rows = rows = np.zeros((n, COLUMNS), np.int64)
+        self.shapes = []
+        for i, p in enumerate(params):
+            info = self._check(p, f"params[{i}]", self.dtype, None)
+            self.shapes.append(info[3])
+            rows[i, P], rows[i, N] = info[5], math.prod(info[3])
+            for c, slot in enumerate(h.slots):
+                column = S0 + ALGORITHMS[h.algorithm][1].index(slot)
+                rows[i, column] = self._check(states[slot][i], f"{slot}[{i}]", self.state_dtype,
+                                              info[3])[5]
+            rows[i, STEP] = self._check(steps[i], f"state_steps[{i}]", "float32", None, 1)[5]
+            if masters is not None and masters[i] is not None:
+                if self.state_dtype == self.dtype:
+                    raise ValueError(f"{op}: master_params are for float16/bfloat16 parameters, "
+                                     f"params[{i}] is {self.dtype}")
+                rows[i, MASTER] = self._check(masters[i], f"master_params[{i}]", "float32",
+                                              info[3])[5]
+        self.chunks = chunk_list(rows[:, N])
+        self.natives = (params, states, steps, masters)  # for the numpy backend
+        self._device_rows = None
+
+    def _check(self, a, name, dtype, shape, size=None):
+        info = describe(a, name)
+        kind, device, dt, sh, contiguous, _ = info
+        if device != self.device:
+            raise ValueError(f"{self.op}: {name} is on {device}, the parameters on {self.device}")
+        if dt != dtype:
+            raise TypeError(f"{self.op}: {name} has dtype {dt}, expected {dtype}")
+        if shape is not None and tuple(sh) != tuple(shape):
+            raise ValueError(f"{self.op}: {name} has shape {tuple(sh)}, expected {tuple(shape)}")
+        if size is not None and math.prod(sh) != size:
+            raise ValueError(f"{self.op}: {name} must hold {size} element(s), has shape {tuple(sh)}")
+        if not contiguous:
+            raise ValueError(f"{self.op}: {name} must be C-contiguous")
+        return info
+
+    def bind_grads(self, grads) -> "Table":
+        """Check the gradients (one per parameter, same shape, dtype and device) and record them."""
+        if len(grads) != len(self.shapes):
+            raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
+        addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i])[5]
+                     for i, g in enumerate(grads)]
+        if self._device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
+            self._device_rows = None
+        self.rows[:, G] = addresses
+        self.grads = grads
+        return self
+
+    def run(self, h: Hyper, grad_scale=None, found_inf=None):
+        """One step; returns a 0-d float64 array on the data's device, 1 if the step was skipped."""
+        call = self.call
+        with call.context():
+            if call.backend == "numpy":
+                xp = call.xp
+                params, states, steps, masters = self.natives
+                nat = lambda arrays, name: [call.native(a, name) for a in arrays]
+                skipped = reference_step(
+                    xp, nat(params, "params"), nat(self.grads, "grads"),
+                    {k: nat(v, k) for k, v in states.items() if k in self.slots},
+                    nat(steps, "state_steps"),
+                    [None if m is None else call.native(m, "master") for m in masters]
+                    if masters else None, h, grad_scale, found_inf)
+                return xp.asarray(float(skipped))
+            if call.backend == "cpu":
+                return _cpu_run(self, h, grad_scale, found_inf)
+            return _cuda_run(self, h, grad_scale, found_inf)
+
+
+def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=None,
+               found_inf=None, backend=None):
+    """The functional step over lists: build, check and run a table."""
+    return Table(f"{h.algorithm} step", h, params, states, steps, masters, backend) \
+        .bind_grads(grads).run(h, grad_scale, found_inf)
+
+
+def _needs_grad_pass(h: Hyper, grad_scale) -> bool:
+    return h.max_grad_norm is not None or h.skip_nonfinite or grad_scale is not None
+
+
+def _host_scalar(value, name) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a one-element array, got {value!r}") from None
+
+
+# --- CPU: Numba kernels over the table ---------------------------------------------------------
+
+if has_numba():
+    from numba import carray, njit, prange, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _pointer(typingctx, address, like):
+        """The integer ``address`` as a pointer to ``like``'s element type."""
+        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+            return None
+        pointer = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+        return pointer(address, like), codegen
+
+    @njit(cache=True)
+    def _cpu_column(rows, r, column, like):
+        return carray(_pointer(rows[r, column], like), rows[r, N])
+
+    @njit(parallel=True, cache=True)
+    def _cpu_grad_sumsq(rows, chunks, like):
+        """Per-chunk sums of squares of the gradients, in float64."""
+        partial = np.zeros(chunks.shape[0])
+        for c in prange(chunks.shape[0]):
+            r, start = chunks[c, 0], chunks[c, 1]
+            g = _cpu_column(rows, r, G, like)
+            acc = 0.0
+            for i in range(start, min(start + CHUNK, rows[r, N])):
+                acc += float(g[i]) * float(g[i])
+            partial[c] = acc
+        return partial
+
+    @njit(cache=True)
+    def _cpu_advance(rows, step_like):
+        for r in range(rows.shape[0]):
+            carray(_pointer(rows[r, STEP], step_like), 1)[0] += np.float32(1.0)
+
+    @njit(parallel=True, cache=True)
+    def _cpu_step(rows, chunks, like, zero, algorithm, gmul, lr, beta1, beta2, eps,
+                  weight_decay, l1, flags, step_like):
+        """The update of every chunk (kernels/optim.cu: step, the same math); ``zero`` is
+        0 in the compute type (float32 or float64)."""
+        f = type(zero)
+        sign = f(-1.0) if flags & MAXIMIZE else f(1.0)
+        gm, lr_, b1, b2 = f(gmul), f(lr), f(beta1), f(beta2)
+        omb1, omb2, eps_, l1_ = f(1.0 - beta1), f(1.0 - beta2), f(eps), f(l1)
+        wd = f(0.0) if flags & DECOUPLED else f(weight_decay)
+        decay = f(1.0 - lr * weight_decay) if flags & DECOUPLED else f(1.0)
+        for c in prange(chunks.shape[0]):
+            r, start = chunks[c, 0], chunks[c, 1]
+            stop = min(start + CHUNK, rows[r, N])
+            t = float(carray(_pointer(rows[r, STEP], step_like), 1)[0])
+            p = _cpu_column(rows, r, P, like)
+            g = _cpu_column(rows, r, G, like)
+            if algorithm == 3:  # Adam / AdamW
+                step_size = f(lr / (1.0 - beta1 ** t))
+                bc2_sqrt = f(math.sqrt(1.0 - beta2 ** t))
+                m = _cpu_column(rows, r, S0, like)
+                v = _cpu_column(rows, r, S1, like)
+                if flags & AMSGRAD:
+                    vmax = _cpu_column(rows, r, S2, like)
+                    for i in range(start, stop):
+                        pi = p[i]
+                        gi = _gradient(pi, g[i], gm, sign, wd, l1_)
+                        pi = pi * decay
+                        mi = m[i] + omb1 * (gi - m[i])
+                        vi = v[i] * b2 + omb2 * gi * gi
+                        vm = max(vmax[i], vi)
+                        m[i], v[i], vmax[i] = mi, vi, vm
+                        p[i] = pi - step_size * (mi / (math.sqrt(vm) / bc2_sqrt + eps_))
+                else:
+                    for i in range(start, stop):
+                        pi = p[i]
+                        gi = _gradient(pi, g[i], gm, sign, wd, l1_)
+                        pi = pi * decay
+                        mi = m[i] + omb1 * (gi - m[i])
+                        vi = v[i] * b2 + omb2 * gi * gi
+                        m[i], v[i] = mi, vi
+                        p[i] = pi - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps_))
+            elif algorithm == 0:  # SGD
+                if flags & MOMENTUM:
+                    b = _cpu_column(rows, r, S0, like)
+                    first = t == 1.0
+                    for i in range(start, stop):
+                        gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
+                        bi = gi if first else b[i] * b1 + omb2 * gi
+                        b[i] = bi
+                        p[i] = p[i] - lr_ * (gi + b1 * bi if flags & NESTEROV else bi)
+                else:
+                    for i in range(start, stop):
+                        p[i] = p[i] - lr_ * _gradient(p[i], g[i], gm, sign, wd, l1_)
+            elif algorithm == 1:  # Adagrad
+                clr = f(lr / (1.0 + (t - 1.0) * beta1))
+                s = _cpu_column(rows, r, S0, like)
+                for i in range(start, stop):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
+                    si = s[i] + gi * gi
+                    s[i] = si
+                    p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps_))
+            else:  # RMSprop
+                v = _cpu_column(rows, r, S0, like)
+                b = _cpu_column(rows, r, S1, like) if flags & MOMENTUM else v
+                a = _cpu_column(rows, r, S2, like) if flags & CENTERED else v
+                for i in range(start, stop):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
+                    vi = v[i] * b2 + omb2 * gi * gi
+                    v[i] = vi
+                    if flags & CENTERED:
+                        ai = a[i] + omb2 * (gi - a[i])
+                        a[i] = ai
+                        d = math.sqrt(vi - ai * ai) + eps_
+                    else:
+                        d = math.sqrt(vi) + eps_
+                    if flags & MOMENTUM:
+                        bi = b[i] * b1 + gi / d
+                        b[i] = bi
+                        p[i] = p[i] - lr_ * bi
+                    else:
+                        p[i] = p[i] - lr_ * (gi / d)
+
+    @njit(inline="always")
+    def _gradient(p, g, gmul, sign, weight_decay, l1):
+        """g * gmul, negated to maximize, plus L2 and L1 penalty gradients."""
+        g = g * gmul * sign
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if l1 != 0:
+            g = g + l1 * np.sign(p)
+        return g
+
+
+def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf):
+    scale = _host_scalar(grad_scale, "grad_scale")
+    skip = bool(_host_scalar(found_inf, "found_inf"))
+    gmul = 1.0 / (1.0 if scale is None else scale)
+    like = np.empty(0, table.dtype)
+    if not skip and _needs_grad_pass(h, grad_scale):
+        sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
+        skip = not math.isfinite(sumsq)
+        if h.max_grad_norm is not None and not skip:
+            gmul *= min(1.0, h.max_grad_norm / (math.sqrt(sumsq) * gmul + 1e-6))
+    if not skip:
+        step_like = np.empty(0, np.float32)
+        _cpu_advance(table.rows, step_like)
+        _cpu_step(table.rows, table.chunks, like, like.dtype.type(0), h.kernel_id, gmul, h.lr, h.beta1, h.beta2,
+                  h.eps, h.weight_decay, h.l1, h.flags, step_like)
+    return np.asarray(float(skip))
+
+
+# --- CUDA: kernels/optim.cu ----------------------------------------------------------------------
+
+BLOCK = 256
+_STEP_TYPES = {"float16": ("gpunn::half", "float"), "bfloat16": ("gpunn::bfloat16", "float"),
+               "float32": ("float", "float"), "float64": ("double", "double")}
+KERNELS = cuda.Family("optim", ["gpunn::optim::prologue_only"] + [
+    f"gpunn::optim::grad_norm<{t}>" for t, _ in _STEP_TYPES.values()] + [
+    f"gpunn::optim::step<{t}, {s}, {a}>" for t, s in _STEP_TYPES.values()
+    for a in range(len(ALGORITHMS))])
+
+
+def _device_scalar(value, name, device):
+    """(host value, device float32 pointer) of grad_scale / found_inf: a number, or a
+    one-element float32 array on the parameters' device."""
+    if value is None or isinstance(value, (int, float)):
+        return value, 0
+    kind, dev, dtype, shape, _, address = describe(value, name)
+    if dev != device or dtype != "float32" or math.prod(shape) != 1:
+        raise ValueError(f"{name} must be a number or a one-element float32 array on {device}, "
+                         f"got {dtype} {tuple(shape)} on {dev}")
+    return None, address
+
+
+@cache
+def _scratch(device: str, blocks: int):
+    """Per-device scratch of the norm pass: partials and the last-block counter (kept 0)."""
+    import cupy
+
+    return cupy.empty(2 * blocks, np.float64), cupy.zeros(1, np.uint32)
+
+
+def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf):
+    import cupy
+
+    scale, scale_ptr = _device_scalar(grad_scale, "grad_scale", table.device)
+    found, found_ptr = _device_scalar(found_inf, "found_inf", table.device)
+    control = cupy.empty(2, np.float64)
+    if found:  # a host-side found_inf: nothing to launch
+        control.fill(1.0)
+        return control[1]
+    if table._device_rows is None:
+        table._device_rows = cupy.asarray(table.rows)
+        table._device_chunks = cupy.asarray(table.chunks)
+    rows, chunks = table._device_rows, table._device_chunks
+    n_rows, n_chunks = len(table.rows), len(table.chunks)
+    t, s = _STEP_TYPES[table.dtype]
+    scale = 1.0 if scale is None else float(scale)
+    if _needs_grad_pass(h, grad_scale):
+        kernel = KERNELS.function(f"gpunn::optim::grad_norm<{t}>")
+        grid = cuda.grid_for(n_chunks * BLOCK, BLOCK, kernel)
+        partials, counter = _scratch(table.device, grid)
+        max_norm = -1.0 if h.max_grad_norm is None else h.max_grad_norm
+        kernel((grid,), (BLOCK,), (rows, np.int64(n_rows), chunks, np.int64(n_chunks),
+                                   np.float64(max_norm), np.float64(scale), np.uint64(scale_ptr),
+                                   np.uint64(found_ptr), partials, counter, control))
+    else:
+        kernel = KERNELS.function("gpunn::optim::prologue_only")
+        kernel((1,), (BLOCK,), (rows, np.int64(n_rows), np.float64(scale), np.uint64(scale_ptr),
+                                np.uint64(found_ptr), control))
+    kernel = KERNELS.function(f"gpunn::optim::step<{t}, {s}, {h.kernel_id}>")
+    grid = cuda.grid_for(n_chunks * BLOCK, BLOCK, kernel)
+    kernel((grid,), (BLOCK,), (rows, chunks, np.int64(n_chunks), control, np.float64(h.lr),
+                               np.float64(h.beta1), np.float64(h.beta2), np.float64(h.eps),
+                               np.float64(h.weight_decay), np.float64(h.l1), np.int32(h.flags)))
+    return control[1]

@@ -1,0 +1,350 @@
+"""Optimizer classes: torch.optim's interface (param_groups, state, step, zero_grad,
+state_dict, load_state_dict) over the fused step of :mod:`gpunn.optim.fused`.
+
+:class:`FusedStep` is the step itself, shared by gpunn's own :class:`Optimizer` (parameters
+are objects with ``.data`` and ``.grad`` NumPy/CuPy arrays, e.g. :class:`gpunn.nn.Parameter`)
+and by the PyTorch adapter :mod:`gpunn.torch` (subclasses of ``torch.optim.Optimizer``).
+Each algorithm is a small mixin naming its options (PyTorch's names and defaults) once, used
+by both. On top of torch's options every optimizer takes ``l1``, ``max_grad_norm``,
+``skip_nonfinite`` and ``master_weights`` (see :mod:`gpunn.optim.functional`).
+
+State per parameter uses torch's keys ('step' is a 0-d float32 array on the parameter's
+device), so state dicts move between gpunn, gpunn.torch and torch.optim (:func:`to_torch`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_kind, array_module, dtype_name
+from .fused import Table, state_dtype
+from .functional import hyper
+
+#: Options every gpunn optimizer adds to torch's (with their defaults).
+EXTRA_OPTIONS = dict(l1=0.0, max_grad_norm=None, skip_nonfinite=False, master_weights=False)
+
+
+# --- Arrays of any kind: the few constructors the state needs ----------------------------------
+
+
+def _full(like, shape, dtype: str, value: float):
+    if array_kind(like, "param") == "torch":
+        import torch
+
+        return torch.full(tuple(shape), value, dtype=getattr(torch, dtype), device=like.device)
+    return array_module(like).full(tuple(shape), value, dtype=dtype)
+
+
+def _converted(value, like, shape, dtype: str, name: str):
+    """A fresh copy of ``value`` (any array type, e.g. from a torch checkpoint) as ``like``'s
+    kind and device, with ``dtype`` and ``shape``; ValueError if the shape differs."""
+    kind = array_kind(value, name)
+    if kind == "torch":
+        value = value.detach()
+        if array_kind(like, "param") == "torch":
+            out = value.to(device=like.device, dtype=getattr(__import__("torch"), dtype), copy=True)
+            if tuple(out.shape) != tuple(shape):
+                raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+            return out.contiguous()
+        value = value.cpu().float().numpy() if dtype_name(value) == "bfloat16" else \
+            value.cpu().numpy()
+    host = np.asarray(value.get() if kind == "cupy" else value)
+    if host.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {host.shape}, expected {tuple(shape)}")
+    out = _full(like, shape, dtype, 0.0)
+    if array_kind(like, "param") == "torch":
+        import torch
+
+        out.copy_(torch.from_numpy(np.ascontiguousarray(host.astype(np.float64))))
+    else:
+        out[...] = array_module(like).asarray(host.astype(dtype))
+    return out
+
+
+class FusedStep:
+    """The step of every gpunn optimizer. Needs ``param_groups``, ``state`` and
+    :meth:`_array` (the array of a parameter) from the class it is mixed into."""
+
+    algorithm: str  # a key of functional.ALGORITHMS, or 'adamw'
+    _tables: dict
+
+    @staticmethod
+    def _array(p):
+        return p.data
+
+    def _hyper(self, group):
+        return hyper(self.algorithm, group)
+
+    def _init_value(self, slot: str, group: dict) -> float:
+        return float(group.get("initial_accumulator_value", 0.0)) if slot == "sum" else 0.0
+
+    def _prepare_state(self, p, group, h) -> dict:
+        """The state of ``p``, completed (new slots, step, master copy) and converted to the
+        layout the kernels need (states float32 for 16-bit parameters, step on the device)."""
+        data = self._array(p)
+        state = self.state.setdefault(p, {})
+        shape, dtype = tuple(data.shape), dtype_name(data)
+        sdt = state_dtype(dtype)
+        stepped = any(state.get(slot) is not None for slot in h.slots)  # before new slots
+        for slot in h.slots:
+            value = state.get(slot)
+            if value is None:
+                state[slot] = _full(data, shape, sdt, self._init_value(slot, group))
+            elif dtype_name(value) != sdt or not _same_place(value, data):
+                state[slot] = _converted(value, data, shape, sdt, f"state {slot!r}")
+        step = state.get("step")
+        if step is None:  # a torch SGD checkpoint has no step: its buffer means t >= 1
+            state["step"] = _full(data, (), "float32", 1.0 if stepped else 0.0)
+        elif dtype_name(step) != "float32" or not _same_place(step, data):
+            state["step"] = _converted(step, data, (), "float32", "state 'step'")
+        if group.get("master_weights") and sdt != dtype:
+            master = state.get("master_param")
+            if master is None:
+                state["master_param"] = _converted(data, data, shape, "float32", "param")
+            elif dtype_name(master) != "float32" or not _same_place(master, data):
+                state["master_param"] = _converted(master, data, shape, "float32",
+                                                   "state 'master_param'")
+        return state
+
+    def _table(self, index, group, h, params):
+        key = (index, h.algorithm, h.slots, bool(group.get("master_weights")),
+               tuple(map(id, params)))
+        table = self._tables.get(key)
+        if table is None:
+            states = [self._prepare_state(p, group, h) for p in params]
+            masters = [s.get("master_param") for s in states]
+            table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
+                          {slot: [s[slot] for s in states] for slot in h.slots},
+                          [s["step"] for s in states],
+                          masters if any(m is not None for m in masters) else None,
+                          group.get("backend"))
+            self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
+            self._tables[key] = table
+        return table
+
+    def fused_step(self, grad_scale=None, found_inf=None):
+        """Update every parameter that has a gradient: one table and two launches per group.
+        Returns the groups' skip flags (0-d arrays on the device, 1 where skipped)."""
+        hypers = [self._hyper(group) for group in self.param_groups]  # all checked first
+        flags = []
+        for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                table = self._table(index, group, h, params)
+                flags.append(table.bind_grads([p.grad for p in params])
+                             .run(h, grad_scale, found_inf))
+        self.skip_flags = flags
+        return flags
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step skipped a group for inf/NaN gradients (reads the device)."""
+        return any(float(f) != 0.0 for f in getattr(self, "skip_flags", []))
+
+
+def _same_place(a, b) -> bool:
+    """Same array kind and device (states loaded from a checkpoint may be elsewhere)."""
+    ka, kb = array_kind(a, "state"), array_kind(b, "param")
+    if ka != kb:
+        return False
+    if ka == "torch":
+        return a.device == b.device
+    if ka == "cupy":
+        return a.device.id == b.device.id
+    return True
+
+
+class Optimizer(FusedStep):
+    """gpunn's optimizer base: parameters are objects with ``.data`` and ``.grad`` arrays."""
+
+    def _setup(self, params, defaults):
+        self.defaults = dict(defaults)
+        self.state: dict = {}
+        self.param_groups: list[dict] = []
+        self._tables = {}
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        for group in params if isinstance(params[0], dict) else [{"params": params}]:
+            self.add_param_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (a dict with 'params' and any options overriding the defaults)."""
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if hasattr(params, "data") else list(params)
+        for i, p in enumerate(group["params"]):
+            if not (hasattr(p, "data") and hasattr(p, "grad")):
+                raise TypeError(f"params[{i}] must have .data and .grad (a gpunn.nn.Parameter), "
+                                f"got {type(p).__name__}")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in group["params"]) or len(
+                {id(p) for p in group["params"]}) != len(group["params"]):
+            raise ValueError("some parameters appear in more than one parameter group")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._hyper(group)  # checks the options
+        self.param_groups.append(group)
+
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
+        """One fused step for every group; ``closure`` (re-evaluates the loss) as in torch.
+        With ``grad_scale`` the gradients are divided by it and inf/NaN skips the step."""
+        loss = closure() if closure is not None else None
+        self.fused_step(grad_scale, found_inf)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient in place (or drop it with ``set_to_none``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad[...] = 0
+
+    def state_dict(self) -> dict:
+        """{'state': {index: {key: array}}, 'param_groups': [{..., 'params': [index]}]}, the
+        layout of torch.optim's state dicts (arrays are the live state, not copies)."""
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
+            groups.append(packed)
+        params = {id(p): p for g in self.param_groups for p in g["params"]}
+        state = {index[i]: dict(self.state[params[i]]) for i in index
+                 if params[i] in self.state}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer, of gpunn.torch's or of torch.optim's (torch
+        tensors are copied onto the parameters' device). Checked fully before anything
+        changes: group and parameter counts, state shapes, options."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict's parameter group {i} has {len(saved['params'])} "
+                                 f"parameters, the optimizer's has {len(group['params'])}")
+        new_groups = []
+        for saved, group in zip(groups, self.param_groups):
+            new = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            self._hyper(new)
+            new_groups.append(new)
+        new_state = {}
+        for saved, group in zip(groups, self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                entry = state_dict["state"].get(index)
+                if entry is None:
+                    continue
+                data = self._array(p)
+                sdt = state_dtype(dtype_name(data))
+                new_state[p] = {
+                    key: _converted(v, data, () if key == "step" else data.shape,
+                                    "float32" if key in ("step", "master_param") else sdt,
+                                    f"state[{index}][{key!r}]")
+                    for key, v in entry.items() if v is not None}
+        self.param_groups[:] = new_groups
+        self.state = new_state
+        self._tables = {}
+
+
+def to_torch(state_dict: dict) -> dict:
+    """A copy of a gpunn state dict with torch tensors, for ``torch.optim`` optimizers'
+    ``load_state_dict``."""
+    import torch
+
+    def tensor(a):
+        kind = array_kind(a, "state")
+        if kind == "torch":
+            return a.detach().clone()
+        return torch.from_dlpack(a.copy()) if kind == "cupy" else torch.tensor(np.array(a))
+
+    return {"state": {i: {k: tensor(v) for k, v in s.items()}
+                      for i, s in state_dict["state"].items()},
+            "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+
+
+# --- The algorithms: options named once, for gpunn.optim and gpunn.torch alike --------------------
+
+
+class SGDOptions:
+    algorithm = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, l1=0.0, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, backend=None):
+        self._setup(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                                 l1=l1, max_grad_norm=max_grad_norm,
+                                 skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                                 backend=backend))
+
+
+class AdagradOptions:
+    algorithm = "adagrad"
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, l1=0.0,
+                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, backend=None):
+        self._setup(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                 initial_accumulator_value=initial_accumulator_value, eps=eps,
+                                 maximize=maximize, l1=l1, max_grad_norm=max_grad_norm,
+                                 skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                                 backend=backend))
+
+
+class RMSpropOptions:
+    algorithm = "rmsprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False, l1=0.0, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, backend=None):
+        self._setup(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                 momentum=momentum, centered=centered, maximize=maximize, l1=l1,
+                                 max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                                 master_weights=master_weights, backend=backend))
+
+
+class AdamOptions:
+    algorithm = "adam"
+    default_weight_decay = 0.0
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=None,
+                 amsgrad=False, *, maximize=False, l1=0.0, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, backend=None):
+        if weight_decay is None:
+            weight_decay = self.default_weight_decay
+        self._setup(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                 amsgrad=amsgrad, maximize=maximize, l1=l1,
+                                 max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                                 master_weights=master_weights, backend=backend))
+
+
+class AdamWOptions(AdamOptions):
+    algorithm = "adamw"
+    default_weight_decay = 1e-2
+
+
+class SGD(SGDOptions, Optimizer):
+    """Stochastic gradient descent with momentum, dampening and Nesterov (torch.optim.SGD)."""
+
+
+class Adagrad(AdagradOptions, Optimizer):
+    """Adagrad with lr_decay and initial_accumulator_value (torch.optim.Adagrad)."""
+
+
+class RMSprop(RMSpropOptions, Optimizer):
+    """RMSprop, eps after the square root, centered and momentum (torch.optim.RMSprop)."""
+
+
+class Adam(AdamOptions, Optimizer):
+    """Adam with L2 weight decay into the gradient and amsgrad (torch.optim.Adam)."""
+
+
+class AdamW(AdamWOptions, Optimizer):
+    """Adam with decoupled weight decay, default 1e-2 (torch.optim.AdamW)."""
+

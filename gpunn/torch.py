@@ -1,0 +1,76 @@
+"""PyTorch adapter: gpunn's fused optimizers as ``torch.optim.Optimizer`` subclasses.
+
+``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise SGD, Adagrad, RMSprop, AdamW)
+takes torch's options and defaults plus gpunn's (``l1``, ``max_grad_norm``,
+``skip_nonfinite``, ``master_weights``), and works with ``torch.optim.lr_scheduler`` and
+``torch.amp.GradScaler`` unchanged: the scaler hands its scale and found-inf flag to the step
+(``_step_supports_amp_scaling``), which unscales and skips on the device, without a host
+sync. CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels. State and state dicts
+are torch's own (same keys), so checkpoints move to and from ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
+                              RMSpropOptions, SGDOptions)
+
+
+class Optimizer(FusedStep, torch.optim.Optimizer):
+    """torch.optim.Optimizer running gpunn's fused step."""
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
+
+    def _setup(self, params, defaults):
+        self._tables = {}
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    @staticmethod
+    def _array(p):
+        return p
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._hyper(self.param_groups[-1])  # checks the new group's options
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused step; under GradScaler, gradients are unscaled and an inf/NaN step is
+        skipped on the device."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is not None:  # GradScaler's scale: the gradients are divided by it
+            grad_scale = grad_scale.to(torch.float32)
+        self.fused_step(grad_scale, found_inf)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._tables = {}
+
+
+class SGD(SGDOptions, Optimizer):
+    """torch.optim.SGD, fused."""
+
+
+class Adagrad(AdagradOptions, Optimizer):
+    """torch.optim.Adagrad, fused."""
+
+
+class RMSprop(RMSpropOptions, Optimizer):
+    """torch.optim.RMSprop, fused."""
+
+
+class Adam(AdamOptions, Optimizer):
+    """torch.optim.Adam, fused."""
+
+
+class AdamW(AdamWOptions, Optimizer):
+    """torch.optim.AdamW, fused."""
+
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
