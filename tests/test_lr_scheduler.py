@@ -121,6 +121,45 @@ def test_duck_typed_optimizer_gets_the_same_lrs(name):
     assert [g["initial_lr"] for g in duck.param_groups] == list(BASE_LRS)
 
 
+class NumpyParam:
+    """A gpunn parameter: ``.data`` and ``.grad`` arrays."""
+
+    def __init__(self, rng):
+        self.data = rng.standard_normal(11).astype(np.float32)
+        self.grad = rng.standard_normal(11).astype(np.float32)
+
+
+def test_drives_gpunn_optimizers_and_torch_schedulers_drive_gpunn_torch(rng):
+    """One scheduler class for gpunn.optim and gpunn.torch optimizers; each step moves the
+    weights by the scheduled lr; torch's own scheduler on gpunn.torch gives the same lrs."""
+    import gpunn.optim
+    import gpunn.torch
+
+    param = NumpyParam(rng)
+    tensor = torch.tensor(rng.standard_normal(11), dtype=torch.float32, requires_grad=True)
+    tensor.grad = torch.tensor(rng.standard_normal(11), dtype=torch.float32)
+    tensor_ref = tensor.detach().clone().requires_grad_()
+    tensor_ref.grad = tensor.grad.clone()
+    opts = [gpunn.optim.SGD([param], lr=0.1), gpunn.torch.SGD([tensor], lr=0.1)]
+    ref_opt = gpunn.torch.SGD([tensor_ref], lr=0.1)
+    scheds = [CosineAnnealingLR(o, 6, warmup_steps=2) for o in opts]
+    ref = T.SequentialLR(ref_opt, [T.LinearLR(ref_opt, total_iters=2),
+                                   T.CosineAnnealingLR(ref_opt, 6)], milestones=[2])
+    arrays = [lambda: param.data.copy(), lambda: tensor.detach().numpy().copy()]
+    grads = [param.grad.copy(), tensor.grad.numpy().copy()]
+    for _ in range(10):
+        lr = scheds[0].get_last_lr()[0]
+        assert scheds[1].get_last_lr() == [lr] and ref.get_last_lr()[0] == pytest.approx(lr)
+        for opt, sched, array, grad in zip(opts, scheds, arrays, grads):
+            before = array()
+            opt.step()
+            np.testing.assert_allclose(before - array(), lr * grad, rtol=1e-5, atol=1e-7)
+            sched.step()
+        ref_opt.step()
+        ref.step()
+    torch.testing.assert_close(tensor_ref, tensor, rtol=1e-6, atol=1e-7)
+
+
 def test_import_and_run_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "from gpunn.optim.lr_scheduler import CosineAnnealingLR, lr_range_test\n"
