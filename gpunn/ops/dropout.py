@@ -1,0 +1,496 @@
+r"""Dropout with inverted scaling, its mask drawn from Philox4x32-10 and never stored.
+
+Forward and backward, with keep_i in {0, 1} and s = 1 / (1 - p)::
+
+    y_i  = x_i  * (keep_i ? s : 0)
+    dx_i = dy_i * (keep_i ? s : 0)
+
+so E[y_i] = x_i. As in PyTorch, y is a product: a dropped NaN or inf stays NaN
+(NaN * 0), a dropped -3 gives -0.
+
+The mask (bit for bit the same on the numpy, cpu and cuda backends)
+    The array is flattened in C order; element i, 0 <= i < n, is element d = offset + i of
+    the random stream of ``seed``. Element d of the stream is word d % 4 of the Philox4x32-10
+    block (:mod:`gpunn.philox`) with
+
+        counter = (b mod 2^32,  b >> 32,  0,  0),   b = d // 4
+        key     = (seed mod 2^32,  seed >> 32)
+
+    i.e. one Philox call gives four consecutive elements. With the 32-bit word u_i,
+
+        keep_i  =  u_i < t,   t = round((1 - p) * 2^32)
+
+    evaluated in float64 (ties to even), so 0 <= t <= 2^32 and P(keep) = t / 2^32, within
+    2^-33 of 1 - p. s is 1 / (1 - p) computed in float64 and rounded to the compute type (float32
+    for float32 and the 16-bit types, float64 for float64); each product is rounded once in
+    the compute type, then (16-bit types) to the storage type.
+    seed: an integer in [0, 2^64). offset: an integer >= 0 with offset + n <= 2^64.
+
+Offsets in a training loop
+    offset counts stream elements consumed. Calls with one seed and offsets advanced by the
+    size of each array (``offset += x.size``) use disjoint stretches of the stream, so no
+    random word is ever used twice; the backward passes the forward's (p, seed, offset) and
+    regenerates the same mask. (Different layers may equally take different seeds.)
+
+Special cases
+    training=False, or p = 0: the identity. ``dropout`` then returns ``x`` itself (as
+    PyTorch does), or copies it bit for bit into ``out``; the backward copies dy.
+    p = 1: t = 0, nothing is kept, y = x * 0 (zeros for finite x; NaN for NaN and inf, as
+    PyTorch's input * 0).
+    seed=None: a fresh seed is drawn from NumPy's global generator
+    (``np.random.randint(0, 2**64, dtype=np.uint64)``), so ``np.random.seed(...)`` makes a
+    run reproducible. The drawn seed is not returned: to run the backward, pass a seed (or
+    ask for ``return_mask=True`` and multiply by the mask yourself).
+
+Where the mask lives
+    ``dropout(..., return_mask=True)`` returns ``(y, mask)``, the mask a bool array of the
+    caller's type on x's device (NumPy, CuPy, or a torch.bool tensor), written in the same
+    pass as y. ``dropout_mask(shape, p, seed, offset, like=a)`` makes it alone, as an array of
+    ``a``'s type on ``a``'s device (a CUDA torch tensor gets a CUDA torch.bool tensor); without
+    ``like`` it is a NumPy array, or a CuPy array on the current device with ``backend="cuda"``.
+
+Memory traffic: forward reads x and writes y, backward reads dy and writes dx: 2n elements
+each, nothing stored between them (PyTorch's CPU dropout also writes and reads a mask of n
+floats; its CUDA one n bytes). Generating the mask costs ten rounds of two 32 x 32 -> 64-bit
+products per four elements: hidden behind the memory on a GPU; on the CPU the kernel computes
+a chunk's blocks and applies them in one vectorized loop (AVX-512 vpmuludq), above the
+memory time of a plain copy.
+
+In place: ``out=x`` for the forward, ``out=dy`` for the backward.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from numbers import Integral, Real
+
+import numpy as np
+from numba import njit, prange
+
+from .. import backend as _backend
+from .. import cuda
+from .. import philox as ph
+from ..backend import array_module, resolve
+
+#: Stream positions are 64-bit: seed < 2^64, offset + n <= 2^64.
+STREAM_END = 1 << 64
+#: Philox blocks per reference chunk and per CPU chunk (each 16K elements).
+REF_CHUNK = 1 << 16
+CPU_CHUNK = 4096
+
+
+# --- Parameters -------------------------------------------------------------------------------
+
+
+def keep_threshold(p: float) -> int:
+    """t = round((1 - p) * 2^32): element i is kept iff its random word u_i < t."""
+    return round((1.0 - p) * 4294967296.0)
+
+
+def scale_of(p: float) -> float:
+    """1 / (1 - p), the factor of kept elements (0 for p = 1, where none is kept)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def _check_p(op: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"{op}: p must be a real number in [0, 1], got {p!r}")
+    p = float(p)
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise ValueError(f"{op}: p must be in [0, 1], got {p!r}")
+    return p
+
+
+def _check_int(op: str, name: str, value, limit: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
+        raise TypeError(f"{op}: {name} must be an integer in [0, 2^64), got {value!r}")
+    value = int(value)
+    if not 0 <= value < limit:
+        raise ValueError(f"{op}: {name} must be in [0, 2^64), got {value}")
+    return value
+
+
+def _check_stream(op: str, seed, offset, n: int, draw: bool = False) -> tuple[int, int]:
+    """(seed, offset) checked; seed None draws one when ``draw``."""
+    if seed is None and draw:
+        seed = int(np.random.randint(0, STREAM_END, dtype=np.uint64))
+    elif seed is None:
+        raise TypeError(f"{op}: seed must be the forward's seed (an integer in [0, 2^64)), "
+                        "got None")
+    seed = _check_int(op, "seed", seed, STREAM_END)
+    offset = _check_int(op, "offset", offset, STREAM_END)
+    if offset + n > STREAM_END:
+        raise ValueError(f"{op}: offset + size must be at most 2^64 (the stream's end), "
+                         f"got offset {offset} and {n} elements")
+    return seed, offset
+
+
+def _check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _size(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+# --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
+
+
+def _ref_words(xp, n: int, seed: int, offset: int):
+    """u_i for i < n: the uint32 stream words of elements offset .. offset + n - 1."""
+    r, first = offset % 4, offset // 4
+    blocks = (r + n + 3) // 4
+    k0, k1 = xp.uint64(seed & ph.MASK32), xp.uint64(seed >> 32)
+    zero = xp.uint64(0)
+    words = xp.empty((blocks, 4), dtype=xp.uint32)
+    for lo in range(0, blocks, REF_CHUNK):
+        hi = min(lo + REF_CHUNK, blocks)
+        b = xp.arange(first + lo, first + hi, dtype=xp.uint64)
+        out = ph.rounds(b & xp.uint64(ph.MASK32), b >> xp.uint64(32), zero, zero, k0, k1, xp=xp)
+        for w in range(4):
+            words[lo:hi, w] = out[w]
+    return words.reshape(-1)[r:r + n]
+
+
+def _ref_mask(xp, n: int, p: float, seed: int, offset: int):
+    return _ref_words(xp, n, seed, offset) < xp.uint64(keep_threshold(p))
+
+
+def _numpy_dropout(x, y, mask, p, seed, offset):
+    xp = array_module(x)
+    keep = _ref_mask(xp, x.size, p, seed, offset)
+    dtype = x.dtype.type
+    factor = xp.where(keep, dtype(scale_of(p)), dtype(0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        y.reshape(-1)[...] = x.reshape(-1) * factor
+    if mask is not None:
+        mask.reshape(-1)[...] = keep
+
+
+def _numpy_mask(mask, p, seed, offset):
+    mask.reshape(-1)[...] = _ref_mask(array_module(mask), mask.size, p, seed, offset)
+
+
+# --- Numba CPU kernels ------------------------------------------------------------------------
+# Chunks of CPU_CHUNK Philox blocks in parallel. A chunk's blocks are generated and applied in
+# one loop over slices (a function of its own: inlined, or indexed from the whole array, LLVM
+# gathers and scatters instead of vectorizing); the partial blocks at either end (at most three
+# elements each) are done one element at a time.
+#
+# All generator arithmetic is uint64 (Numba would turn uint64 mixed with int64 into float64).
+# The rounds mask a counter word only where it enters a product: the low 32 bits are all the
+# product reads (vpmuludq), so the 64-bit lanes may carry garbage above bit 31 in between.
+
+_U0, _U2, _U3, _U32 = np.uint64(0), np.uint64(2), np.uint64(3), np.uint64(32)
+_MASK32 = np.uint64(ph.MASK32)
+_M0, _M1 = np.uint64(ph.M0), np.uint64(ph.M1)
+_W0, _W1 = np.uint64(ph.W0), np.uint64(ph.W1)
+
+
+@njit(inline="always", cache=True)
+def _philox4(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint64 words < 2^32: the four output words, as uint64 < 2^32."""
+    for r in range(10):
+        p0 = (c0 & _MASK32) * _M0
+        p1 = (c2 & _MASK32) * _M1
+        c0, c1, c2, c3 = (p1 >> _U32) ^ c1 ^ k0, p1, (p0 >> _U32) ^ c3 ^ k1, p0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, c3 & _MASK32
+
+
+@njit(inline="always", cache=True)
+def _philox(b, k0, k1):
+    """The four words of stream block b (uint64): counter (b mod 2^32, b >> 32, 0, 0)."""
+    return _philox4(b & _MASK32, b >> _U32, _U0, _U0, k0, k1)
+
+
+@njit(inline="always", cache=True)
+def _word(d, k0, k1):
+    """u for stream element d (uint64)."""
+    u0, u1, u2, u3 = _philox(d >> _U2, k0, k1)
+    w = d & _U3
+    return u0 if w == 0 else (u1 if w == 1 else (u2 if w == 2 else u3))
+
+
+@njit(inline="always", cache=True)
+def _layout(n, offset):
+    """(head, nblocks, tail_start): elements [0, head) and [tail_start, n) are in partial
+    blocks; [head, tail_start) is nblocks whole blocks, the first being (offset + head) / 4."""
+    head = min(n, np.int64((np.uint64(4) - (offset & _U3)) & _U3))
+    nblocks = (n - head) // 4
+    return head, nblocks, head + 4 * nblocks
+
+
+@njit(cache=True)
+def _apply_blocks(xs, ys, b0, k0, k1, t, s):
+    z = type(s)(0)
+    for j in range(xs.size // 4):
+        u0, u1, u2, u3 = _philox(b0 + np.uint64(j), k0, k1)
+        ys[4 * j] = xs[4 * j] * (s if u0 < t else z)
+        ys[4 * j + 1] = xs[4 * j + 1] * (s if u1 < t else z)
+        ys[4 * j + 2] = xs[4 * j + 2] * (s if u2 < t else z)
+        ys[4 * j + 3] = xs[4 * j + 3] * (s if u3 < t else z)
+
+
+@njit(cache=True)
+def _apply_blocks_mask(xs, ys, ms, b0, k0, k1, t, s):
+    z = type(s)(0)
+    for j in range(xs.size // 4):
+        u0, u1, u2, u3 = _philox(b0 + np.uint64(j), k0, k1)
+        m0, m1, m2, m3 = u0 < t, u1 < t, u2 < t, u3 < t
+        ys[4 * j] = xs[4 * j] * (s if m0 else z)
+        ys[4 * j + 1] = xs[4 * j + 1] * (s if m1 else z)
+        ys[4 * j + 2] = xs[4 * j + 2] * (s if m2 else z)
+        ys[4 * j + 3] = xs[4 * j + 3] * (s if m3 else z)
+        ms[4 * j], ms[4 * j + 1], ms[4 * j + 2], ms[4 * j + 3] = m0, m1, m2, m3
+
+
+@njit(cache=True)
+def _mask_blocks(ms, b0, k0, k1, t):
+    for j in range(ms.size // 4):
+        u0, u1, u2, u3 = _philox(b0 + np.uint64(j), k0, k1)
+        ms[4 * j], ms[4 * j + 1], ms[4 * j + 2], ms[4 * j + 3] = u0 < t, u1 < t, u2 < t, u3 < t
+
+
+@njit(parallel=True, cache=True)
+def _cpu_dropout(x, y, offset, k0, k1, t, s):
+    """y = x * (keep ? s : 0) on flat arrays; offset, k0, k1, t uint64, s in x's dtype."""
+    n = x.size
+    head, nblocks, tail = _layout(n, offset)
+    z = type(s)(0)
+    for i in range(head):
+        y[i] = x[i] * (s if _word(offset + np.uint64(i), k0, k1) < t else z)
+    for i in range(tail, n):
+        y[i] = x[i] * (s if _word(offset + np.uint64(i), k0, k1) < t else z)
+    b0 = (offset + np.uint64(head)) >> _U2
+    for c in prange((nblocks + CPU_CHUNK - 1) // CPU_CHUNK):
+        lo = c * CPU_CHUNK
+        hi = min(lo + CPU_CHUNK, nblocks)
+        a, e = head + 4 * lo, head + 4 * hi
+        _apply_blocks(x[a:e], y[a:e], b0 + np.uint64(lo), k0, k1, t, s)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_dropout_mask(x, y, m, offset, k0, k1, t, s):
+    """As _cpu_dropout, also writing the keep mask m (bool)."""
+    n = x.size
+    head, nblocks, tail = _layout(n, offset)
+    z = type(s)(0)
+    for i in range(head):
+        m[i] = _word(offset + np.uint64(i), k0, k1) < t
+        y[i] = x[i] * (s if m[i] else z)
+    for i in range(tail, n):
+        m[i] = _word(offset + np.uint64(i), k0, k1) < t
+        y[i] = x[i] * (s if m[i] else z)
+    b0 = (offset + np.uint64(head)) >> _U2
+    for c in prange((nblocks + CPU_CHUNK - 1) // CPU_CHUNK):
+        lo = c * CPU_CHUNK
+        hi = min(lo + CPU_CHUNK, nblocks)
+        a, e = head + 4 * lo, head + 4 * hi
+        _apply_blocks_mask(x[a:e], y[a:e], m[a:e], b0 + np.uint64(lo), k0, k1, t, s)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_mask(m, offset, k0, k1, t):
+    """m = keep (bool), flat."""
+    n = m.size
+    head, nblocks, tail = _layout(n, offset)
+    for i in range(head):
+        m[i] = _word(offset + np.uint64(i), k0, k1) < t
+    for i in range(tail, n):
+        m[i] = _word(offset + np.uint64(i), k0, k1) < t
+    b0 = (offset + np.uint64(head)) >> _U2
+    for c in prange((nblocks + CPU_CHUNK - 1) // CPU_CHUNK):
+        lo = c * CPU_CHUNK
+        hi = min(lo + CPU_CHUNK, nblocks)
+        a, e = head + 4 * lo, head + 4 * hi
+        _mask_blocks(m[a:e], b0 + np.uint64(lo), k0, k1, t)
+
+
+def _stream_args(p, seed, offset):
+    u = np.uint64
+    return u(offset), u(seed & ph.MASK32), u(seed >> 32), u(keep_threshold(p))
+
+
+def _cpu_run(x, y, mask, p, seed, offset):
+    s = x.dtype.type(scale_of(p))
+    if mask is None:
+        _cpu_dropout(x.reshape(-1), y.reshape(-1), *_stream_args(p, seed, offset), s)
+    else:
+        _cpu_dropout_mask(x.reshape(-1), y.reshape(-1), mask.reshape(-1),
+                          *_stream_args(p, seed, offset), s)
+
+
+def _cpu_mask_run(mask, p, seed, offset):
+    _cpu_mask(mask.reshape(-1), *_stream_args(p, seed, offset))
+
+
+# --- CUDA launcher: kernels/dropout.cu --------------------------------------------------------
+
+KERNELS = cuda.Family("dropout", [
+    f"gpunn::dropout<{ctype}, {with_mask}>"
+    for ctype in cuda.CTYPES.values() for with_mask in ("false", "true")]
+    + ["gpunn::dropout_mask", "gpunn::philox4x32_10_blocks"])
+BLOCK = 256
+
+
+def _cuda_run(x, y, mask, p, seed, offset):
+    import cupy
+
+    n = x.size
+    if n == 0:
+        return
+    with_mask = "false" if mask is None else "true"
+    kernel = KERNELS.function(f"gpunn::dropout<{cuda.ctype(x.dtype)}, {with_mask}>")
+    blocks = (n + offset % 4 + 3) // 4
+    grid = cuda.grid_for(blocks, BLOCK, kernel)
+    m = mask if mask is not None else cupy.empty(1, dtype=cupy.uint8)
+    kernel((grid,), (BLOCK,), (x, y, m, np.int64(n), np.uint64(offset), np.uint64(seed),
+                                np.uint64(keep_threshold(p)), np.float64(scale_of(p))))
+
+
+def _cuda_mask_run(mask, p, seed, offset):
+    n = mask.size
+    if n == 0:
+        return
+    kernel = KERNELS.function("gpunn::dropout_mask")
+    grid = cuda.grid_for((n + offset % 4 + 3) // 4, BLOCK, kernel)
+    kernel((grid,), (BLOCK,), (mask, np.int64(n), np.uint64(offset), np.uint64(seed),
+                                np.uint64(keep_threshold(p))))
+
+
+def cuda_philox4x32_10(counter, key):
+    """Philox4x32-10 of CuPy uint32 arrays ``counter`` (m, 4) and ``key`` (m, 2) on the GPU,
+    as (m, 4) uint32: the raw generator of the CUDA kernels (for the known-answer tests)."""
+    import cupy
+
+    counter = cupy.ascontiguousarray(counter, dtype=cupy.uint32)
+    key = cupy.ascontiguousarray(key, dtype=cupy.uint32)
+    if counter.ndim != 2 or counter.shape[1] != 4 or key.shape != (counter.shape[0], 2):
+        raise ValueError(f"cuda_philox4x32_10: counter must be (m, 4) and key (m, 2), got "
+                         f"{counter.shape} and {key.shape}")
+    out = cupy.empty_like(counter)
+    if counter.shape[0]:
+        kernel = KERNELS.function("gpunn::philox4x32_10_blocks")
+        grid = cuda.grid_for(counter.shape[0], BLOCK, kernel)
+        kernel((grid,), (BLOCK,), (counter, key, out, np.int64(counter.shape[0])))
+    return out
+
+
+IMPLS = {
+    "numpy": (_numpy_dropout, _numpy_mask),
+    "cpu": (_cpu_run, _cpu_mask_run),
+    "cuda": (_cuda_run, _cuda_mask_run),
+}
+
+
+# --- Masks in the caller's array type ---------------------------------------------------------
+
+
+def _new_mask(call, shape):
+    """(native bool array, what to hand back): a NumPy/CuPy bool array, or for torch callers
+    a torch.bool tensor from torch's allocator on the data's device (viewed natively as bytes,
+    which DLPack carries everywhere)."""
+    if call.kind != "torch":
+        m = call.xp.empty(shape, dtype=bool)
+        return m, m
+    import torch
+
+    t = torch.empty(shape, dtype=torch.uint8, device=call.device)
+    if call.device == "cpu":
+        native = t.numpy().view(np.bool_)
+    else:
+        import cupy
+
+        native = cupy.from_dlpack(t).view(cupy.bool_)
+    return native, t.view(torch.bool)
+
+
+def _filled_mask(call, shape, value: bool):
+    native, handed = _new_mask(call, shape)
+    native.fill(value)
+    return handed
+
+
+# --- Public API -------------------------------------------------------------------------------
+
+
+def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=None,
+            return_mask=False):
+    """y = x * (keep ? 1/(1-p) : 0), keep_i drawn from Philox4x32-10 at (seed, offset + i).
+
+    p in [0, 1]; training=False or p=0 returns x itself (or copies it into ``out``).
+    seed: integer in [0, 2^64), or None for a fresh one from NumPy's global generator.
+    offset: stream elements already consumed under this seed (see the module docstring).
+    return_mask=True returns (y, mask), the bool keep mask of x's array type and device."""
+    p = _check_p("dropout", p)
+    training = _check_bool("dropout", "training", training)
+    return_mask = _check_bool("dropout", "return_mask", return_mask)
+    call = resolve("dropout", backend, x=x, out=out)
+    with call.context():
+        xn = call.native(x, "x")
+        seed, offset = _check_stream("dropout", seed, offset, xn.size, draw=True)
+        identity = not training or p == 0.0
+        if identity and out is None:
+            return (x, _filled_mask(call, xn.shape, True)) if return_mask else x
+        yn = call.output(out, xn)
+        if identity:
+            yn[...] = xn  # a bit copy (NaN payloads too); a no-op copy when out is x
+            result = call.wrap(yn, out)
+            return (result, _filled_mask(call, xn.shape, True)) if return_mask else result
+        mask_native, mask = _new_mask(call, xn.shape) if return_mask else (None, None)
+        IMPLS[call.backend][0](xn, yn, mask_native, p, seed, offset)
+    result = call.wrap(yn, out)
+    return (result, mask) if return_mask else result
+
+
+def dropout_backward(dy, p, seed, offset=0, *, out=None, backend=None):
+    """dx = dy * (keep ? 1/(1-p) : 0) with the forward's p, seed and offset (the mask is
+    regenerated, not read). p = 0 copies dy."""
+    p = _check_p("dropout_backward", p)
+    call = resolve("dropout_backward", backend, dy=dy, out=out)
+    with call.context():
+        dyn = call.native(dy, "dy")
+        seed, offset = _check_stream("dropout_backward", seed, offset, dyn.size)
+        dxn = call.output(out, dyn)
+        if p == 0.0:
+            dxn[...] = dyn
+        else:
+            IMPLS[call.backend][0](dyn, dxn, None, p, seed, offset)
+    return call.wrap(dxn, out)
+
+
+def dropout_mask(shape, p, seed, offset=0, *, like=None, backend=None):
+    """The bool keep mask of ``dropout`` for an array of ``shape`` (bit for bit the mask the
+    forward applies). Returned as an array of ``like``'s type on ``like``'s device (NumPy,
+    CuPy, torch); without ``like``, a NumPy array, or a CuPy array on the current device when
+    the cuda backend is asked for (``backend="cuda"`` or GPUNN_BACKEND=cuda)."""
+    p = _check_p("dropout_mask", p)
+    if isinstance(shape, (Integral, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"dropout_mask: shape must be an int or a sequence of ints, "
+                        f"got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"dropout_mask: shape must not have negative sizes, got {shape}")
+    seed, offset = _check_stream("dropout_mask", seed, offset, _size(shape))
+    if like is None:
+        if _backend._requested(backend) == "cuda" and _backend.has_cupy():
+            import cupy
+
+            like = cupy.empty(0, dtype=cupy.uint8)
+        else:
+            like = np.empty(0, dtype=np.uint8)
+    call = resolve("dropout_mask", backend, like=like)
+    with call.context():
+        if p == 0.0:
+            return _filled_mask(call, shape, True)
+        native, mask = _new_mask(call, shape)
+        IMPLS[call.backend][1](native, p, seed, offset)
+    return mask

@@ -1,0 +1,69 @@
+r"""Philox4x32-10, the counter-based random generator of dropout (Salmon et al., "Parallel
+random numbers: as easy as 1, 2, 3", SC 2011; the ``philox4x32_10`` of Random123).
+
+A counter-based generator is a keyed bijection: ``philox(counter, key)`` maps a 128-bit
+counter (four 32-bit words) to four pseudo-random 32-bit words, and any block can be computed
+on its own, in any order, on any device. That is what lets the dropout backward regenerate
+the forward's mask instead of storing it, and lets the NumPy, Numba and CUDA backends produce
+the same bits.
+
+One round, on the counter words (c0, c1, c2, c3) and the key words (k0, k1)::
+
+    hi0:lo0 = M0 * c0        (the 64-bit product of two 32-bit words, split in halves)
+    hi1:lo1 = M1 * c2
+    (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0,  lo1,  hi0 ^ c3 ^ k1,  lo0)
+
+with M0 = 0xD2511F53, M1 = 0xCD9E8D57. Ten rounds; between two rounds the key is bumped by
+the Weyl constants, k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). The four words after the
+tenth round are the output. ``tests/test_dropout.py`` checks the published known-answer
+vectors of Random123 (``kat_vectors``, philox4x32_10).
+
+This module is the NumPy version, vectorized over blocks (uint64 arithmetic for the 32 x 32
+-> 64-bit products); it runs on CuPy arrays too. The Numba version is in
+:mod:`gpunn.ops.dropout` and the CUDA one in ``kernels/philox.cuh``; they follow this text
+operation for operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+M0 = 0xD2511F53  #: multiplier applied to counter word 0
+M1 = 0xCD9E8D57  #: multiplier applied to counter word 2
+W0 = 0x9E3779B9  #: Weyl increment of key word 0 (golden ratio)
+W1 = 0xBB67AE85  #: Weyl increment of key word 1 (sqrt(3) - 1)
+ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key, xp=np):
+    """Philox4x32-10 of each counter block under each key.
+
+    ``counter``: unsigned integers of shape (..., 4), the words c0..c3 (values below 2^32);
+    ``key``: shape (..., 2), the words k0, k1; the leading shapes broadcast. Returns uint32 of
+    the broadcast shape (..., 4): the output words in order. ``xp`` is numpy or cupy."""
+    counter = xp.asarray(counter)
+    key = xp.asarray(key)
+    if counter.shape[-1:] != (4,) or key.shape[-1:] != (2,):
+        raise ValueError(f"philox4x32_10: counter must have shape (..., 4) and key (..., 2), "
+                         f"got {counter.shape} and {key.shape}")
+    c = [counter[..., j].astype(xp.uint64) & MASK32 for j in range(4)]
+    k = [key[..., j].astype(xp.uint64) & MASK32 for j in range(2)]
+    out = rounds(*c, *k, xp=xp)
+    shape = np.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    return xp.stack([xp.broadcast_to(w, shape) for w in out], axis=-1).astype(xp.uint32)
+
+
+def rounds(c0, c1, c2, c3, k0, k1, xp=np):
+    """The ten rounds on uint64 arrays (or scalars) holding 32-bit words; returns the four
+    output words as uint64 holding 32-bit values."""
+    m0, m1, mask, shift = (xp.uint64(v) for v in (M0, M1, MASK32, 32))
+    w0, w1 = xp.uint64(W0), xp.uint64(W1)
+    for r in range(ROUNDS):
+        if r:
+            k0 = (k0 + w0) & mask
+            k1 = (k1 + w1) & mask
+        p0 = c0 * m0  # < 2^64: no wrap
+        p1 = c2 * m1
+        c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ k0, p1 & mask, (p0 >> shift) ^ c3 ^ k1, p0 & mask
+    return c0, c1, c2, c3
