@@ -574,6 +574,12 @@ def _raise_bad_label(op, row, value, n_classes, ignore):
                      f"not ignore_index ({ignore})")
 
 
+def _int64(labels):
+    """The CPU kernels take int64 labels (a copy of N int32s costs less than compiling every
+    kernel twice)."""
+    return labels.astype(np.int64, copy=False)
+
+
 def _native_labels(call, labels):
     """labels as a C-contiguous NumPy/CuPy int32 or int64 array."""
     name = dtype_name(labels)
@@ -619,7 +625,7 @@ def _label_stats(call, labels, n_classes, ignore, check):
     if call.backend == "numpy":
         count, first = _ref_label_stats(labels, n_classes, ignore)
     else:
-        count, first = _cpu_label_stats(labels, n_classes, ignore)
+        count, first = _cpu_label_stats(_int64(labels), n_classes, ignore)
         first = -1 if first == labels.size else first
     if check and first >= 0:
         _raise_bad_label(call.op, first, int(labels[first]), n_classes, ignore)
@@ -702,10 +708,12 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
                 else:
                     _finish_host(call, losses.sum(dtype=call.xp.float64), count, reduction, out)
             else:
-                losses = out.reshape(-1) if reduction == "none" else np.empty(rows)
-                _cpu_ce_forward(x, y, np.int64(ignore), eps, losses,
+                losses = np.empty(rows)  # float64 (one specialization for every output dtype)
+                _cpu_ce_forward(x, _int64(y), np.int64(ignore), eps, losses,
                                 lse if want_lse else np.empty(0), want_lse)
-                if reduction != "none":
+                if reduction == "none":
+                    out.reshape(-1)[...] = losses
+                else:
                     _finish_host(call, losses.sum(), count, reduction, out)
         loss = call.wrap(out)
         return (loss, call.wrap(lse)) if want_lse else loss
@@ -769,7 +777,7 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
                 dx2[...] = _ref_ce_backward(x, y, eps, ignore, w, saved)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_ce_backward(x, y, np.int64(ignore), eps, w * scale, stride,
+                _cpu_ce_backward(x, _int64(y), np.int64(ignore), eps, w * scale, stride,
                                  saved if saved is not None else np.empty(0), saved is not None,
                                  dx2)
     return call.wrap(dx, out)
@@ -796,8 +804,8 @@ def nll_loss(log_probs, labels, reduction="mean", ignore_index=-100, backend=Non
             if call.backend == "numpy":
                 losses = _ref_nll_forward(v, y, ignore)
             else:
-                losses = out.reshape(-1) if reduction == "none" else np.empty(rows)
-                _cpu_nll_forward(v, y, np.int64(ignore), losses)
+                losses = np.empty(rows)
+                _cpu_nll_forward(v, _int64(y), np.int64(ignore), losses)
             if reduction == "none":
                 out.reshape(-1)[...] = losses
             else:
@@ -830,7 +838,7 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
                 _ref_nll_backward(y, ignore, w, dx2)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_nll_backward(y, np.int64(ignore), w * scale, stride, dx2)
+                _cpu_nll_backward(_int64(y), np.int64(ignore), w * scale, stride, dx2)
     return call.wrap(dx, out)
 
 
