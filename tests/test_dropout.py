@@ -2,6 +2,7 @@
 bit-equal masks across backends, keep-rate statistics, scaling, the backward against PyTorch's
 with the same mask, finite differences, torch tensors, bad input, and the GPU in every dtype."""
 
+import importlib
 import math
 
 import numpy as np
@@ -11,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpunn import philox
-from gpunn.ops import dropout as D
 from gpunn.ops.dropout import dropout, dropout_backward, dropout_mask
 from conftest import HOST_BACKENDS, SIZES
+
+# the module (gpunn.ops.dropout is the function once gpunn.ops exports it, like softmax)
+D = importlib.import_module("gpunn.ops.dropout")
 
 # Random123 kat_vectors, philox4x32_10: (counter, key, output).
 KAT = [
@@ -549,3 +552,37 @@ def test_cuda_mask_without_like_and_identity():
     out = cupy.zeros_like(x)
     dropout(x, 0.0, seed=1, out=out)
     np.testing.assert_array_equal(cupy.asnumpy(out).view(np.uint32), cupy.asnumpy(x).view(np.uint32))
+
+
+# --- The benchmark suite ----------------------------------------------------------------------
+
+
+def test_bench_suite_quick():
+    """The dropout suite on a tiny size: every contender checks out, a wrong one is flagged,
+    bytes are the fewest (two arrays per pass)."""
+    from gpunn.bench import dropout as suite
+    from gpunn.bench import harness
+    from gpunn.bench.harness import Contender
+
+    def wrong(case):  # a "torch-like" contender that keeps everything
+        x, dy = case.inputs
+        out = x * 2 if case.direction == "forward" else None
+        return Contender("keeps all", "torch", lambda: (lambda: out)) if out is not None else None
+
+    records = suite.run(suite.Options(quick=True, sizes=[4099], ps=[0.25], progress=False),
+                        extra_contenders=[wrong])
+    groups = {}
+    for r in records:
+        groups.setdefault(r.direction, {})[r.impl] = r
+    assert set(groups) == {"forward", "backward", "fwd+bwd"}
+    for direction, by_impl in groups.items():
+        for name in ("numpy", "gpunn cpu", "torch", "limit"):
+            r = by_impl[name]
+            assert r.status == "ok", (direction, name, r.note)
+            assert r.median_s > 0 and r.bytes == (4 if direction == "fwd+bwd" else 2) * 4099 * 4
+        assert by_impl["gpunn cpu"].error == 0.0
+        assert by_impl["torch"].error < 1e-6 and "statistics" in by_impl["torch"].note
+    bad = groups["forward"]["keeps all"]
+    assert bad.status == "wrong" and "keep rate" in bad.note
+    assert all(r.suite == "dropout" for r in records)
+    assert harness.finalize(records) is records
