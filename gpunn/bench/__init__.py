@@ -9,4 +9,5 @@ the table and writes the JSON results (see :mod:`gpunn.bench.harness`).
 #: Suite name -> module (imported when the command line is built or the suite is run).
 SUITES = {
     "activations": "gpunn.bench.activations",
+    "optim": "gpunn.bench.optim",
 }

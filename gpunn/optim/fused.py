@@ -185,8 +185,9 @@ if has_numba():
         return pointer(address, like), codegen
 
     @njit(cache=True)
-    def _cpu_column(rows, r, column, like):
-        return carray(_pointer(rows[r, column], like), rows[r, N])
+    def _cpu_column(rows, r, column, like, start, stop):
+        """Elements [start, stop) of one column of row r (0-based slices vectorize best)."""
+        return carray(_pointer(rows[r, column], like), rows[r, N])[start:stop]
 
     @njit(parallel=True, cache=True)
     def _cpu_grad_sumsq(rows, chunks, like):
@@ -194,9 +195,9 @@ if has_numba():
         partial = np.zeros(chunks.shape[0])
         for c in prange(chunks.shape[0]):
             r, start = chunks[c, 0], chunks[c, 1]
-            g = _cpu_column(rows, r, G, like)
+            g = _cpu_column(rows, r, G, like, start, min(start + CHUNK, rows[r, N]))
             acc = 0.0
-            for i in range(start, min(start + CHUNK, rows[r, N])):
+            for i in range(g.size):
                 acc += float(g[i]) * float(g[i])
             partial[c] = acc
         return partial
@@ -221,16 +222,16 @@ if has_numba():
             r, start = chunks[c, 0], chunks[c, 1]
             stop = min(start + CHUNK, rows[r, N])
             t = float(carray(_pointer(rows[r, STEP], step_like), 1)[0])
-            p = _cpu_column(rows, r, P, like)
-            g = _cpu_column(rows, r, G, like)
+            p = _cpu_column(rows, r, P, like, start, stop)
+            g = _cpu_column(rows, r, G, like, start, stop)
             if algorithm == 3:  # Adam / AdamW
                 step_size = f(lr / (1.0 - beta1 ** t))
                 bc2_sqrt = f(math.sqrt(1.0 - beta2 ** t))
-                m = _cpu_column(rows, r, S0, like)
-                v = _cpu_column(rows, r, S1, like)
+                m = _cpu_column(rows, r, S0, like, start, stop)
+                v = _cpu_column(rows, r, S1, like, start, stop)
                 if flags & AMSGRAD:
-                    vmax = _cpu_column(rows, r, S2, like)
-                    for i in range(start, stop):
+                    vmax = _cpu_column(rows, r, S2, like, start, stop)
+                    for i in range(stop - start):
                         pi = p[i]
                         gi = _gradient(pi, g[i], gm, sign, wd, l1_)
                         pi = pi * decay
@@ -240,7 +241,7 @@ if has_numba():
                         m[i], v[i], vmax[i] = mi, vi, vm
                         p[i] = pi - step_size * (mi / (math.sqrt(vm) / bc2_sqrt + eps_))
                 else:
-                    for i in range(start, stop):
+                    for i in range(stop - start):
                         pi = p[i]
                         gi = _gradient(pi, g[i], gm, sign, wd, l1_)
                         pi = pi * decay
@@ -250,44 +251,60 @@ if has_numba():
                         p[i] = pi - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps_))
             elif algorithm == 0:  # SGD
                 if flags & MOMENTUM:
-                    b = _cpu_column(rows, r, S0, like)
+                    b = _cpu_column(rows, r, S0, like, start, stop)
                     first = t == 1.0
-                    for i in range(start, stop):
+                    for i in range(stop - start):
                         gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
                         bi = gi if first else b[i] * b1 + omb2 * gi
                         b[i] = bi
                         p[i] = p[i] - lr_ * (gi + b1 * bi if flags & NESTEROV else bi)
                 else:
-                    for i in range(start, stop):
+                    for i in range(stop - start):
                         p[i] = p[i] - lr_ * _gradient(p[i], g[i], gm, sign, wd, l1_)
             elif algorithm == 1:  # Adagrad
                 clr = f(lr / (1.0 + (t - 1.0) * beta1))
-                s = _cpu_column(rows, r, S0, like)
-                for i in range(start, stop):
+                s = _cpu_column(rows, r, S0, like, start, stop)
+                for i in range(stop - start):
                     gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
                     si = s[i] + gi * gi
                     s[i] = si
                     p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps_))
-            else:  # RMSprop
-                v = _cpu_column(rows, r, S0, like)
-                b = _cpu_column(rows, r, S1, like) if flags & MOMENTUM else v
-                a = _cpu_column(rows, r, S2, like) if flags & CENTERED else v
-                for i in range(start, stop):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
-                    vi = v[i] * b2 + omb2 * gi * gi
-                    v[i] = vi
-                    if flags & CENTERED:
-                        ai = a[i] + omb2 * (gi - a[i])
-                        a[i] = ai
-                        d = math.sqrt(vi - ai * ai) + eps_
-                    else:
-                        d = math.sqrt(vi) + eps_
+            else:  # RMSprop: one loop per (centered, momentum), branch-free inside
+                v = _cpu_column(rows, r, S0, like, start, stop)
+                b = _cpu_column(rows, r, S1, like, start, stop) if flags & MOMENTUM else v
+                a = _cpu_column(rows, r, S2, like, start, stop) if flags & CENTERED else v
+                k = (gm, sign, wd, l1_, lr_, b1, b2, omb2, eps_)
+                if flags & CENTERED:
                     if flags & MOMENTUM:
-                        bi = b[i] * b1 + gi / d
-                        b[i] = bi
-                        p[i] = p[i] - lr_ * bi
+                        _rmsprop_chunk(p, g, v, a, b, True, True, k)
                     else:
-                        p[i] = p[i] - lr_ * (gi / d)
+                        _rmsprop_chunk(p, g, v, a, b, True, False, k)
+                elif flags & MOMENTUM:
+                    _rmsprop_chunk(p, g, v, a, b, False, True, k)
+                else:
+                    _rmsprop_chunk(p, g, v, a, b, False, False, k)
+
+    @njit(inline="always")
+    def _rmsprop_chunk(p, g, v, a, b, centered, momentum, k):
+        """RMSprop over one chunk; ``centered`` and ``momentum`` are literals at each call,
+        so each of the four loops compiles without branches."""
+        gm, sign, wd, l1, lr, b1, b2, omb2, eps = k
+        for i in range(p.size):
+            gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+            vi = v[i] * b2 + omb2 * gi * gi
+            v[i] = vi
+            if centered:
+                ai = a[i] + omb2 * (gi - a[i])
+                a[i] = ai
+                d = math.sqrt(vi - ai * ai) + eps
+            else:
+                d = math.sqrt(vi) + eps
+            if momentum:
+                bi = b[i] * b1 + gi / d
+                b[i] = bi
+                p[i] = p[i] - lr * bi
+            else:
+                p[i] = p[i] - lr * (gi / d)
 
     @njit(inline="always")
     def _gradient(p, g, gmul, sign, weight_decay, l1):
@@ -295,8 +312,8 @@ if has_numba():
         g = g * gmul * sign
         if weight_decay != 0:
             g = g + weight_decay * p
-        if l1 != 0:
-            g = g + l1 * np.sign(p)
+        if l1 != 0:  # l1 * sign(p), as selects (np.sign is a call that stops vectorizing)
+            g = g + (l1 if p > 0 else (-l1 if p < 0 else l1 - l1))
         return g
 
 
