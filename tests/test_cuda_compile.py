@@ -19,9 +19,10 @@ import pytest
 
 import gpunn.cuda
 import gpunn.ops  # noqa: F401  (importing the op modules declares their kernel families)
+import gpunn.optim.fused  # noqa: F401
 
 ARCHS = ("sm_80", "sm_90")
-REQUIRED_FAMILIES = ("activations", "softmax")
+REQUIRED_FAMILIES = ("activations", "optim", "softmax")
 NVRTC_SUCCESS = 0
 
 
