@@ -1,0 +1,1054 @@
+r"""Batch normalization, forward and backward, and batch normalization fused with ReLU.
+
+x is seen as (A, C, B), C-contiguous: channels on axis 1 (NCHW: A = N, B = H*W*...) or, with
+``channels_last=True``, on the last axis (NHWC: A = N*H*W*..., B = 1). Per channel c, over
+its n = A*B values (a (N, C) input is the B = 1 case of either layout):
+
+    training forward   mean_c = sum x / n,  var_c = sum (x - mean_c)^2 / n   (biased)
+                       invstd_c = 1 / sqrt(var_c + eps)
+                       y = (x - mean_c) * (w_c * invstd_c) + b_c
+                       running_mean <- (1 - f) running_mean + f mean_c
+                       running_var  <- (1 - f) running_var  + f var_c * n / (n - 1)  (unbiased)
+                       with f = momentum, or 1 / num_batches_tracked when momentum is None
+                       (cumulative average, as torch.nn.BatchNorm: the caller passes the number
+                       of batches seen, this one included)
+    eval forward       the same y with mean = running_mean, invstd = 1/sqrt(running_var + eps)
+    backward           xhat = (x - mean) * invstd,  g = dy  (BN+ReLU: g = dy where y > 0, else 0)
+                       dbias_c = sum g,  dweight_c = sum g * xhat
+                       training: dx = w invstd (g - dbias_c / n - xhat dweight_c / n)
+                       eval:     dx = w invstd g    (the statistics are constants)
+
+affine=False is weight = bias = None (w = 1, b = 0); track_running_stats=False is
+running_mean = running_var = None, which uses the batch statistics in eval mode too (as
+torch.nn.BatchNorm does). The forward returns (y, mean, invstd), torch's saved statistics,
+never a copy of x; in eval mode they are the running statistics the output used.
+
+The fused BN+ReLU computes y = max(z, 0) with z the batch-norm output (NaN stays NaN). Its
+backward RECOMPUTES z from x, mean, invstd, weight and bias (it needs x anyway) instead of
+reading a saved y: no extra array is stored or read. The mask is "z > 0" with z computed by the
+same arithmetic as the forward of the same backend, and on the GPU z rounded to the storage type
+first, so the mask is exactly torch's ``y > 0`` on the stored output (also for float16 values
+that round to 0).
+
+Statistics are accurate for data with a large mean (mean 1e4, spread 1 in float32): the values
+are never summed raw. Short blocks get a two-pass mean and centered sum of squares (the block
+is in cache or registers for its second pass), and blocks are combined with Chan's update of
+(count, mean, M2). Running sums are float64 on the CPU, float32 (float64 for float64 data) on
+the GPU. No float atomics anywhere: results are the same run to run. (y and dx use the saved
+mean, rounded to the compute dtype like torch's: with a mean of 1e4 in float32 that rounding,
+up to 5e-4, shows as an absolute error of up to 5e-4 * invstd * |w| in y, below the 1e-3
+spacing of the float32 inputs themselves there; mean, invstd and the running statistics stay
+at float32 accuracy.)
+
+Memory traffic (what the kernels move; bench/ counts the same): training forward reads x twice
+(statistics, then normalize) and writes y: 3 arrays. Eval forward reads x once and writes y: 2.
+Training backward reads dy and x twice (the two sums, then dx) and writes dx: 5 arrays; the
+single-pass minimum (dy, x, dx) would need the whole batch held on chip. Per-channel partials
+and coefficients are O(C * splits), negligible.
+
+Decomposition (CPU and GPU alike): the per-channel reduction is split into many pieces, each
+writing partial statistics, which a second, deterministic pass merges per channel; so a
+handful of channels still keeps every core busy, and 4096 channels do not overload anything.
+Two shapes of the reduction:
+  rows     B large (NCHW with a spatial extent): piece = (channel, slice of its A*B values),
+           walked along contiguous rows of B.
+  columns  B small (channels-last, (N, C), NCHW with tiny spatial): x as (A, K = C*B), piece =
+           (slice of the A rows, tile of columns), vectorized across columns; the merge folds
+           the B columns of a channel too.
+
+Dtypes: float32/float64 on the CPU backends, float16/bfloat16/float32/float64 on CUDA (float32
+statistics and math for the 16-bit types). weight, bias and the running statistics share one
+dtype: x's, or float32 when x is 16-bit (torch's mixed precision). mean and invstd are float32
+for 16-bit x, else x's dtype. dweight and dbias come back even when weight is None (they are the
+gradients of an implicit weight of ones and bias of zeros), in the dtype of weight (x's when
+weight is None).
+
+Errors are raised before anything is written (running statistics included): x with fewer than
+2 dimensions, per-channel arrays of the wrong shape or dtype, only one of running_mean and
+running_var, a non-contiguous or read-only running statistic, training with one value per
+channel (ValueError, as torch), momentum=None without num_batches_tracked. NaN in x makes its
+channel's statistics, running statistics and outputs NaN, as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from numbers import Real
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from .. import cuda
+from ..backend import array_module, dtype_name, resolve
+
+#: NCHW inputs whose spatial extent B is at least this use the rows reduction on the CPU.
+CPU_ROWS_MIN = 64
+#: ... and on the GPU.
+GPU_ROWS_MIN = 32
+#: CPU: values per two-pass block of a row (8 KB of float32: the second pass reads L1).
+BLOCK = 2048
+#: CPU columns reduction: columns per tile and rows per two-pass block.
+COL_TILE = 512
+ROW_BLOCK = 32
+
+# --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
+# Arrays are (A, C, B) views; per-channel arrays broadcast as [:, None]. Statistics in float64,
+# elementwise math in the compute dtype (float32 for 16-bit input), the same formulas as the
+# kernels: y = (x - mean) * (invstd * w) + b and dx = k1 * g + k2 * (x - mean) + k3.
+
+
+def _compute(xp, a):
+    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
+
+
+def _numpy_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps, relu):
+    xp = array_module(x3)
+    xc = _compute(xp, x3)
+    cd = xc.dtype
+    if use_batch:
+        n = x3.shape[0] * x3.shape[2]
+        mu = xc.mean(axis=(0, 2), dtype=xp.float64)
+        var = xp.square(xc - mu[:, None]).mean(axis=(0, 2))  # two passes: exact for a large mean
+        mean[...] = mu
+        invstd[...] = 1 / xp.sqrt(var + eps)
+        if update:
+            rm[...] = (1 - factor) * rm.astype(xp.float64) + factor * mu
+            rv[...] = (1 - factor) * rv.astype(xp.float64) + factor * var * (n / (n - 1))
+    else:
+        mean[...] = rm
+        invstd[...] = 1 / xp.sqrt(rv.astype(xp.float64) + eps)
+    scale = invstd.astype(cd) * (w.astype(cd) if w is not None else cd.type(1))
+    beta = b.astype(cd) if b is not None else xp.zeros(scale.shape, cd)
+    z = (xc - mean.astype(cd)[:, None]) * scale[:, None] + beta[:, None]
+    y3[...] = xp.where(z < 0, cd.type(0), z) if relu else z
+
+
+def _numpy_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
+    xp = array_module(x3)
+    xc, gc = _compute(xp, x3), _compute(xp, dy3)
+    cd = xc.dtype
+    n = x3.shape[0] * x3.shape[2]
+    m = mean.astype(cd)
+    scale = invstd.astype(cd) * (w.astype(cd) if w is not None else cd.type(1))
+    xmu = xc - m[:, None]
+    if relu:
+        beta = b.astype(cd) if b is not None else xp.zeros(scale.shape, cd)
+        z = xmu * scale[:, None] + beta[:, None]
+        gc = xp.where(z <= 0, cd.type(0), gc)
+    sum_g = gc.sum(axis=(0, 2), dtype=xp.float64)
+    sum_gx = (gc * xmu).sum(axis=(0, 2), dtype=xp.float64)
+    inv = invstd.astype(xp.float64)
+    db[...] = sum_g
+    dw[...] = sum_gx * inv
+    k1 = (w.astype(xp.float64) if w is not None else 1.0) * inv
+    if training:
+        k2 = -k1 * inv * inv * sum_gx / n
+        k3 = -k1 * sum_g / n
+        dx3[...] = (k1.astype(cd)[:, None] * gc + k2.astype(cd)[:, None] * xmu
+                    + k3.astype(cd)[:, None])
+    else:
+        dx3[...] = k1.astype(cd)[:, None] * gc
+
+
+# --- Numba CPU kernels ------------------------------------------------------------------------
+# Inner loops take 1-D slices as arguments of functions of their own, so LLVM vectorizes them
+# (softmax.py measured the same). Only the pure sums carry fastmath (reassoc): the ReLU mask and
+# every normalized value are computed without it, so the forward, the backward and the NumPy
+# reference round z alike and agree on its sign.
+
+
+@njit(inline="always", cache=True)
+def _merge(n, mu, m2, nb, mub, m2b):
+    """Chan's update: (n, mu, m2) of a set, combined with (nb, mub, m2b) of another."""
+    if nb == 0.0:
+        return n, mu, m2
+    if n == 0.0:
+        return nb, mub, m2b
+    t = n + nb
+    delta = mub - mu
+    wb = nb / t
+    return t, mu + delta * wb, m2 + m2b + delta * delta * n * wb
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True, error_model="numpy")
+def _block_moments(seg):
+    """(n, mean, M2) of a short block in float64, by two passes over it in its dtype: its
+    rounded mean m, then the sums of e = x - m and e^2, corrected by (sum e)^2 / n."""
+    s = type(seg[0])(0)
+    for i in range(seg.size):
+        s += seg[i]
+    m = s / type(s)(seg.size)
+    d = type(s)(0)
+    q = type(s)(0)
+    for i in range(seg.size):
+        e = seg[i] - m
+        d += e
+        q += e * e
+    nf = float(seg.size)
+    dd = float(d)
+    m2 = float(q) - dd * dd / nf
+    return nf, float(m) + dd / nf, m2 if m2 > 0.0 else m2 * 0.0  # keeps NaN, drops -0 rounding
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _stats_rows(x3, S, pn, pmu, pm2):
+    """Partial (n, mean, M2) of piece t = c*S + s: the s-th of S slices of channel c's A*B
+    values, in flat (a, b) order, walked row segment by row segment, BLOCK values at a time."""
+    A, C, B = x3.shape
+    L = A * B
+    for t in prange(C * S):
+        c = t // S
+        s = t - c * S
+        j = s * L // S
+        j1 = (s + 1) * L // S
+        n, mu, m2 = 0.0, 0.0, 0.0
+        while j < j1:
+            a = j // B
+            b0 = j - a * B
+            b1 = min(B, b0 + (j1 - j))
+            row = x3[a, c]
+            for k in range(b0, b1, BLOCK):
+                bn, bmu, bm2 = _block_moments(row[k:min(k + BLOCK, b1)])
+                n, mu, m2 = _merge(n, mu, m2, bn, bmu, bm2)
+            j += b1 - b0
+        pn[t] = n
+        pmu[t] = mu
+        pm2[t] = m2
+
+
+@njit(cache=True, error_model="numpy")
+def _add_row(acc, xr):
+    for i in range(acc.size):
+        acc[i] += xr[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _divide(acc, g):
+    for i in range(acc.size):
+        acc[i] /= g
+
+
+@njit(cache=True, error_model="numpy")
+def _add_centered(d, q, xr, m):
+    for i in range(d.size):
+        e = xr[i] - m[i]
+        d[i] += e
+        q[i] += e * e
+
+
+@njit(cache=True, error_model="numpy")
+def _merge_columns(n, mu, m2, g, bm, bd, bq):
+    """Chan's update of each column's float64 (mu, m2), over n rows so far, with a block of g
+    rows: its rounded means bm and centered sums bd, bq."""
+    wb = g / (n + g)
+    for i in range(mu.size):
+        dd = float(bd[i])
+        gm = float(bm[i]) + dd / g
+        gq = float(bq[i]) - dd * dd / g
+        delta = gm - mu[i]
+        mu[i] += delta * wb
+        m2[i] += gq + delta * delta * n * wb
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _stats_cols(x2, S, pn, pmu, pm2):
+    """Partial (n, mean, M2) of every column of x2 (A, K) over the s-th of S slices of its
+    rows: pn[s], pmu[s, k], pm2[s, k]. Pieces are (row slice, tile of COL_TILE columns); each
+    block of ROW_BLOCK rows gets two passes (the second from cache), vectorized across columns."""
+    A, K = x2.shape
+    T = (K + COL_TILE - 1) // COL_TILE
+    for t in prange(S * T):
+        s = t // T
+        k0 = (t - s * T) * COL_TILE
+        k1 = min(K, k0 + COL_TILE)
+        a0 = s * A // S
+        a1 = (s + 1) * A // S
+        mu = np.zeros(k1 - k0)
+        m2 = np.zeros(k1 - k0)
+        bm = np.empty(k1 - k0, x2.dtype)
+        bd = np.empty(k1 - k0, x2.dtype)
+        bq = np.empty(k1 - k0, x2.dtype)
+        n = 0.0
+        for ab in range(a0, a1, ROW_BLOCK):
+            ae = min(ab + ROW_BLOCK, a1)
+            bm[:] = 0
+            for a in range(ab, ae):
+                _add_row(bm, x2[a, k0:k1])
+            _divide(bm, type(bm[0])(ae - ab))
+            bd[:] = 0
+            bq[:] = 0
+            for a in range(ab, ae):
+                _add_centered(bd, bq, x2[a, k0:k1], bm)
+            _merge_columns(n, mu, m2, float(ae - ab), bm, bd, bq)
+            n += ae - ab
+        pn[s] = n
+        pmu[s, k0:k1] = mu
+        pm2[s, k0:k1] = m2
+
+
+@njit(cache=True, error_model="numpy")
+def _finalize_forward(pn, pmu, pm2, sn, sm, S, Bc, count, w, b, rm, rv, mean, invstd, scale,
+                      beta, use_batch, update, factor, eps):
+    """Per channel: merge its S*Bc partials (index c*s[0] + s*s[1] + j*s[2], sn for pn, sm for
+    pmu/pm2), or take the running statistics; write mean, invstd, the normalize coefficients
+    scale = invstd * w and beta = b, and update the running statistics. w, b, rm, rv may be
+    empty (absent)."""
+    for c in range(mean.size):
+        if use_batch:
+            n, mu, m2 = 0.0, 0.0, 0.0
+            for s in range(S):
+                for j in range(Bc):
+                    i = c * sm[0] + s * sm[1] + j * sm[2]
+                    n, mu, m2 = _merge(n, mu, m2, pn[c * sn[0] + s * sn[1] + j * sn[2]],
+                                       pmu[i], pm2[i])
+            istd = 1.0 / math.sqrt(m2 / count + eps)
+            if update:
+                rm[c] = (1.0 - factor) * rm[c] + factor * mu
+                rv[c] = (1.0 - factor) * rv[c] + factor * (m2 / (count - 1.0))
+        else:
+            mu = float(rm[c])
+            istd = 1.0 / math.sqrt(float(rv[c]) + eps)
+        mean[c] = mu
+        invstd[c] = istd
+        scale[c] = invstd[c] * w[c] if w.size > 0 else invstd[c]
+        beta[c] = b[c] if b.size > 0 else 0
+
+
+@njit(cache=True, error_model="numpy")
+def _seg_normalize(xs, ys, m, sc, be):
+    for i in range(xs.size):
+        ys[i] = (xs[i] - m) * sc + be
+
+
+@njit(cache=True, error_model="numpy")
+def _seg_normalize_relu(xs, ys, m, sc, be):
+    zero = type(m)(0)
+    for i in range(xs.size):
+        z = (xs[i] - m) * sc + be
+        ys[i] = zero if z < zero else z
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _normalize_rows(x3, mean, scale, beta, y3, relu, NB):
+    """y = (x - mean) * scale + beta (then ReLU) over rows of B, each row in NB pieces."""
+    A, C, B = x3.shape
+    for t in prange(A * C * NB):
+        r = t // NB
+        q = t - r * NB
+        a = r // C
+        c = r - a * C
+        b0 = q * B // NB
+        b1 = (q + 1) * B // NB
+        if relu:
+            _seg_normalize_relu(x3[a, c, b0:b1], y3[a, c, b0:b1], mean[c], scale[c], beta[c])
+        else:
+            _seg_normalize(x3[a, c, b0:b1], y3[a, c, b0:b1], mean[c], scale[c], beta[c])
+
+
+@njit(cache=True, error_model="numpy")
+def _row_normalize(xr, yr, mean, scale, beta):
+    for i in range(xr.size):
+        yr[i] = (xr[i] - mean[i]) * scale[i] + beta[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _row_normalize_relu(xr, yr, mean, scale, beta):
+    zero = type(mean[0])(0)
+    for i in range(xr.size):
+        z = (xr[i] - mean[i]) * scale[i] + beta[i]
+        yr[i] = zero if z < zero else z
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _normalize_cols(x2, mean, scale, beta, y2, relu):
+    """Channels last (B = 1): each row of C channels, vectorized across channels."""
+    for a in prange(x2.shape[0]):
+        if relu:
+            _row_normalize_relu(x2[a], y2[a], mean, scale, beta)
+        else:
+            _row_normalize(x2[a], y2[a], mean, scale, beta)
+
+
+@njit(cache=True, error_model="numpy")
+def _seg_mask(gs, xs, m, sc, be, out):
+    """out = g where z = (x - m) * sc + be > 0, else 0 (z as the forward computes it)."""
+    zero = type(m)(0)
+    for i in range(xs.size):
+        z = (xs[i] - m) * sc + be
+        out[i] = zero if z <= zero else gs[i]
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True, error_model="numpy")
+def _block_grad_sums(gs, xs, m):
+    """(sum g, sum g * (x - m)) of a short block, in its dtype."""
+    sa = type(m)(0)
+    sb = type(m)(0)
+    for i in range(xs.size):
+        sa += gs[i]
+        sb += gs[i] * (xs[i] - m)
+    return float(sa), float(sb)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb):
+    """Partial sums of g and g * (x - mean) of piece t = c*S + s (as _stats_rows)."""
+    A, C, B = x3.shape
+    L = A * B
+    for t in prange(C * S):
+        c = t // S
+        s = t - c * S
+        j = s * L // S
+        j1 = (s + 1) * L // S
+        m, sc, be = mean[c], scale[c], beta[c]
+        g = np.empty(BLOCK if relu else 0, x3.dtype)
+        sa, sb = 0.0, 0.0
+        while j < j1:
+            a = j // B
+            b0 = j - a * B
+            b1 = min(B, b0 + (j1 - j))
+            xr, gr = x3[a, c], dy3[a, c]
+            for k in range(b0, b1, BLOCK):
+                k1 = min(k + BLOCK, b1)
+                if relu:
+                    gk = g[:k1 - k]
+                    _seg_mask(gr[k:k1], xr[k:k1], m, sc, be, gk)
+                    ba, bb = _block_grad_sums(gk, xr[k:k1], m)
+                else:
+                    ba, bb = _block_grad_sums(gr[k:k1], xr[k:k1], m)
+                sa += ba
+                sb += bb
+            j += b1 - b0
+        pa[t] = sa
+        pb[t] = sb
+
+
+@njit(cache=True, error_model="numpy")
+def _add_grad(sa, sb, gr, xr, m, sc, be, relu):
+    zero = type(m[0])(0)
+    if relu:
+        for i in range(sa.size):
+            xm = xr[i] - m[i]
+            z = xm * sc[i] + be[i]
+            g = zero if z <= zero else gr[i]
+            sa[i] += g
+            sb[i] += g * xm
+    else:
+        for i in range(sa.size):
+            sa[i] += gr[i]
+            sb[i] += gr[i] * (xr[i] - m[i])
+
+
+@njit(cache=True, error_model="numpy")
+def _add_float64(acc, part):
+    for i in range(acc.size):
+        acc[i] += part[i]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
+    """Partial sums of g and g * (x - mean) of every column of (A, K) over the s-th of S row
+    slices (as _stats_cols); meank, scalek, betak are per column. Blocks of ROW_BLOCK rows are
+    summed in the dtype, the blocks in float64."""
+    A, K = x2.shape
+    T = (K + COL_TILE - 1) // COL_TILE
+    for t in prange(S * T):
+        s = t // T
+        k0 = (t - s * T) * COL_TILE
+        k1 = min(K, k0 + COL_TILE)
+        a0 = s * A // S
+        a1 = (s + 1) * A // S
+        ta = np.zeros(k1 - k0)
+        tb = np.zeros(k1 - k0)
+        ba = np.empty(k1 - k0, x2.dtype)
+        bb = np.empty(k1 - k0, x2.dtype)
+        m, sc, be = meank[k0:k1], scalek[k0:k1], betak[k0:k1]
+        for ab in range(a0, a1, ROW_BLOCK):
+            ba[:] = 0
+            bb[:] = 0
+            for a in range(ab, min(ab + ROW_BLOCK, a1)):
+                _add_grad(ba, bb, dy2[a, k0:k1], x2[a, k0:k1], m, sc, be, relu)
+            _add_float64(ta, ba)
+            _add_float64(tb, bb)
+        pa[s, k0:k1] = ta
+        pb[s, k0:k1] = tb
+
+
+@njit(cache=True, error_model="numpy")
+def _finalize_backward(pa, pb, sp, S, Bc, count, invstd, w, training, dw, db, k1, k2, k3):
+    """Per channel: the sums over its S*Bc partials (index c*sp[0] + s*sp[1] + j*sp[2]),
+    dbias, dweight and the dx coefficients dx = k1 g + k2 (x - mean) + k3."""
+    for c in range(invstd.size):
+        sa, sb = 0.0, 0.0
+        for s in range(S):
+            for j in range(Bc):
+                i = c * sp[0] + s * sp[1] + j * sp[2]
+                sa += pa[i]
+                sb += pb[i]
+        istd = float(invstd[c])
+        db[c] = sa
+        dw[c] = sb * istd
+        kk = (float(w[c]) if w.size > 0 else 1.0) * istd
+        k1[c] = kk
+        k2[c] = -kk * istd * istd * sb / count if training else 0.0
+        k3[c] = -kk * sa / count if training else 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def _seg_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
+    zero = type(m)(0)
+    if relu:
+        for i in range(xs.size):
+            xm = xs[i] - m
+            z = xm * sc + be
+            g = zero if z <= zero else gs[i]
+            dxs[i] = a1 * g + a2 * xm + a3
+    else:
+        for i in range(xs.size):
+            dxs[i] = a1 * gs[i] + a2 * (xs[i] - m) + a3
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3, NB):
+    A, C, B = x3.shape
+    for t in prange(A * C * NB):
+        r = t // NB
+        q = t - r * NB
+        a = r // C
+        c = r - a * C
+        b0 = q * B // NB
+        b1 = (q + 1) * B // NB
+        _seg_dx(dy3[a, c, b0:b1], x3[a, c, b0:b1], dx3[a, c, b0:b1], mean[c], scale[c], beta[c],
+                k1[c], k2[c], k3[c], relu)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_dx(gr, xr, dxr, m, sc, be, a1, a2, a3, relu):
+    zero = type(m[0])(0)
+    if relu:
+        for i in range(xr.size):
+            xm = xr[i] - m[i]
+            z = xm * sc[i] + be[i]
+            g = zero if z <= zero else gr[i]
+            dxr[i] = a1[i] * g + a2[i] * xm + a3[i]
+    else:
+        for i in range(xr.size):
+            dxr[i] = a1[i] * gr[i] + a2[i] * (xr[i] - m[i]) + a3[i]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _dx_cols(dy2, x2, mean, scale, beta, k1, k2, k3, relu, dx2):
+    for a in prange(x2.shape[0]):
+        _row_dx(dy2[a], x2[a], dx2[a], mean, scale, beta, k1, k2, k3, relu)
+
+
+def _cpu_pieces(n_outer: int, per_outer: int, min_piece: int, threads: int) -> int:
+    """Slices per channel (or per column tile) so that there are a few pieces per thread,
+    none smaller than min_piece values."""
+    wanted = -(-4 * threads // max(n_outer, 1))
+    return max(1, min(wanted, per_outer // min_piece))
+
+
+def _row_pieces(rows: int, B: int, threads: int) -> int:
+    """Pieces per row for the elementwise passes: 1 unless there are too few rows."""
+    if rows >= 4 * threads:
+        return 1
+    return max(1, min(-(-4 * threads // max(rows, 1)), B // 4096))
+
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+_NOSTRIDE = np.zeros(3, np.int64)
+
+
+def _cpu_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps, relu):
+    A, C, B = x3.shape
+    dt = x3.dtype
+    empty = _EMPTY[dt]
+    threads = get_num_threads()  # ~10 us: once per call
+    pn = pmu = pm2 = np.empty(0)
+    sn = sm = _NOSTRIDE
+    S = Bc = 0
+    if use_batch:
+        if B >= CPU_ROWS_MIN:
+            S = _cpu_pieces(C, A * B, 1 << 15, threads)
+            pn, pmu, pm2 = np.empty(C * S), np.empty(C * S), np.empty(C * S)
+            _stats_rows(x3, S, pn, pmu, pm2)
+            sn = sm = np.array([S, 1, 0], np.int64)
+            Bc = 1
+        else:
+            K = C * B
+            S = _cpu_pieces(-(-K // COL_TILE), A, ROW_BLOCK, threads)
+            pn, pmu, pm2 = np.empty(S), np.empty((S, K)), np.empty((S, K))
+            _stats_cols(x3.reshape(A, K), S, pn, pmu, pm2)
+            pmu, pm2 = pmu.reshape(-1), pm2.reshape(-1)
+            sn = np.array([0, 1, 0], np.int64)
+            sm = np.array([B, K, 1], np.int64)
+            Bc = B
+    scale, beta = np.empty(C, dt), np.empty(C, dt)
+    _finalize_forward(pn, pmu, pm2, sn, sm, S, Bc, float(A * B), _or(w, empty), _or(b, empty),
+                      _or(rm, empty), _or(rv, empty), mean, invstd, scale, beta, use_batch,
+                      update, float(factor), float(eps))
+    if x3.size == 0:
+        return
+    if B == 1:
+        _normalize_cols(x3.reshape(A, C), mean, scale, beta, y3.reshape(A, C), relu)
+    else:
+        _normalize_rows(x3, mean, scale, beta, y3, relu, _row_pieces(A * C, B, threads))
+
+
+def _cpu_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
+    A, C, B = x3.shape
+    dt = x3.dtype
+    threads = get_num_threads()
+    scale = invstd * w if w is not None else invstd.copy()
+    beta = b.copy() if b is not None else np.zeros(C, dt)
+    if B >= CPU_ROWS_MIN:
+        S = _cpu_pieces(C, A * B, 1 << 15, threads)
+        pa, pb = np.empty(C * S), np.empty(C * S)
+        _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb)
+        sp, Bc = np.array([S, 1, 0], np.int64), 1
+    else:
+        K = C * B
+        S = _cpu_pieces(-(-K // COL_TILE), A, ROW_BLOCK, threads)
+        pa, pb = np.empty((S, K)), np.empty((S, K))
+        per_col = (lambda v: v) if B == 1 else (lambda v: np.repeat(v, B))
+        _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), per_col(mean), per_col(scale),
+                   per_col(beta), relu, S, pa, pb)
+        pa, pb = pa.reshape(-1), pb.reshape(-1)
+        sp, Bc = np.array([B, K, 1], np.int64), B
+    k1, k2, k3 = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)
+    _finalize_backward(pa, pb, sp, S, Bc, float(A * B), invstd, _or(w, _EMPTY[dt]), training,
+                       dw, db, k1, k2, k3)
+    if x3.size == 0:
+        return
+    if B == 1:
+        _dx_cols(dy3.reshape(A, C), x3.reshape(A, C), mean, scale, beta, k1, k2, k3, relu,
+                 dx3.reshape(A, C))
+    else:
+        _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3,
+                 _row_pieces(A * C, B, threads))
+
+
+def _or(a, default):
+    return default if a is None else a
+
+
+# --- CUDA launcher: kernels/batchnorm.cu ------------------------------------------------------
+
+THREADS = 256  # every kernel's block size (BN_THREADS in the .cu)
+UNROLL = 4  # vectors a thread loads at once in the reductions (BN_UNROLL)
+#: Least values per channel slice of a GPU reduction block (fewer: more blocks than work).
+GPU_MIN_PIECE = 2048
+
+
+def _vec_width(dtype) -> int:
+    """Elements in 16 bytes (Vec<T>::N)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+#: Elements per 16-byte vector (Vec<T>::N), by dtype.
+VEC_N = {"float16": 8, "bfloat16": 8, "float32": 4, "float64": 2}
+KERNELS = cuda.Family("batchnorm", [
+    expr for dt, ctype in cuda.CTYPES.items() for expr in (
+        *(f"gpunn::bn_reduce_{shape}<{ctype}, {v}, {bwd}>"
+          for shape in ("rows", "cols") for v in (1, VEC_N[dt]) for bwd in ("false", "true")),
+        *(f"gpunn::bn_{kind}_{shape}<{ctype}, {v}>"
+          for kind in ("normalize", "dx") for shape in ("flat", "cols") for v in (1, VEC_N[dt])),
+        f"gpunn::bn_finalize_forward<{ctype}>",
+        f"gpunn::bn_finalize_backward<{ctype}>")])
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _aligned(*arrays) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _kernel(name: str, x, vec: bool):
+    """The compiled instantiation of ``name`` ({ctype}, {v} filled) for x's dtype."""
+    v = VEC_N[np.dtype(x.dtype).name] if vec else 1
+    return KERNELS.function(name.format(ctype=cuda.ctype(x.dtype), v=v))
+
+
+_NULL = np.uint64(0)
+
+
+def _ptr(a):
+    return _NULL if a is None else a
+
+
+def _cuda_reduce(kind_bwd: bool, x3, dy3, mean, invstd, w, b, params_f32, relu):
+    """Launch the partial-reduction kernel; returns (partials, part_stride, stride_c, stride_s,
+    S, Bc): partial f of item (c, s, j) is part[f * part_stride + c*stride_c + s*stride_s + j]."""
+    import cupy
+
+    A, C, B = x3.shape
+    cdt = cupy.float64 if x3.dtype == np.float64 else cupy.float32
+    nvals = 2 if kind_bwd else 3
+    bwd = "true" if kind_bwd else "false"
+    n_vec = _vec_width(x3.dtype)
+    ins = [a for a in (x3, dy3) if a is not None]
+    if B >= GPU_ROWS_MIN:
+        vec = B % n_vec == 0 and _aligned(*ins)
+        V = n_vec if vec else 1
+        kernel = _kernel(f"gpunn::bn_reduce_rows<{{ctype}}, {{v}}, {bwd}>", x3, vec)
+        capacity = cuda.grid_for(1 << 40, THREADS, kernel)
+        L = A * B
+        S = max(1, min(-(-capacity // C), -(-L // GPU_MIN_PIECE)))
+        s_a = min(S, A)
+        s_b = -(-S // s_a)
+        b_chunk = -(-(-(-B // s_b)) // V) * V  # ceil(B / s_b), rounded up to a multiple of V
+        s_b = -(-B // b_chunk)
+        S = s_a * s_b
+        tpr = min(THREADS, _pow2_at_least(-(-min(B, b_chunk) // V)))
+        part = cupy.empty(nvals * C * S, cdt)
+        kernel((C * S,), (THREADS,), (
+            x3, _ptr(dy3), _ptr(w), _ptr(b), _ptr(mean), _ptr(invstd), np.int32(params_f32),
+            np.int32(relu), part, np.int64(C * S), np.int64(A), np.int64(C), np.int64(B),
+            np.int32(s_a), np.int32(s_b), np.int64(b_chunk), np.int32(tpr)))
+        return part, C * S, S, 1, S, 1
+    K = C * B
+    vec = K % n_vec == 0 and _aligned(*ins)
+    V = n_vec if vec else 1
+    kernel = _kernel(f"gpunn::bn_reduce_cols<{{ctype}}, {{v}}, {bwd}>", x3, vec)
+    capacity = cuda.grid_for(1 << 40, THREADS, kernel)
+    tx = min(32, _pow2_at_least(-(-K // V)))
+    ty = THREADS // tx
+    tiles = -(-K // (tx * V))
+    S = max(1, min(-(-capacity // tiles), -(-A // (ty * UNROLL)), 65535))
+    part = cupy.empty(nvals * S * K, cdt)
+    kernel((tiles, S), (THREADS,), (
+        x3, _ptr(dy3), _ptr(w), _ptr(b), _ptr(mean), _ptr(invstd), np.int32(params_f32),
+        np.int32(relu), part, np.int64(S * K), np.int64(A), np.int64(K), np.int64(B),
+        np.int32(tx)))
+    return part, S * K, B, K, S, B
+
+
+def _cuda_elementwise(kind: str, arrays, coef, relu):
+    """normalize (x, y) or dx (dy, x, dx) over (A, C, B), coefficients per channel."""
+    A, C, B = arrays[0].shape
+    n_vec = _vec_width(arrays[0].dtype)
+    if B == 1:  # channels last: columns = channels, each thread keeps its channels
+        vec = C % n_vec == 0 and _aligned(*arrays)
+        V = n_vec if vec else 1
+        kernel = _kernel(f"gpunn::bn_{kind}_cols<{{ctype}}, {{v}}>", arrays[0], vec)
+        capacity = cuda.grid_for(1 << 40, THREADS, kernel)
+        tx = min(32, _pow2_at_least(-(-C // V)))
+        ty = THREADS // tx
+        tiles = -(-C // (tx * V))
+        gy = max(1, min(-(-A // (2 * ty)), -(-capacity // tiles), 65535))
+        kernel((tiles, gy), (THREADS,), (*arrays, coef, np.int64(A), np.int64(C), np.int32(tx),
+                                         np.int32(relu)))
+        return
+    vec = B % n_vec == 0 and _aligned(*arrays)
+    V = n_vec if vec else 1
+    kernel = _kernel(f"gpunn::bn_{kind}_flat<{{ctype}}, {{v}}>", arrays[0], vec)
+    nvec = A * C * B // V
+    grid = cuda.grid_for(-(-nvec // 2), THREADS, kernel)  # two vectors per thread per step
+    kernel((grid,), (THREADS,), (*arrays, coef, np.int64(nvec), np.int64(B // V), np.int64(C),
+                                 np.int32(relu)))
+
+
+def _warps_grid(C: int) -> int:
+    return -(-C * 32 // THREADS)
+
+
+def _cuda_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps, relu):
+    import cupy
+
+    A, C, B = x3.shape
+    params_f32 = _params_f32(x3, w, b, rm, rv)
+    if use_batch:
+        part, stride, sc, ss, S, Bc = _cuda_reduce(False, x3, None, None, None, None, None,
+                                                   params_f32, False)
+    else:
+        part, stride, sc, ss, S, Bc = None, 0, 0, 0, 0, 0
+    coef = cupy.empty(4 * C, mean.dtype)
+    finalize = _kernel("gpunn::bn_finalize_forward<{ctype}>", x3, False)
+    finalize((_warps_grid(C),), (THREADS,), (
+        _ptr(part), np.int64(stride), np.int64(sc), np.int64(ss), np.int32(S), np.int64(Bc),
+        np.int64(C), np.float64(A * B), np.int32(use_batch), mean, invstd, coef,
+        _ptr(rm if update or not use_batch else None), _ptr(rv if update or not use_batch else None),
+        np.int32(update), _ptr(w), _ptr(b), np.int32(params_f32), np.float64(factor),
+        np.float64(eps)))
+    if x3.size:
+        _cuda_elementwise("normalize", (x3, y3), coef, relu)
+
+
+def _cuda_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
+    import cupy
+
+    A, C, B = x3.shape
+    params_f32 = _params_f32(x3, w, b, dw)
+    part, stride, sc, ss, S, Bc = _cuda_reduce(True, x3, dy3, mean, invstd, w, b, params_f32,
+                                               relu)
+    coef = cupy.empty(8 * C, mean.dtype)
+    finalize = _kernel("gpunn::bn_finalize_backward<{ctype}>", x3, False)
+    finalize((_warps_grid(C),), (THREADS,), (
+        part, np.int64(stride), np.int64(sc), np.int64(ss), np.int32(S), np.int64(Bc),
+        np.int64(C), np.float64(A * B), np.int32(training), mean, invstd, _ptr(w), _ptr(b),
+        np.int32(params_f32), dw, db, coef))
+    if x3.size:
+        _cuda_elementwise("dx", (dy3, x3, dx3), coef, relu)
+
+
+def _params_f32(x, *params) -> int:
+    """1 when the per-channel arrays are float32 beside 16-bit x (their storage type)."""
+    if x.dtype.itemsize != 2:
+        return 0
+    return int(any(p is not None and p.dtype == np.float32 for p in params))
+
+
+IMPLS = {
+    "numpy": (_numpy_forward, _numpy_backward),
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+}
+
+# --- Argument checks and the call path --------------------------------------------------------
+
+
+def _layout(shape, channels_last: bool) -> tuple[int, int, int]:
+    """(A, C, B) of the C-contiguous view; one channel collapses to (1, 1, n): one long row."""
+    if channels_last:
+        A, C, B = math.prod(shape[:-1]), shape[-1], 1
+    else:
+        A, C, B = shape[0], shape[1], math.prod(shape[2:])
+    if C == 1:
+        A, B = 1, A * B
+    return A, C, B
+
+
+def _real(op, name, value):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _channels(op, x, channels_last):
+    if x.ndim < 2:
+        raise ValueError(f"{op}: x must have at least 2 dimensions ((N, C, ...) or, channels "
+                         f"last, (N, ..., C)), got shape {tuple(x.shape)}")
+    return int(x.shape[-1] if channels_last else x.shape[1])
+
+
+def _check_per_channel(op, arrays: dict, C: int):
+    for name, a in arrays.items():
+        if a is not None and tuple(a.shape) != (C,):
+            raise ValueError(f"{op}: {name} should contain {C} elements (one per channel, "
+                             f"shape ({C},)), got shape {tuple(a.shape)}")
+
+
+def _compute_dtype_name(x_dt: str) -> str:
+    return "float32" if x_dt in ("float16", "bfloat16") else x_dt
+
+
+def _check_param_dtypes(op, x_dt: str, params: dict) -> str:
+    """The params' common dtype: x's, or float32 beside 16-bit x."""
+    allowed = (x_dt, "float32") if x_dt in ("float16", "bfloat16") else (x_dt,)
+    given = {name: dtype_name(a) for name, a in params.items() if a is not None}
+    for name, dt in given.items():
+        if dt not in allowed:
+            raise TypeError(f"{op}: {name} has dtype {dt}, expected {' or '.join(allowed)} "
+                            f"(x is {x_dt})")
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{n} {d}" for n, d in given.items())
+        raise TypeError(f"{op}: weight, bias and the running statistics must share one dtype, "
+                        f"got {listed}")
+    return next(iter(given.values()), x_dt)
+
+
+def _check_writable(op, call, name, a):
+    if a is None:
+        return
+    if call.kind == "torch":
+        ok, why = a.is_contiguous(), "contiguous"
+    else:
+        ok, why = a.flags.c_contiguous, "contiguous"
+        if ok and call.kind == "numpy" and not a.flags.writeable:
+            ok, why = False, "writable"
+    if not ok:
+        raise ValueError(f"{op}: {name} is updated in place and must be {why}")
+
+
+def _alloc(call, n: int, dt: str, like=None):
+    """A new native 1-D array of n elements of dtype dt (from torch's allocator for torch
+    callers); ``like``: an array whose dtype object is dt (for bfloat16 on CuPy)."""
+    if call.kind == "torch":
+        import torch
+
+        return call.native(torch.empty(n, dtype=getattr(torch, dt), device=call.device), dt)
+    if like is not None and dtype_name(like) == dt:
+        return call.xp.empty(n, like.dtype)
+    return call.xp.empty(n, dt)
+
+
+def _factor(op, training, has_running, momentum, num_batches_tracked) -> float:
+    if momentum is not None:
+        momentum = _real(op, "momentum", momentum)
+    if not (training and has_running):
+        return 0.0
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative moving average) needs "
+                         "num_batches_tracked, the number of training batches seen including "
+                         "this one (torch.nn.BatchNorm's counter after its increment)")
+    try:
+        count = operator.index(num_batches_tracked)
+    except TypeError:
+        raise TypeError(f"{op}: num_batches_tracked must be an int, got "
+                        f"{num_batches_tracked!r}") from None
+    if count < 1:
+        raise ValueError(f"{op}: num_batches_tracked must be >= 1 (this batch included), "
+                         f"got {count}")
+    return 1.0 / count
+
+
+def _forward(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps,
+             channels_last, num_batches_tracked, out, backend):
+    call = resolve(op, backend, x=x, running_mean=running_mean, running_var=running_var,
+                   weight=weight, bias=bias, out=out)
+    C = _channels(op, x, channels_last)
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
+              "bias": bias}
+    _check_per_channel(op, params, C)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must either both be None or "
+                         "neither be None")
+    call.check_dtype(x, "x")
+    x_dt = dtype_name(x)
+    _check_param_dtypes(op, x_dt, params)
+    for name in ("running_mean", "running_var"):
+        _check_writable(op, call, name, params[name])
+    eps = _real(op, "eps", eps)
+    has_running = running_mean is not None
+    use_batch = bool(training) or not has_running
+    update = bool(training) and has_running
+    factor = _factor(op, bool(training), has_running, momentum, num_batches_tracked)
+    shape = tuple(x.shape)
+    A, _, B = _layout(shape, channels_last)
+    if use_batch and A * B == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{shape}")
+    with call.context():
+        xn = call.native(x, "x")
+        w, b = call.native(weight, "weight"), call.native(bias, "bias")
+        rm, rv = call.native(running_mean, "running_mean"), call.native(running_var, "running_var")
+        y = call.output(out, xn)
+        cdt = _compute_dtype_name(x_dt)
+        mean, invstd = _alloc(call, C, cdt), _alloc(call, C, cdt)
+        A, C3, B = _layout(shape, channels_last)
+        if use_batch and A * B == 0:  # an empty batch: no statistics, running ones untouched
+            mean[...] = np.nan
+            invstd[...] = np.nan
+        elif C3 > 0:
+            IMPLS[call.backend][0](xn.reshape(A, C3, B), w, b, rm, rv, mean, invstd,
+                                   y.reshape(A, C3, B), use_batch, update, factor, eps, relu)
+    return call.wrap(y, out), call.wrap(mean), call.wrap(invstd)
+
+
+def _backward(op, relu, dy, x, mean, invstd, weight, bias, training, channels_last, out,
+              backend):
+    call = resolve(op, backend, dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, bias=bias,
+                   out=out)
+    C = _channels(op, x, channels_last)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: dy has shape {tuple(dy.shape)}, expected {tuple(x.shape)} "
+                         "(the shape of x)")
+    call.check_dtype(x, "x")
+    x_dt = dtype_name(x)
+    if dtype_name(dy) != x_dt:
+        raise TypeError(f"{op}: dy has dtype {dtype_name(dy)}, expected {x_dt}")
+    _check_per_channel(op, {"mean": mean, "invstd": invstd, "weight": weight, "bias": bias}, C)
+    cdt = _compute_dtype_name(x_dt)
+    for name, a in (("mean", mean), ("invstd", invstd)):
+        if dtype_name(a) != cdt:
+            raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, expected {cdt} (the "
+                            "forward's saved statistics)")
+    p_dt = _check_param_dtypes(op, x_dt, {"weight": weight, "bias": bias})
+    shape = tuple(x.shape)
+    with call.context():
+        dyn, xn = call.native(dy, "dy"), call.native(x, "x")
+        mn, isn = call.native(mean, "mean"), call.native(invstd, "invstd")
+        w, b = call.native(weight, "weight"), call.native(bias, "bias")
+        dx = call.output(out, xn)
+        like = w if w is not None else xn
+        dw, db = _alloc(call, C, p_dt, like), _alloc(call, C, p_dt, like)
+        A, C3, B = _layout(shape, channels_last)
+        if xn.size == 0:
+            dw[...] = 0
+            db[...] = 0
+        else:
+            IMPLS[call.backend][1](dyn.reshape(A, C3, B), xn.reshape(A, C3, B), mn, isn, w, b,
+                                   dx.reshape(A, C3, B), dw, db, bool(training), relu)
+    return call.wrap(dx, out), call.wrap(dw), call.wrap(db)
+
+
+# --- Public API -------------------------------------------------------------------------------
+
+
+def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5, *, channels_last=False, num_batches_tracked=None,
+                       out=None, backend=None):
+    """Batch normalization; returns (y, mean, invstd), the statistics the backward needs.
+
+    Arguments as :func:`batch_norm`. In training (or without running statistics) mean and
+    invstd = 1/sqrt(biased var + eps) are the batch's (torch's saved statistics); in eval
+    they are running_mean and 1/sqrt(running_var + eps)."""
+    return _forward("batch_norm_forward", False, x, running_mean, running_var, weight, bias,
+                    training, momentum, eps, channels_last, num_batches_tracked, out, backend)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, channels_last=False, num_batches_tracked=None,
+               out=None, backend=None):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias per channel, as
+    ``torch.nn.functional.batch_norm``: channels on axis 1, or on the last axis with
+    ``channels_last=True``. training=True normalizes with the batch statistics and updates
+    running_mean / running_var in place (unbiased variance) with ``momentum``;
+    ``momentum=None`` is the cumulative average, which needs ``num_batches_tracked`` (the
+    batches seen, this one included). running_mean = running_var = None uses the batch
+    statistics in eval mode too (track_running_stats=False)."""
+    return batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum,
+                              eps, channels_last=channels_last,
+                              num_batches_tracked=num_batches_tracked, out=out,
+                              backend=backend)[0]
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, channels_last=False,
+                        out=None, backend=None):
+    """(dx, dweight, dbias) from dy, the forward's input x and its saved mean and invstd.
+
+    training=False is the backward of an eval-mode forward (the statistics are constants:
+    dx = dy * weight * invstd). dweight and dbias are returned also when weight is None."""
+    return _backward("batch_norm_backward", False, dy, x, mean, invstd, weight, None, training,
+                     channels_last, out, backend)
+
+
+def batch_norm_relu_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
+                            momentum=0.1, eps=1e-5, *, channels_last=False,
+                            num_batches_tracked=None, out=None, backend=None):
+    """relu(batch_norm(x, ...)) in one pass over x for the output; returns (y, mean, invstd)."""
+    return _forward("batch_norm_relu_forward", True, x, running_mean, running_var, weight, bias,
+                    training, momentum, eps, channels_last, num_batches_tracked, out, backend)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, *, channels_last=False, num_batches_tracked=None,
+                    out=None, backend=None):
+    """relu(batch_norm(x, ...)), fused; arguments as :func:`batch_norm`."""
+    return batch_norm_relu_forward(x, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, channels_last=channels_last,
+                                   num_batches_tracked=num_batches_tracked, out=out,
+                                   backend=backend)[0]
+
+
+def batch_norm_relu_backward(dy, x, mean, invstd, weight=None, bias=None, *, training=True,
+                             channels_last=False, out=None, backend=None):
+    """(dx, dweight, dbias) of relu(batch_norm(x)). The ReLU mask is recomputed from x, mean,
+    invstd, weight and bias (pass the same ones as the forward), not read from a saved y."""
+    return _backward("batch_norm_relu_backward", True, dy, x, mean, invstd, weight, bias,
+                     training, channels_last, out, backend)
