@@ -126,13 +126,13 @@ class FusedStep:
         """Update every parameter that has a gradient: one table and two launches per group.
         Returns the groups' skip flags (0-d arrays on the device, 1 where skipped)."""
         hypers = [self._hyper(group) for group in self.param_groups]  # all checked first
-        flags = []
+        ready = []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
+            if params:  # gradients of every group are checked before any group steps
                 table = self._table(index, group, h, params)
-                flags.append(table.bind_grads([p.grad for p in params])
-                             .run(h, grad_scale, found_inf))
+                ready.append((table.bind_grads([p.grad for p in params]), h))
+        flags = [table.run(h, grad_scale, found_inf) for table, h in ready]
         self.skip_flags = flags
         return flags
 
