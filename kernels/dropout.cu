@@ -105,7 +105,8 @@ __global__ void philox4x32_10_blocks(const unsigned* counter, const unsigned* ke
   const long long start = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   const long long stride = gridDim.x * static_cast<long long>(blockDim.x);
   for (long long j = start; j < n; j += stride) {
-    const Philox4 c = {{counter[4 * j], counter[4 * j + 1], counter[4 * j + 2], counter[4 * j + 3]}};
+    const unsigned* cj = counter + 4 * j;
+    const Philox4 c = {{cj[0], cj[1], cj[2], cj[3]}};
     const Philox4 u = philox4x32_10(c, key[2 * j], key[2 * j + 1]);
 #pragma unroll
     for (int w = 0; w < 4; ++w) out[4 * j + w] = u.v[w];

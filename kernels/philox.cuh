@@ -37,7 +37,8 @@ __device__ __forceinline__ Philox4 philox4x32_10(Philox4 c, unsigned k0, unsigne
 
 // Block `block` of the stream keyed by `seed`: four words for stream elements 4*block .. +3.
 __device__ __forceinline__ Philox4 philox_block(unsigned long long block, unsigned long long seed) {
-  const Philox4 counter = {{static_cast<unsigned>(block), static_cast<unsigned>(block >> 32), 0u, 0u}};
+  const Philox4 counter = {
+      {static_cast<unsigned>(block), static_cast<unsigned>(block >> 32), 0u, 0u}};
   return philox4x32_10(counter, static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
 }
 

@@ -507,8 +507,9 @@ def test_cuda_unaligned_views_and_in_place(dtype, start, rng):
     from test_activations import _device_array
 
     n = 4099
-    base = _device_array(cupy, rng.standard_normal(n + start), dtype)
-    base[5] = float("nan")
+    values = rng.standard_normal(n + start)
+    values[5] = np.nan
+    base = _device_array(cupy, values, dtype)
     x = base[start:]
     for offset in (0, start, 4 + start):
         y_ref, mask_ref = _host_reference(_cupy_to_f64(cupy, x), dtype, 0.5, 3, offset)
@@ -551,7 +552,8 @@ def test_cuda_mask_without_like_and_identity():
     x = cupy.asarray(np.array([np.nan, 1.0, -2.0], np.float32))
     out = cupy.zeros_like(x)
     dropout(x, 0.0, seed=1, out=out)
-    np.testing.assert_array_equal(cupy.asnumpy(out).view(np.uint32), cupy.asnumpy(x).view(np.uint32))
+    np.testing.assert_array_equal(cupy.asnumpy(out).view(np.uint32),
+                                  cupy.asnumpy(x).view(np.uint32))
 
 
 # --- The benchmark suite ----------------------------------------------------------------------
