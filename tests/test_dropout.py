@@ -304,6 +304,13 @@ def test_seed_none_draws_from_numpys_global_generator(rng):
     c = dropout(x, 0.5)
     assert not np.array_equal(a, b)
     np.testing.assert_array_equal(a, c)
+    # identity calls and failing calls draw nothing
+    np.random.seed(123)
+    dropout(x, 0.5, training=False)
+    dropout(x, 0.0, out=np.empty_like(x))
+    with pytest.raises(ValueError):
+        dropout(x, 0.5, out=np.empty(3, np.float32))
+    np.testing.assert_array_equal(dropout(x, 0.5), a)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

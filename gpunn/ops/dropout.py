@@ -39,7 +39,8 @@ Special cases
     PyTorch's input * 0).
     seed=None: a fresh seed is drawn from NumPy's global generator
     (``np.random.randint(0, 2**64, dtype=np.uint64)``), so ``np.random.seed(...)`` makes a
-    run reproducible. The drawn seed is not returned: to run the backward, pass a seed (or
+    run reproducible; only calls that draw a mask draw a seed (not the identity cases, not a
+    call that raises). The drawn seed is not returned: to run the backward, pass a seed (or
     ask for ``return_mask=True`` and multiply by the mask yourself).
 
 Where the mask lives
@@ -52,9 +53,11 @@ Where the mask lives
 Memory traffic: forward reads x and writes y, backward reads dy and writes dx: 2n elements
 each, nothing stored between them (PyTorch's CPU dropout also writes and reads a mask of n
 floats; its CUDA one n bytes). Generating the mask costs ten rounds of two 32 x 32 -> 64-bit
-products per four elements: hidden behind the memory on a GPU; on the CPU the kernel computes
-a chunk's blocks and applies them in one vectorized loop (AVX-512 vpmuludq), above the
-memory time of a plain copy.
+products per four elements: hidden behind the memory on a GPU. On the CPU it is about as
+much work as the memory traffic: the kernel generates and applies a chunk's blocks in one
+vectorized loop (vpmuludq on 64-bit lanes), and 16M float32 took 9.8 ms forward against
+6.5 ms for a copy-like kernel with the same access pattern and 327 ms for PyTorch's
+F.dropout (2-core Xeon, shared machine: rough figures).
 
 In place: ``out=x`` for the forward, ``out=dy`` for the backward.
 """
@@ -111,14 +114,18 @@ def _check_int(op: str, name: str, value, limit: int) -> int:
     return value
 
 
-def _check_stream(op: str, seed, offset, n: int, draw: bool = False) -> tuple[int, int]:
-    """(seed, offset) checked; seed None draws one when ``draw``."""
-    if seed is None and draw:
-        seed = int(np.random.randint(0, STREAM_END, dtype=np.uint64))
-    elif seed is None:
+def _fresh_seed() -> int:
+    """A seed from NumPy's global generator (``np.random.seed`` makes it reproducible)."""
+    return int(np.random.randint(0, STREAM_END, dtype=np.uint64))
+
+
+def _check_stream(op: str, seed, offset, n: int, allow_none: bool = False):
+    """(seed, offset) checked; seed None stays None where ``allow_none``."""
+    if seed is None and not allow_none:
         raise TypeError(f"{op}: seed must be the forward's seed (an integer in [0, 2^64)), "
                         "got None")
-    seed = _check_int(op, "seed", seed, STREAM_END)
+    if seed is not None:
+        seed = _check_int(op, "seed", seed, STREAM_END)
     offset = _check_int(op, "offset", offset, STREAM_END)
     if offset + n > STREAM_END:
         raise ValueError(f"{op}: offset + size must be at most 2^64 (the stream's end), "
@@ -433,7 +440,7 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
     call = resolve("dropout", backend, x=x, out=out)
     with call.context():
         xn = call.native(x, "x")
-        seed, offset = _check_stream("dropout", seed, offset, xn.size, draw=True)
+        seed, offset = _check_stream("dropout", seed, offset, xn.size, allow_none=True)
         identity = not training or p == 0.0
         if identity and out is None:
             return (x, _filled_mask(call, xn.shape, True)) if return_mask else x
@@ -442,6 +449,8 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
             yn[...] = xn  # a bit copy (NaN payloads too); a no-op copy when out is x
             result = call.wrap(yn, out)
             return (result, _filled_mask(call, xn.shape, True)) if return_mask else result
+        if seed is None:  # drawn only now: identity calls and failed calls leave NumPy's state
+            seed = _fresh_seed()
         mask_native, mask = _new_mask(call, xn.shape) if return_mask else (None, None)
         IMPLS[call.backend][0](xn, yn, mask_native, p, seed, offset)
     result = call.wrap(yn, out)
