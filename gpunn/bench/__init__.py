@@ -9,5 +9,6 @@ the table and writes the JSON results (see :mod:`gpunn.bench.harness`).
 #: Suite name -> module (imported when the command line is built or the suite is run).
 SUITES = {
     "activations": "gpunn.bench.activations",
+    "dropout": "gpunn.bench.dropout",
     "optim": "gpunn.bench.optim",
 }

@@ -7,9 +7,11 @@ in place) and ``backend=`` ("numpy" | "cpu" | "cuda"; see :mod:`gpunn.backend`).
 from .activations import (elu, elu_backward, gelu, gelu_backward, leaky_relu,
                           leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward,
                           silu, silu_backward, tanh, tanh_backward)
+from .dropout import dropout, dropout_backward, dropout_mask
 from .softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 __all__ = [
+    "dropout", "dropout_backward", "dropout_mask",
     "elu", "elu_backward", "gelu", "gelu_backward", "leaky_relu", "leaky_relu_backward",
     "log_softmax", "log_softmax_backward", "relu", "relu_backward", "sigmoid",
     "sigmoid_backward", "silu", "silu_backward", "softmax", "softmax_backward", "tanh",
