@@ -59,7 +59,7 @@ label_stats(const L* labels, long long rows, long long n, long long ignore,
        r += gridDim.x * static_cast<long long>(blockDim.x)) {
     const int kind = label_kind(static_cast<long long>(labels[r]), ignore, n);
     count += kind != 0;
-    if (kind == 2 && worst == 0) worst = static_cast<unsigned long long>(rows - r);  // first: largest
+    if (kind == 2 && worst == 0) worst = static_cast<unsigned long long>(rows - r);  // first bad
   }
   count = block_sum(count);
   if (worst != 0) atomicMax(stats + 1, worst);
@@ -260,7 +260,7 @@ ce_backward_rows(const T* x, const L* labels, long long rows, int n, long long i
     }
     const C w = row_weight(dloss, dloss_stride, dloss_value, count, r);
     const C b = w * eps / static_cast<C>(n), wy = w * (C(1) - eps);
-    const int ky = static_cast<int>(y) - t;  // element k * B of this thread is the label if k * B == ky
+    const int ky = static_cast<int>(y) - t;  // the label is this thread's element k * B == ky
     const T* xt = x + base + t;
     T* dxt = dx + base + t;
 
