@@ -16,6 +16,9 @@
 // NLL:  loss = -v_y;  dx_j = -w * [j == y]  (dx is zeroed by a memset first; one store per row).
 // MSE:  loss = (x - t)^2;  dx = 2 * w * (x - t)  (w: upstream gradient, divided by numel for mean).
 //
+// Labels are a template parameter L; gpunn instantiates int64 (long long) only and widens int32
+// labels on the host side of the launch.
+//
 // Launch shapes: the cross-entropy row kernels are softmax.cu's (one block per row, grid-stride
 // over rows; *_rows hold up to blockDim.x * ITEMS elements per row in registers, *_long any n).
 // Reductions over rows or elements are deterministic and independent of the grid: fixed chunks

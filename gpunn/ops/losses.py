@@ -363,7 +363,7 @@ def _cpu_mse_backward_none(g, x, t, norm, dx):
 
 # --- CUDA launchers: kernels/losses.cu --------------------------------------------------------
 
-LABEL_CTYPES = {"int32": "int", "int64": "long long"}
+LABEL_CTYPES = {"int64": "long long"}  # int32 labels are widened first: half the NVRTC time
 REDUCE_BLOCK = 256
 FINISH_BLOCK = 1024
 ROW_CHUNK = 4096  # row losses per partial sum
@@ -594,12 +594,6 @@ def _raise_bad_label(op, row, value, n_classes, ignore):
                      f"not ignore_index ({ignore})")
 
 
-def _int64(labels):
-    """The CPU kernels take int64 labels (a copy of N int32s costs less than compiling every
-    kernel twice)."""
-    return labels.astype(np.int64, copy=False)
-
-
 def _native_labels(call, labels):
     """labels as a C-contiguous NumPy/CuPy int32 or int64 array."""
     name = dtype_name(labels)
@@ -624,9 +618,13 @@ def _new(call, shape, dtype):
 
 
 def _rows_inputs(op, call, x, labels, x_name):
-    """(x as (N, C), labels as (N,), shape of a "none" loss) after the shape checks."""
+    """(x as (N, C), labels as (N,), shape of a "none" loss) after the shape checks. The
+    kernels take int64 labels: int32 ones are widened (a copy of N labels costs less than
+    compiling every kernel twice)."""
     xn = call.native(x, x_name)
     ln = _native_labels(call, labels)
+    if call.backend != "numpy":
+        ln = ln.astype(call.xp.int64, copy=False)
     if xn.ndim == 2:
         if ln.shape != (xn.shape[0],):
             raise ValueError(f"{op}: labels has shape {ln.shape}, expected ({xn.shape[0]},) "
@@ -645,7 +643,7 @@ def _label_stats(call, labels, n_classes, ignore, check):
     if call.backend == "numpy":
         count, first = _ref_label_stats(labels, n_classes, ignore)
     else:
-        count, first = _cpu_label_stats(_int64(labels), n_classes, ignore)
+        count, first = _cpu_label_stats(labels, n_classes, ignore)
         first = -1 if first == labels.size else first
     if check and first >= 0:
         _raise_bad_label(call.op, first, int(labels[first]), n_classes, ignore)
@@ -729,7 +727,7 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
                     _finish_host(call, losses.sum(dtype=call.xp.float64), count, reduction, out)
             else:
                 losses = np.empty(rows)  # float64 (one specialization for every output dtype)
-                _cpu_ce_forward(x, _int64(y), np.int64(ignore), eps, losses,
+                _cpu_ce_forward(x, y, np.int64(ignore), eps, losses,
                                 lse if want_lse else np.empty(0), want_lse)
                 if reduction == "none":
                     out.reshape(-1)[...] = losses
@@ -797,7 +795,7 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
                 dx2[...] = _ref_ce_backward(x, y, eps, ignore, w, saved)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_ce_backward(x, _int64(y), np.int64(ignore), eps, w * scale, stride,
+                _cpu_ce_backward(x, y, np.int64(ignore), eps, w * scale, stride,
                                  saved if saved is not None else np.empty(0), saved is not None,
                                  dx2)
     return call.wrap(dx, out)
@@ -825,7 +823,7 @@ def nll_loss(log_probs, labels, reduction="mean", ignore_index=-100, backend=Non
                 losses = _ref_nll_forward(v, y, ignore)
             else:
                 losses = np.empty(rows)
-                _cpu_nll_forward(v, _int64(y), np.int64(ignore), losses)
+                _cpu_nll_forward(v, y, np.int64(ignore), losses)
             if reduction == "none":
                 out.reshape(-1)[...] = losses
             else:
@@ -858,7 +856,7 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
                 _ref_nll_backward(y, ignore, w, dx2)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_nll_backward(_int64(y), np.int64(ignore), w * scale, stride, dx2)
+                _cpu_nll_backward(y, np.int64(ignore), w * scale, stride, dx2)
     return call.wrap(dx, out)
 
 
