@@ -46,6 +46,13 @@ Memory traffic (the fewest bytes, s = bytes per element, l per label):
 CPU: each row is read in one pass for the max and one for the exp-sum (from cache). The
 backward without lse writes e^{x - m} into dx and scales it in place. GPU: one block per row
 (softmax.cu's launch shapes), rows up to 32768 held in registers: x read once.
+
+Rough CPU figures (float32, this shared 2-core Xeon, noisy; gpunn bench losses): (4096, 1000)
+cross-entropy forward 2.7 ms vs torch 4.3 ms, backward 2.6 ms (2.5 with lse) vs 4.3 ms for
+torch's nll_loss_backward + _log_softmax_backward_data; on one thread each, 4.6 vs 6.9 ms and
+4.9 (4.6) vs 7.7 ms. With label smoothing 0.1: 1.3x (forward) and 2.3x (backward) torch's.
+MSE over 16M: forward 3.9x torch's (which materializes (x - t)^2), backward at the memory
+limit, as torch's.
 """
 
 from __future__ import annotations
@@ -651,8 +658,8 @@ def _label_stats(call, labels, n_classes, ignore, check):
 
 
 def _host_dloss(call, dloss, shape, like, name="dloss"):
-    """dloss as a float64 NumPy array (scalar: shape (1,)) for the host backends, or a float;
-    for CUDA a float or a native array of like's dtype."""
+    """dloss as a float (a Python or NumPy number), or as a native array after checking its
+    shape (``shape``) and dtype (``like``'s, as torch's autograd passes it)."""
     if isinstance(dloss, numbers.Real) and not isinstance(dloss, bool):
         return float(dloss)
     d = call.native(dloss, name)
