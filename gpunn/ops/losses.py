@@ -314,11 +314,15 @@ def _cpu_nll_backward(labels, ignore, w, w_stride, dx):
     for r in prange(rows):
         y = labels[r]
         dxr = dx[r]
-        bad = y != ignore and (y < 0 or y >= n)
-        for j in range(n):
-            dxr[j] = np.nan if bad else 0
-        if y != ignore and not bad:
+        for j in range(n):  # a plain fill (a select in this loop halved its speed)
+            dxr[j] = 0
+        if y == ignore:
+            continue
+        if 0 <= y < n:
             dxr[y] = -w[r * w_stride]
+        else:
+            for j in range(n):
+                dxr[j] = np.nan
 
 
 MSE_CHUNK = 1 << 16  # elements per partial sum (fixed: the result does not depend on threads)
