@@ -10,5 +10,6 @@ the table and writes the JSON results (see :mod:`gpunn.bench.harness`).
 SUITES = {
     "activations": "gpunn.bench.activations",
     "dropout": "gpunn.bench.dropout",
+    "losses": "gpunn.bench.losses",
     "optim": "gpunn.bench.optim",
 }

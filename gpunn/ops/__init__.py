@@ -8,9 +8,13 @@ from .activations import (elu, elu_backward, gelu, gelu_backward, leaky_relu,
                           leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward,
                           silu, silu_backward, tanh, tanh_backward)
 from .dropout import dropout, dropout_backward, dropout_mask
+from .losses import (cross_entropy, cross_entropy_backward, cross_entropy_forward, mse_loss,
+                     mse_loss_backward, nll_loss, nll_loss_backward)
 from .softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 __all__ = [
+    "cross_entropy", "cross_entropy_backward", "cross_entropy_forward", "mse_loss",
+    "mse_loss_backward", "nll_loss", "nll_loss_backward",
     "dropout", "dropout_backward", "dropout_mask",
     "elu", "elu_backward", "gelu", "gelu_backward", "leaky_relu", "leaky_relu_backward",
     "log_softmax", "log_softmax_backward", "relu", "relu_backward", "sigmoid",
