@@ -5,14 +5,15 @@
 #   bench/gpu_check.sh [OUTDIR]        OUTDIR defaults to $OUT, else ./gpu-check-<UTC stamp>
 #
 # Steps, each under its own `timeout` so that one hang cannot eat the budget (the limits add
-# up to under 8 minutes; an H100 normally needs far less):
+# up to under 9.5 minutes; an H100 normally needs far less):
 #   1. nvidia-smi
 #   2. versions of python, numpy, numba, cupy, torch, ml_dtypes and the device CuPy sees
 #   3. python3 -m pytest -m gpu -q tests            (JUnit XML: OUTDIR/gpu-tests.xml)
-#   4. gpunn bench activations --device cuda        (JSON: OUTDIR/activations-cuda-*.json)
+#   4. gpunn bench SUITE --device cuda for each suite in BENCH_SUITES
+#      (JSON: OUTDIR/SUITE-cuda-*.json)
 # Everything printed also goes to OUTDIR/gpu_check.log. The exit status is that of the first
-# failing step (0 when all passed). The benchmark stops starting new cases after
-# BENCH_BUDGET seconds (default 190) and, if interrupted, still writes what it measured.
+# failing step (0 when all passed). BENCH_SUITES lists suite:seconds pairs; each suite stops
+# starting new cases after its seconds and, if interrupted, still writes what it measured.
 # Commit the JSON under bench/results/.
 
 set -u -o pipefail
@@ -25,7 +26,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG=$OUTDIR/gpu_check.log
 PY=${PYTHON:-python3}
-BENCH_BUDGET=${BENCH_BUDGET:-190}
+BENCH_SUITES=${BENCH_SUITES:-"optim:50 activations:40 batchnorm:40 losses:40 dropout:25"}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : >"$LOG"
 
@@ -71,10 +72,13 @@ try:
 except Exception as e:
     print("torch cuda: FAILED", type(e).__name__, e)
 EOF
-step gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
+step gpu-tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
     --junitxml="$OUTDIR/gpu-tests.xml"
-step gpu-bench 250 "$PY" -m gpunn.cli bench activations --device cuda --out "$OUTDIR" \
-    --time-budget "$BENCH_BUDGET"
+for entry in $BENCH_SUITES; do
+    suite=${entry%%:*} budget=${entry##*:}
+    step "gpu-bench-$suite" $((budget + 30)) "$PY" -m gpunn.cli bench "$suite" --device cuda \
+        --out "$OUTDIR" --time-budget "$budget"
+done
 
 echo "=== gpu_check: exit $status; files in $OUTDIR:" | tee -a "$LOG"
 ls -l "$OUTDIR" | tee -a "$LOG"
