@@ -217,10 +217,21 @@ def _stats_rows(x3, S, pn, pmu, pm2):
         pm2[t] = m2
 
 
+# The columns kernels hand their helpers a 1-D slice from a block's first value to its last
+# (rows of K, of which a tile uses w); the helpers take each row as a slice of its own:
+# measured 3.6x faster than indexing xs[r*K + i] (which LLVM did not vectorize) and 1.6x
+# faster than a call per row for C = 64 channels last.
+
+
 @njit(cache=True, error_model="numpy")
-def _add_row(acc, xr):
-    for i in range(acc.size):
-        acc[i] += xr[i]
+def _cols_add(acc, xs, K):
+    """acc[i] += xs[r*K + i] over the rows r of the block xs (xs ends at the last row's
+    acc.size-th value)."""
+    w = acc.size
+    for r in range((xs.size - w) // K + 1):
+        row = xs[r * K:r * K + w]
+        for i in range(w):
+            acc[i] += row[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -230,11 +241,15 @@ def _divide(acc, g):
 
 
 @njit(cache=True, error_model="numpy")
-def _add_centered(d, q, xr, m):
-    for i in range(d.size):
-        e = xr[i] - m[i]
-        d[i] += e
-        q[i] += e * e
+def _cols_centered(d, q, xs, m, K):
+    """d[i] += e, q[i] += e^2 with e = xs[r*K + i] - m[i], over the rows r of the block."""
+    w = d.size
+    for r in range((xs.size - w) // K + 1):
+        row = xs[r * K:r * K + w]
+        for i in range(w):
+            e = row[i] - m[i]
+            d[i] += e
+            q[i] += e * e
 
 
 @njit(cache=True, error_model="numpy")
@@ -257,6 +272,7 @@ def _stats_cols(x2, S, pn, pmu, pm2):
     rows: pn[s], pmu[s, k], pm2[s, k]. Pieces are (row slice, tile of COL_TILE columns); each
     block of ROW_BLOCK rows gets two passes (the second from cache), vectorized across columns."""
     A, K = x2.shape
+    xf = x2.reshape(-1)
     T = (K + COL_TILE - 1) // COL_TILE
     for t in prange(S * T):
         s = t // T
@@ -272,14 +288,13 @@ def _stats_cols(x2, S, pn, pmu, pm2):
         n = 0.0
         for ab in range(a0, a1, ROW_BLOCK):
             ae = min(ab + ROW_BLOCK, a1)
+            block = xf[ab * K + k0:(ae - 1) * K + k1]
             bm[:] = 0
-            for a in range(ab, ae):
-                _add_row(bm, x2[a, k0:k1])
+            _cols_add(bm, block, K)
             _divide(bm, type(bm[0])(ae - ab))
             bd[:] = 0
             bq[:] = 0
-            for a in range(ab, ae):
-                _add_centered(bd, bq, x2[a, k0:k1], bm)
+            _cols_centered(bd, bq, block, bm, K)
             _merge_columns(n, mu, m2, float(ae - ab), bm, bd, bq)
             n += ae - ab
         pn[s] = n
@@ -347,27 +362,32 @@ def _normalize_rows(x3, mean, scale, beta, y3, relu, NB):
 
 
 @njit(cache=True, error_model="numpy")
-def _row_normalize(xr, yr, mean, scale, beta):
-    for i in range(xr.size):
-        yr[i] = (xr[i] - mean[i]) * scale[i] + beta[i]
-
-
-@njit(cache=True, error_model="numpy")
-def _row_normalize_relu(xr, yr, mean, scale, beta):
+def _block_normalize(xs, ys, mean, scale, beta, relu):
+    """Whole rows of C = mean.size channels: ys = (xs - mean) * scale + beta (then ReLU)."""
+    C = mean.size
     zero = type(mean[0])(0)
-    for i in range(xr.size):
-        z = (xr[i] - mean[i]) * scale[i] + beta[i]
-        yr[i] = zero if z < zero else z
+    if relu:
+        for r in range(xs.size // C):
+            o = r * C
+            for i in range(C):
+                z = (xs[o + i] - mean[i]) * scale[i] + beta[i]
+                ys[o + i] = zero if z < zero else z
+    else:
+        for r in range(xs.size // C):
+            o = r * C
+            for i in range(C):
+                ys[o + i] = (xs[o + i] - mean[i]) * scale[i] + beta[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _normalize_cols(x2, mean, scale, beta, y2, relu):
-    """Channels last (B = 1): each row of C channels, vectorized across channels."""
-    for a in prange(x2.shape[0]):
-        if relu:
-            _row_normalize_relu(x2[a], y2[a], mean, scale, beta)
-        else:
-            _row_normalize(x2[a], y2[a], mean, scale, beta)
+def _normalize_cols(x2, mean, scale, beta, y2, relu, NR):
+    """Channels last (B = 1): blocks of NR rows of C channels, vectorized across channels."""
+    A, C = x2.shape
+    xf, yf = x2.reshape(-1), y2.reshape(-1)
+    for t in prange((A + NR - 1) // NR):
+        lo = t * NR * C
+        hi = min(A, (t + 1) * NR) * C
+        _block_normalize(xf[lo:hi], yf[lo:hi], mean, scale, beta, relu)
 
 
 @njit(cache=True, error_model="numpy")
@@ -424,19 +444,26 @@ def _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb):
 
 
 @njit(cache=True, error_model="numpy")
-def _add_grad(sa, sb, gr, xr, m, sc, be, relu):
+def _cols_grad(sa, sb, gs, xs, m, sc, be, K, relu):
+    """sa[i] += g, sb[i] += g * (x - m[i]) over the rows of the block (as _cols_add); g = dy,
+    or 0 where the recomputed z <= 0 (BN + ReLU)."""
+    w = sa.size
     zero = type(m[0])(0)
     if relu:
-        for i in range(sa.size):
-            xm = xr[i] - m[i]
-            z = xm * sc[i] + be[i]
-            g = zero if z <= zero else gr[i]
-            sa[i] += g
-            sb[i] += g * xm
+        for r in range((xs.size - w) // K + 1):
+            xr, gr = xs[r * K:r * K + w], gs[r * K:r * K + w]
+            for i in range(w):
+                xm = xr[i] - m[i]
+                z = xm * sc[i] + be[i]
+                g = zero if z <= zero else gr[i]
+                sa[i] += g
+                sb[i] += g * xm
     else:
-        for i in range(sa.size):
-            sa[i] += gr[i]
-            sb[i] += gr[i] * (xr[i] - m[i])
+        for r in range((xs.size - w) // K + 1):
+            xr, gr = xs[r * K:r * K + w], gs[r * K:r * K + w]
+            for i in range(w):
+                sa[i] += gr[i]
+                sb[i] += gr[i] * (xr[i] - m[i])
 
 
 @njit(cache=True, error_model="numpy")
@@ -451,6 +478,7 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
     slices (as _stats_cols); meank, scalek, betak are per column. Blocks of ROW_BLOCK rows are
     summed in the dtype, the blocks in float64."""
     A, K = x2.shape
+    xf, gf = x2.reshape(-1), dy2.reshape(-1)
     T = (K + COL_TILE - 1) // COL_TILE
     for t in prange(S * T):
         s = t // T
@@ -464,10 +492,11 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
         bb = np.empty(k1 - k0, x2.dtype)
         m, sc, be = meank[k0:k1], scalek[k0:k1], betak[k0:k1]
         for ab in range(a0, a1, ROW_BLOCK):
+            lo = ab * K + k0
+            hi = (min(ab + ROW_BLOCK, a1) - 1) * K + k1
             ba[:] = 0
             bb[:] = 0
-            for a in range(ab, min(ab + ROW_BLOCK, a1)):
-                _add_grad(ba, bb, dy2[a, k0:k1], x2[a, k0:k1], m, sc, be, relu)
+            _cols_grad(ba, bb, gf[lo:hi], xf[lo:hi], m, sc, be, K, relu)
             _add_float64(ta, ba)
             _add_float64(tb, bb)
         pa[s, k0:k1] = ta
@@ -523,23 +552,33 @@ def _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3, NB):
 
 
 @njit(cache=True, error_model="numpy")
-def _row_dx(gr, xr, dxr, m, sc, be, a1, a2, a3, relu):
+def _block_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
+    """Whole rows of C = m.size channels: dx = a1 g + a2 (x - m) + a3."""
+    C = m.size
     zero = type(m[0])(0)
     if relu:
-        for i in range(xr.size):
-            xm = xr[i] - m[i]
-            z = xm * sc[i] + be[i]
-            g = zero if z <= zero else gr[i]
-            dxr[i] = a1[i] * g + a2[i] * xm + a3[i]
+        for r in range(xs.size // C):
+            o = r * C
+            for i in range(C):
+                xm = xs[o + i] - m[i]
+                z = xm * sc[i] + be[i]
+                g = zero if z <= zero else gs[o + i]
+                dxs[o + i] = a1[i] * g + a2[i] * xm + a3[i]
     else:
-        for i in range(xr.size):
-            dxr[i] = a1[i] * gr[i] + a2[i] * (xr[i] - m[i]) + a3[i]
+        for r in range(xs.size // C):
+            o = r * C
+            for i in range(C):
+                dxs[o + i] = a1[i] * gs[o + i] + a2[i] * (xs[o + i] - m[i]) + a3[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _dx_cols(dy2, x2, mean, scale, beta, k1, k2, k3, relu, dx2):
-    for a in prange(x2.shape[0]):
-        _row_dx(dy2[a], x2[a], dx2[a], mean, scale, beta, k1, k2, k3, relu)
+def _dx_cols(dy2, x2, mean, scale, beta, k1, k2, k3, relu, dx2, NR):
+    A, C = x2.shape
+    gf, xf, df = dy2.reshape(-1), x2.reshape(-1), dx2.reshape(-1)
+    for t in prange((A + NR - 1) // NR):
+        lo = t * NR * C
+        hi = min(A, (t + 1) * NR) * C
+        _block_dx(gf[lo:hi], xf[lo:hi], df[lo:hi], mean, scale, beta, k1, k2, k3, relu)
 
 
 def _cpu_pieces(n_outer: int, per_outer: int, min_piece: int, threads: int) -> int:
@@ -554,6 +593,11 @@ def _row_pieces(rows: int, B: int, threads: int) -> int:
     if rows >= 4 * threads:
         return 1
     return max(1, min(-(-4 * threads // max(rows, 1)), B // 4096))
+
+
+def _block_rows(C: int) -> int:
+    """Rows per block of the channels-last elementwise passes: about 16K values."""
+    return max(1, (1 << 14) // max(C, 1))
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
@@ -591,7 +635,8 @@ def _cpu_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, 
     if x3.size == 0:
         return
     if B == 1:
-        _normalize_cols(x3.reshape(A, C), mean, scale, beta, y3.reshape(A, C), relu)
+        _normalize_cols(x3.reshape(A, C), mean, scale, beta, y3.reshape(A, C), relu,
+                        _block_rows(C))
     else:
         _normalize_rows(x3, mean, scale, beta, y3, relu, _row_pieces(A * C, B, threads))
 
@@ -623,7 +668,7 @@ def _cpu_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
         return
     if B == 1:
         _dx_cols(dy3.reshape(A, C), x3.reshape(A, C), mean, scale, beta, k1, k2, k3, relu,
-                 dx3.reshape(A, C))
+                 dx3.reshape(A, C), _block_rows(C))
     else:
         _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3,
                  _row_pieces(A * C, B, threads))
