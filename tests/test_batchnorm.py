@@ -507,7 +507,145 @@ def test_torch_raises_where_we_raise():
                       np.ones(3, np.float32), training=True)
 
 
-# --- launch plans (host-side logic of the CUDA launcher) ---------------------------------------
+# --- the benchmark suite, quick, on small CPU cases ------------------------------------------
+
+
+def test_bench_suite_runs_and_checks():
+    from gpunn.bench import batchnorm as suite
+
+    records = suite.run(suite.Options(quick=True, shapes=[(4, 8, 6, 6)], layouts=["nchw", "nhwc"],
+                                      progress=False))
+    impls = {r.impl for r in records}
+    assert {"numpy", "gpunn cpu", "torch", "limit"} <= impls
+    assert len({(r.op, r.direction) for r in records}) == 8  # 2 ops x 2 layouts x 2 directions
+    assert all(r.status == "ok" for r in records), [(r.op, r.impl, r.note) for r in records
+                                                     if r.status != "ok"]
+    assert all(r.error < 1e-5 for r in records if r.role != "limit")
+    for r in records:
+        assert r.bytes == (3 if r.direction == "forward" else 5) * 4 * 4 * 8 * 36
+    with pytest.raises(Exception, match="not a shape"):
+        suite.parse_shapes("4x8xq")
+
+
+# --- launch plans and kernel index arithmetic, without a GPU ----------------------------------
+# Python mirrors of the loops of kernels/batchnorm.cu (same names), run on the plans the
+# launcher computes: every element must be read exactly once, by a block of its channel, in
+# whole vectors.
+
+
+def mirror_reduce_rows(A, C, B, V, capacity):
+    s_a, s_b, b_chunk, tpr = bn.rows_plan(A, C, B, V, capacity)
+    assert b_chunk % V == 0 and tpr & (tpr - 1) == 0 and tpr <= bn.THREADS
+    S, U, T = s_a * s_b, bn.UNROLL, bn.THREADS
+    counts = np.zeros((A, C, B), int)
+    for block in range(C * S):
+        c, s = divmod(block, S)
+        sa, sb = divmod(s, s_b)
+        a0, a1 = sa * A // s_a, (sa + 1) * A // s_a
+        b0, b1 = sb * b_chunk, min(B, sb * b_chunk + b_chunk)
+        assert a0 < a1 and b0 < b1
+        rpp, span = T // tpr, tpr * V
+        for t in range(T):
+            r_off, lane = divmod(t, tpr)
+            if b1 - b0 <= span:
+                b = b0 + lane * V
+                for a in range(a0 + r_off, a1, U * rpp):
+                    for u in range(U):
+                        au = a + u * rpp
+                        if b < b1 and au < a1:
+                            assert b + V <= b1
+                            counts[au, c, b:b + V] += 1
+            else:
+                for a in range(a0 + r_off, a1, rpp):
+                    for b in range(b0 + lane * V, b1, U * span):
+                        for u in range(U):
+                            bu = b + u * span
+                            if bu < b1:
+                                assert bu + V <= b1
+                                counts[a, c, bu:bu + V] += 1
+    return counts
+
+
+def mirror_cols(A, K, V, capacity, rows_per_thread, step_rows):
+    """bn_reduce_cols (step_rows = UNROLL rows at once) and bn_{normalize,dx}_cols (2)."""
+    tx_count, tiles, S = bn.cols_plan(A, K, V, capacity, rows_per_thread)
+    assert tx_count & (tx_count - 1) == 0 and S <= 65535
+    T = bn.THREADS
+    TY = T // tx_count
+    counts = np.zeros((A, K), int)
+    written = np.zeros((S, K), int)
+    for tile in range(tiles):
+        for s in range(S):
+            for t in range(T):
+                tx, ty = t % tx_count, t // tx_count
+                k = (tile * tx_count + tx) * V
+                if k >= K:
+                    continue
+                assert k + V <= K
+                if step_rows == bn.UNROLL:  # reduce: row slice s of S
+                    a0, a1, stride = s * A // S, (s + 1) * A // S, TY
+                    if ty == 0:
+                        written[s, k:k + V] += 1
+                else:  # elementwise: rows s*TY + ty, stepping S*TY
+                    a0, a1, stride = s * TY, A, S * TY
+                for a in range(a0 + ty, a1, step_rows * stride):
+                    for u in range(step_rows):
+                        if a + u * stride < a1:
+                            counts[a + u * stride, k:k + V] += 1
+    return counts, written
+
+
+def mirror_flat(A, C, B, V, grid):
+    """bn_{normalize,dx}_flat: vectors i, i + G, ... of each thread (two per step), the channel
+    tracked by Cursor.advance; returns visits per vector, and checks every channel."""
+    nvec, bv, G = A * C * B // V, B // V, grid * bn.THREADS
+    Gb, Gc = G % bv, (G // bv) % C
+    i = np.arange(G)
+    b, c = i % bv, (i // bv) % C
+    counts = np.zeros(nvec, int)
+
+    def advance(i, b, c):
+        i, b, c = i + G, b + Gb, c + Gc
+        carry = b >= bv
+        b, c = np.where(carry, b - bv, b), np.where(carry, c + 1, c)
+        return i, b, np.where(c >= C, c - C, c)
+
+    while (i < nvec).any():
+        qi, qb, qc = advance(i, b, c)
+        for vi, vc in ((i, c), (qi, qc)):
+            live = vi < nvec
+            assert (vc[live] == (vi[live] // bv) % C).all()
+            np.add.at(counts, vi[live], 1)
+        i, b, c = advance(qi, qb, qc)
+    return counts
+
+
+@pytest.mark.parametrize("A,C,B,V,capacity", [
+    (8, 3, 32, 4, 16),        # a row per 8 threads, 32 rows at once
+    (5, 2, 91, 1, 64),        # scalar, rows not a multiple of the vector
+    (3, 1, 9000, 4, 40),      # one channel: a long row split in column chunks
+    (3, 1, 9002, 2, 40),      # ... whose chunk (1801) is rounded up to whole vectors
+    (2, 2, 4096, 8, 6),       # rows longer than a block's vectors: grouped along the row
+    (40, 4096 // 64, 49, 1, 132 * 4),  # many channels
+    (700, 1, 64, 2, 50),      # split in rows only
+])
+def test_reduce_rows_plan_reads_each_element_once(A, C, B, V, capacity):
+    assert (mirror_reduce_rows(A, C, B, V, capacity) == 1).all()
+
+
+@pytest.mark.parametrize("A,K,V,capacity", [(33, 7, 1, 64), (64, 4096, 4, 528), (2, 4096, 8, 528),
+                                            (200, 48, 4, 100), (9, 3, 1, 7), (1000, 24, 8, 64)])
+def test_cols_plans_read_each_element_once(A, K, V, capacity):
+    counts, written = mirror_cols(A, K, V, capacity, bn.UNROLL, bn.UNROLL)
+    assert (counts == 1).all() and (written == 1).all()
+    counts, _ = mirror_cols(A, K, V, capacity, 2, 2)
+    assert (counts == 1).all()
+
+
+@pytest.mark.parametrize("A,C,B,V,grid", [(7, 3, 16, 4, 1), (5, 13, 7, 1, 3), (64, 5, 64, 8, 2),
+                                          (3, 1, 5000, 2, 5), (2, 4096, 4, 4, 7)])
+def test_flat_cursor_tracks_channels(A, C, B, V, grid):
+    assert (mirror_flat(A, C, B, V, grid) == 1).all()
 
 
 def test_kernel_family_declares_every_launch():

@@ -724,6 +724,31 @@ def _ptr(a):
     return _NULL if a is None else a
 
 
+def rows_plan(A: int, C: int, B: int, V: int, capacity: int) -> tuple[int, int, int, int]:
+    """(s_a, s_b, b_chunk, tpr) of bn_reduce_rows: S = s_a * s_b slices per channel, enough for
+    about one wave of ``capacity`` blocks over all channels, none under GPU_MIN_PIECE values;
+    rows split first, then columns in chunks of b_chunk (a multiple of V); tpr threads per row,
+    the least power of two covering a chunk's vectors (at most a block)."""
+    S = max(1, min(-(-capacity // C), -(-(A * B) // GPU_MIN_PIECE)))
+    s_a = min(S, A)
+    s_b = -(-S // s_a)
+    b_chunk = -(-(-(-B // s_b)) // V) * V  # ceil(B / s_b), rounded up to a multiple of V
+    s_b = -(-B // b_chunk)
+    tpr = min(THREADS, _pow2_at_least(-(-min(B, b_chunk) // V)))
+    return s_a, s_b, b_chunk, tpr
+
+
+def cols_plan(A: int, K: int, V: int, capacity: int, rows_per_thread: int) -> tuple[int, int, int]:
+    """(tx, tiles, slices) of the columns kernels: tx threads of V columns across a tile (a
+    power of two, at most a warp), THREADS / tx rows at once, row slices (grid y) for about one
+    wave, each thread getting at least rows_per_thread rows."""
+    tx = min(32, _pow2_at_least(-(-K // V)))
+    ty = THREADS // tx
+    tiles = -(-K // (tx * V))
+    slices = max(1, min(-(-capacity // tiles), -(-A // (ty * rows_per_thread)), 65535))
+    return tx, tiles, slices
+
+
 def _cuda_reduce(kind_bwd: bool, x3, dy3, mean, invstd, w, b, params_f32, relu):
     """Launch the partial-reduction kernel; returns (partials, part_stride, stride_c, stride_s,
     S, Bc): partial f of item (c, s, j) is part[f * part_stride + c*stride_c + s*stride_s + j]."""
@@ -739,15 +764,8 @@ def _cuda_reduce(kind_bwd: bool, x3, dy3, mean, invstd, w, b, params_f32, relu):
         vec = B % n_vec == 0 and _aligned(*ins)
         V = n_vec if vec else 1
         kernel = _kernel(f"gpunn::bn_reduce_rows<{{ctype}}, {{v}}, {bwd}>", x3, vec)
-        capacity = cuda.grid_for(1 << 40, THREADS, kernel)
-        L = A * B
-        S = max(1, min(-(-capacity // C), -(-L // GPU_MIN_PIECE)))
-        s_a = min(S, A)
-        s_b = -(-S // s_a)
-        b_chunk = -(-(-(-B // s_b)) // V) * V  # ceil(B / s_b), rounded up to a multiple of V
-        s_b = -(-B // b_chunk)
+        s_a, s_b, b_chunk, tpr = rows_plan(A, C, B, V, cuda.grid_for(1 << 40, THREADS, kernel))
         S = s_a * s_b
-        tpr = min(THREADS, _pow2_at_least(-(-min(B, b_chunk) // V)))
         part = cupy.empty(nvals * C * S, cdt)
         kernel((C * S,), (THREADS,), (
             x3, _ptr(dy3), _ptr(w), _ptr(b), _ptr(mean), _ptr(invstd), np.int32(params_f32),
@@ -758,11 +776,7 @@ def _cuda_reduce(kind_bwd: bool, x3, dy3, mean, invstd, w, b, params_f32, relu):
     vec = K % n_vec == 0 and _aligned(*ins)
     V = n_vec if vec else 1
     kernel = _kernel(f"gpunn::bn_reduce_cols<{{ctype}}, {{v}}, {bwd}>", x3, vec)
-    capacity = cuda.grid_for(1 << 40, THREADS, kernel)
-    tx = min(32, _pow2_at_least(-(-K // V)))
-    ty = THREADS // tx
-    tiles = -(-K // (tx * V))
-    S = max(1, min(-(-capacity // tiles), -(-A // (ty * UNROLL)), 65535))
+    tx, tiles, S = cols_plan(A, K, V, cuda.grid_for(1 << 40, THREADS, kernel), UNROLL)
     part = cupy.empty(nvals * S * K, cdt)
     kernel((tiles, S), (THREADS,), (
         x3, _ptr(dy3), _ptr(w), _ptr(b), _ptr(mean), _ptr(invstd), np.int32(params_f32),
@@ -777,13 +791,9 @@ def _cuda_elementwise(kind: str, arrays, coef, relu):
     n_vec = _vec_width(arrays[0].dtype)
     if B == 1:  # channels last: columns = channels, each thread keeps its channels
         vec = C % n_vec == 0 and _aligned(*arrays)
-        V = n_vec if vec else 1
         kernel = _kernel(f"gpunn::bn_{kind}_cols<{{ctype}}, {{v}}>", arrays[0], vec)
-        capacity = cuda.grid_for(1 << 40, THREADS, kernel)
-        tx = min(32, _pow2_at_least(-(-C // V)))
-        ty = THREADS // tx
-        tiles = -(-C // (tx * V))
-        gy = max(1, min(-(-A // (2 * ty)), -(-capacity // tiles), 65535))
+        tx, tiles, gy = cols_plan(A, C, n_vec if vec else 1,
+                                  cuda.grid_for(1 << 40, THREADS, kernel), 2)
         kernel((tiles, gy), (THREADS,), (*arrays, coef, np.int64(A), np.int64(C), np.int32(tx),
                                          np.int32(relu)))
         return
