@@ -133,7 +133,7 @@ def backward_oracle(dy, x, y, mean, invstd, w, channels_last=False, relu=False):
     if channels_last:
         xt, dyt, yt = xt.movedim(-1, 1), dyt.movedim(-1, 1), yt.movedim(-1, 1)
     if relu:
-        dyt = torch.where(yt > 0, dyt, torch.zeros_like(dyt))
+        dyt = torch.ops.aten.threshold_backward(dyt, yt, 0)  # 0 where y <= 0 (NaN passes)
     wt = f64(np.ones(C) if w is None else w)
     dx, dw, db = torch.ops.aten.native_batch_norm_backward(
         dyt, xt, wt, None, None, f64(mean), f64(invstd), True, 1e-5, [True, True, True])
@@ -667,7 +667,7 @@ GPU_SHAPES = [
     ((4, 5, 7, 13), False),
     ((16, 64, 32, 32), False),
     ((64, 16, 8, 8), False),
-    ((3, 1, 1000, 999), False),
+    ((2, 1, 700, 999), False),
     ((2, 4096, 7, 7), False),
     ((33, 7), False),
     ((64, 4096), False),
