@@ -55,6 +55,15 @@ Two shapes of the reduction:
   columns  B small (channels-last, (N, C), NCHW with tiny spatial): x as (A, K = C*B), piece =
            (slice of the A rows, tile of columns), vectorized across columns; the merge folds
            the B columns of a channel too.
+The rows shape is used from B >= CPU_ROWS_MIN (64) on the CPU and B >= GPU_ROWS_MIN (32) on
+the GPU. The elementwise passes (normalize, dx) walk rows of B for B > 1 and blocks of whole
+channels-last rows for B = 1. One channel is one long row (A, C, B) = (1, 1, n).
+
+Layouts: ``channels_last`` says where the channels are in the array as given (C-contiguous);
+it is the same flag for the forward and the backward, and y, dx come back in that layout. A
+torch tensor in the channels_last memory format but NCHW shape is not C-contiguous and is
+copied first; pass ``x.permute(0, 2, 3, 1)`` (a contiguous view) with channels_last=True to
+use it in place.
 
 Dtypes: float32/float64 on the CPU backends, float16/bfloat16/float32/float64 on CUDA (float32
 statistics and math for the 16-bit types). weight, bias and the running statistics share one
@@ -64,10 +73,13 @@ gradients of an implicit weight of ones and bias of zeros), in the dtype of weig
 weight is None).
 
 Errors are raised before anything is written (running statistics included): x with fewer than
-2 dimensions, per-channel arrays of the wrong shape or dtype, only one of running_mean and
-running_var, a non-contiguous or read-only running statistic, training with one value per
-channel (ValueError, as torch), momentum=None without num_batches_tracked. NaN in x makes its
-channel's statistics, running statistics and outputs NaN, as in torch.
+2 dimensions, per-channel arrays of the wrong shape (ValueError; torch raises RuntimeError) or
+dtype (TypeError), only one of running_mean and running_var, a non-contiguous or read-only
+running statistic, training with one value per channel (ValueError with torch's message),
+momentum=None without num_batches_tracked. NaN in x makes its channel's statistics, running
+statistics and outputs NaN, as in torch; in BN+ReLU's backward a NaN z passes dy, as torch's
+threshold_backward does. An empty batch in training gives NaN mean/invstd and leaves the
+running statistics untouched (torch leaves them too).
 """
 
 from __future__ import annotations
