@@ -119,6 +119,47 @@ def test_closure_unused_parameters_and_zero_grad(rng):
     assert all(p.grad is None for p in model.parameters())  # torch's default: set to None
 
 
+def test_step_hooks_run_once_per_step():
+    p = nn.Parameter(torch.ones(3))
+    opt = gt.Adam([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"] and float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_numpy_backend_on_torch_tensors(algo, rng):
+    """backend='numpy' on CPU torch tensors: the reference runs on NumPy views of them."""
+    init, grads = make_data(rng, SMALL, 15, np.float32)
+    ours = start("torch", algo, [init], {})  # the tensors only
+    ours.opt = CLASSES[algo][1](ours.flat, backend="numpy", **FULL[algo])
+    theirs = start("torch", algo, [init], FULL[algo])
+    _continue([ours, theirs], grads)
+    assert_trajectories_match(ours.result(), theirs.result(), "float32")
+
+
+@pytest.mark.xfail(strict=True, reason="LIMITATION: fused.Table._check requires C-contiguous "
+                   "parameters and gradients, so a channels_last model (4-D conv weights, "
+                   "gradients in the same layout) cannot use gpunn.torch although torch.optim "
+                   "trains it. An elementwise step only needs param, grad and states to share "
+                   "one dense layout: accept non-overlapping-and-dense tensors with the "
+                   "parameter's strides and make states with torch.empty_like "
+                   "(preserve_format)")
+def test_channels_last_model(rng):
+    model = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    (ours, a), (theirs, b) = _pair("adam", model, FULL["adam"])
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    for model_, opt in ((ours, a), (theirs, b)):
+        for _ in range(3):
+            opt.zero_grad()
+            model_(x).square().mean().backward()
+            opt.step()
+    _assert_models_match(ours, theirs)
+
+
 # --- torch.optim.lr_scheduler ---------------------------------------------------------------
 
 
