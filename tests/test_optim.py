@@ -258,7 +258,10 @@ def test_trajectory_multi_chunk_two_groups(algo, runner, dtype, rng, parallel):
        flag2=st.booleans(), maximize=st.booleans())
 def test_trajectory_any_hyperparameters(algo, seed, lr, beta, beta2, weight_decay, flag, flag2,
                                         maximize):
-    """Random hyperparameters, cpu backend against torch.optim, float32."""
+    """Random hyperparameters, cpu backend against torch.optim, float32. Some draws end a
+    parameter near zero after moving by O(1) (cancellation: torch's own float32 run is then
+    1e-4 off its float64 run in relative terms), so each tensor's error is measured against
+    torch in float64 and may be that of torch's float32 run, up to a factor 10."""
     options = {
         "sgd": dict(momentum=beta, nesterov=flag and beta > 0,
                     dampening=0.0 if flag else beta2 - 0.5),
@@ -269,8 +272,16 @@ def test_trajectory_any_hyperparameters(algo, seed, lr, beta, beta2, weight_deca
     }[algo]
     options.update(lr=lr, weight_decay=weight_decay, maximize=maximize)
     init, grads = make_data(np.random.default_rng(seed), SMALL, 20, np.float32, missing=flag2)
-    ref = trajectory("torch", algo, options, init, grads)
-    assert_trajectories_match(trajectory("cpu", algo, options, init, grads), ref, "float32")
+    ref32 = trajectory("torch", algo, options, init, grads)
+    ref64 = trajectory("torch", algo, options, [x.astype(np.float64) for x in init],
+                       [[None if g is None else g.astype(np.float64) for g in gs] for gs in grads])
+    out = trajectory("cpu", algo, options, init, grads)
+    pairs = list(zip(out[0], ref32[0], ref64[0])) + [
+        (s[k], r32[k], r64[k]) for s, r32, r64 in zip(out[1], ref32[1], ref64[1])
+        for k in r32 if k != "step"]
+    for ours, theirs, exact in pairs:
+        assert ours.dtype == np.float32
+        assert rel_err(ours, exact) <= max(TOLERANCE["float32"], 10 * rel_err(theirs, exact))
 
 
 # --- The backends against each other ------------------------------------------------------------
