@@ -358,6 +358,23 @@ def test_large_mean_stays_accurate(shape, channels_last, backend, dtype, rng):
     assert np.max(np.abs(y - ref["y"])) <= ulp * np.max(ref["invstd"] * w) + 1e-5
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("shape,channels_last", [((300, 3, 200), False), ((300, 7), False),
+                                                 ((300, 4, 5), False), ((100, 6, 70), True)],
+                         ids=["rows", "2d", "cols", "channels_last"])
+def test_outliers_do_not_spoil_the_variance(shape, channels_last, backend, rng):
+    """Mean 1e4, spread 1, and in every block position a far value (1e3 off): in the first
+    row (the first shift of the columns reduction), and every 37th row."""
+    x, dy, w, b, rm, rv = make_inputs(rng, shape, channels_last, "float32", mean=1e4, spread=1.0)
+    x[::37] += np.float32(1e3)
+    x[0] -= np.float32(2e3)
+    ref = oracle(x, dy, w, b, rm, rv, True, channels_last=channels_last)
+    _, mean, invstd = bn.batch_norm_forward(x, rm, rv, w, b, True, channels_last=channels_last,
+                                            backend=backend)
+    for name, got in (("mean", mean), ("invstd", invstd), ("rm", rm), ("rv", rv)):
+        assert rel_err(got, ref[name]) <= TOLERANCE["float32"], name
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("shape", [(6, 5, 7, 13), (4, 3, 2, 2), (5, 6, 70)], ids=str)
@@ -801,6 +818,23 @@ def test_cuda_large_mean_stays_accurate(shape, channels_last, dtype, rng):
     s64 = per_channel(cupy.asnumpy(invstd).astype(np.float64) * w, shape, channels_last)
     y_saved = (x.astype(np.float64) - m64) * s64 + per_channel(b, shape, channels_last)
     assert rel_err(cupy.asnumpy(y), y_saved) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,channels_last", [((300, 3, 200), False), ((300, 7), False),
+                                                 ((300, 4, 5), False), ((100, 6, 70), True)],
+                         ids=["rows", "2d", "cols", "channels_last"])
+def test_cuda_outliers_do_not_spoil_the_variance(shape, channels_last, rng):
+    cupy = pytest.importorskip("cupy")
+    x, dy, w, b, rm, rv = make_inputs(rng, shape, channels_last, "float32", mean=1e4, spread=1.0)
+    x[::37] += np.float32(1e3)
+    x[0] -= np.float32(2e3)
+    ref = oracle(x, dy, w, b, rm, rv, True, channels_last=channels_last)
+    d = [cupy.asarray(a) for a in (x, w, b, rm, rv)]
+    _, mean, invstd = bn.batch_norm_forward(d[0], d[3], d[4], d[1], d[2], True,
+                                            channels_last=channels_last)
+    for name, got in (("mean", mean), ("invstd", invstd), ("rm", d[3]), ("rv", d[4])):
+        assert rel_err(cupy.asnumpy(got), ref[name]) <= TOLERANCE["float32"], name
 
 
 @pytest.mark.gpu
