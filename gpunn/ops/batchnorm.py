@@ -30,11 +30,13 @@ same arithmetic as the forward of the same backend, and on the GPU z rounded to 
 first, so the mask is exactly torch's ``y > 0`` on the stored output (also for float16 values
 that round to 0).
 
-Statistics are accurate for data with a large mean (mean 1e4, spread 1 in float32): the values
-are never summed raw. Short blocks get a two-pass mean and centered sum of squares (the block
-is in cache or registers for its second pass), and blocks are combined with Chan's update of
-(count, mean, M2). Running sums are float64 on the CPU, float32 (float64 for float64 data) on
-the GPU. No float atomics anywhere: results are the same run to run. (y and dx use the saved
+Statistics are accurate for data with a large mean (mean 1e4, spread 1 in float32), and with
+outliers: the values are never summed raw. Short blocks get their own (mean, M2), and blocks
+are combined with Chan's update of (count, mean, M2): on the GPU and in the CPU rows reduction
+a block's mean and centered sum of squares take two passes over it (registers, or cache); the
+CPU columns reduction sums each block once, shifted by the running mean of the rows before it
+(see _stats_cols for why that cannot cancel badly). Running sums are float64 on the CPU,
+float32 (float64 for float64 data) on the GPU. No float atomics anywhere: results are the same run to run. (y and dx use the saved
 mean, rounded to the compute dtype like torch's: with a mean of 1e4 in float32 that rounding,
 up to 5e-4, shows as an absolute error of up to 5e-4 * invstd * |w| in y, below the 1e-3
 spacing of the float32 inputs themselves there; mean, invstd and the running statistics stay
