@@ -100,17 +100,37 @@ def _dtype_name(dtype) -> str:
 
 
 def describe(a, name: str) -> tuple:
-    """(kind, device, dtype name, shape, C-contiguous, data address) of one array: what the
-    multi-tensor optimizer step checks and records for every tensor it touches."""
+    """(kind, device, dtype name, shape, layout, data address) of one array: what the
+    multi-tensor optimizer step checks and records for every tensor it touches. ``layout``
+    is "C" for C-contiguous data, the strides of other dense layouts of torch tensors (such
+    as channels_last), and None for anything else."""
     kind = array_kind(a, name)
     if kind == "numpy":
-        return (kind, "cpu", _dtype_name(a.dtype), a.shape, a.flags.c_contiguous,
+        return (kind, "cpu", _dtype_name(a.dtype), a.shape, "C" if a.flags.c_contiguous else None,
                 a.__array_interface__["data"][0])
     if kind == "cupy":
-        return (kind, f"cuda:{a.device.id}", _dtype_name(a.dtype), a.shape, a.flags.c_contiguous,
-                a.data.ptr)
-    return (kind, _device(a, kind, name), _dtype_name(a.dtype), tuple(a.shape),
-            a.is_contiguous(), a.data_ptr())
+        return (kind, f"cuda:{a.device.id}", _dtype_name(a.dtype), a.shape,
+                "C" if a.flags.c_contiguous else None, a.data.ptr)
+    shape = tuple(a.shape)
+    return (kind, _device(a, kind, name), _dtype_name(a.dtype), shape,
+            "C" if a.is_contiguous() else _dense_strides(shape, a.stride()), a.data_ptr())
+
+
+def data_address(a) -> int:
+    """The address of an array's first element (a cheap identity of its memory)."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
+
+
+def _dense_strides(shape, strides):
+    """The strides if they lay the elements out densely (a permutation of C order), else None."""
+    expected = 1
+    for size, stride in sorted(zip(shape, strides), key=lambda d: (d[1], d[0])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return tuple(strides)
 
 
 def _device(a, kind: str, name: str) -> str:

@@ -32,7 +32,11 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._hyper(self.param_groups[-1])  # checks the new group's options
+        try:
+            self._hyper(self.param_groups[-1])  # checks the new group's options
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,8 +53,19 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, except that float32 states (and master copies) of float16/bfloat16
+        parameters stay float32: torch would round them to the parameter's dtype."""
         super().load_state_dict(state_dict)
         self._tables = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                entry = state_dict["state"].get(index, {})
+                if p.dtype not in (torch.float16, torch.bfloat16):
+                    continue
+                for key, value in entry.items():
+                    if (key != "step" and isinstance(value, torch.Tensor)
+                            and value.dtype == torch.float32):
+                        self.state[p][key] = torch.empty_like(p, dtype=torch.float32).copy_(value)
 
 
 class SGD(SGDOptions, Optimizer):

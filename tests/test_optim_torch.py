@@ -141,13 +141,6 @@ def test_numpy_backend_on_torch_tensors(algo, rng):
     assert_trajectories_match(ours.result(), theirs.result(), "float32")
 
 
-@pytest.mark.xfail(strict=True, reason="LIMITATION: fused.Table._check requires C-contiguous "
-                   "parameters and gradients, so a channels_last model (4-D conv weights, "
-                   "gradients in the same layout) cannot use gpunn.torch although torch.optim "
-                   "trains it. An elementwise step only needs param, grad and states to share "
-                   "one dense layout: accept non-overlapping-and-dense tensors with the "
-                   "parameter's strides and make states with torch.empty_like "
-                   "(preserve_format)")
 def test_channels_last_model(rng):
     model = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     (ours, a), (theirs, b) = _pair("adam", model, FULL["adam"])
@@ -358,12 +351,6 @@ def test_state_dict_through_torch_save(algo, rng):
         assert _snapshot(dst)[1] == _snapshot(src)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gpunn.torch.Optimizer.load_state_dict runs "
-                   "torch.optim.Optimizer.load_state_dict, whose _process_value_according_to_"
-                   "param_policy casts every state tensor to the parameter's dtype: the float32 "
-                   "states and master_param of a bfloat16/float16 parameter come back rounded "
-                   "to 16 bits. Fix: copy the float32 values (and 'step') from the saved dict "
-                   "after super().load_state_dict, or override that static method")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_keeps_float32_states_of_16_bit_parameters(dtype):
     p = nn.Parameter(torch.randn(64).to(dtype))
@@ -381,10 +368,6 @@ def test_load_keeps_float32_states_of_16_bit_parameters(dtype):
 # --- The adapter's options -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gpunn.torch.Optimizer.add_param_group appends the "
-                   "group (torch's add_param_group) before checking its options, so a bad group "
-                   "stays in param_groups and every later step() raises. Fix: check a copy with "
-                   "the defaults filled in first, or pop the group when the check fails")
 def test_bad_param_group_is_not_added():
     opt = gt.Adam([nn.Parameter(torch.ones(3))], lr=1e-2)
     with pytest.raises(ValueError, match=r"betas\[1\]"):
@@ -549,9 +532,6 @@ def test_cuda_bfloat16_master_weights_match_float32_torch(algo, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="BUG: gpunn.torch.Optimizer.load_state_dict rounds float32 "
-                   "states and master_param of 16-bit parameters to 16 bits (see "
-                   "test_load_keeps_float32_states_of_16_bit_parameters)")
 def test_cuda_bfloat16_state_dict_round_trip_mid_run(rng):
     init, grads = make_data(rng, [(7,), (1021,)], 10, np.float32, missing=False)
 

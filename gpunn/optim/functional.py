@@ -139,8 +139,10 @@ def hyper(algorithm: str, group: dict) -> Hyper:
 
 def reference_prologue(xp, grads, h: Hyper, grad_scale=None, found_inf=None):
     """(gmul, skip): the factor every gradient is multiplied by, and whether to skip."""
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    skip = found_inf is not None and float(found_inf) != 0.0
+    from .fused import host_scalar
+
+    scale = 1.0 if grad_scale is None else host_scalar(grad_scale, "grad_scale")
+    skip = found_inf is not None and host_scalar(found_inf, "found_inf") != 0.0
     if h.max_grad_norm is not None or h.skip_nonfinite or grad_scale is not None:
         sumsq = sum(float(xp.sum(xp.square(g.astype(xp.float64)))) for g in grads)
         skip = skip or not math.isfinite(sumsq)

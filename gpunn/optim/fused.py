@@ -35,7 +35,7 @@ COLUMNS = 8
 #: Elements per chunk: the unit of work of one thread (cpu) or one block (cuda).
 CHUNK = 16384
 #: dtypes the fused backends take for parameters.
-PARAM_DTYPES = {"cpu": ("float32", "float64"),
+PARAM_DTYPES = {"numpy": ("float32", "float64"), "cpu": ("float32", "float64"),
                 "cuda": ("float16", "bfloat16", "float32", "float64")}
 
 
@@ -63,45 +63,53 @@ class Table:
         self.op, self.slots = op, h.slots
         self.call = call = resolve(op, backend, **{"params[0]": params[0]})
         first = describe(params[0], "params[0]")
-        self.dtype, self.device = first[2], first[1]
-        if call.backend != "numpy" and self.dtype not in PARAM_DTYPES[call.backend]:
+        self.kind, self.dtype, self.device = first[0], first[2], first[1]
+        if self.dtype not in PARAM_DTYPES[call.backend]:
             raise TypeError(f"{op}: params[0] has dtype {self.dtype}, which the {call.backend!r} "
                             f"backend does not support (supported: "
                             f"{', '.join(PARAM_DTYPES[call.backend])})")
         self.state_dtype = state_dtype(self.dtype)
         n = len(params)
         for slot in h.slots:
-            if slot not in states or len(states[slot]) != n:
-                raise ValueError(f"{op}: {slot} needs one array per parameter ({n})")
+            if states.get(slot) is None or len(states[slot]) != n:
+                raise ValueError(f"{op}: the {slot} states need one array per parameter ({n})")
         if len(steps) != n:
             raise ValueError(f"{op}: state_steps needs one array per parameter ({n})")
         if masters is not None and len(masters) != n:
             raise ValueError(f"{op}: master_params needs one array per parameter ({n})")
 
         self.rows = rows = np.zeros((n, COLUMNS), np.int64)
-        self.shapes = []
+        self.shapes, self.layouts = [], []
         for i, p in enumerate(params):
-            info = self._check(p, f"params[{i}]", self.dtype, None)
-            self.shapes.append(info[3])
-            rows[i, P], rows[i, N] = info[5], math.prod(info[3])
-            for c, slot in enumerate(h.slots):
+            info = self._check(p, f"params[{i}]", self.dtype, None, layout=None)
+            shape, layout = info[3], info[4]
+            self.shapes.append(shape)
+            self.layouts.append(layout)
+            rows[i, P], rows[i, N] = info[5], math.prod(shape)
+            for slot in h.slots:
                 column = S0 + ALGORITHMS[h.algorithm][1].index(slot)
                 rows[i, column] = self._check(states[slot][i], f"{slot}[{i}]", self.state_dtype,
-                                              info[3])[5]
-            rows[i, STEP] = self._check(steps[i], f"state_steps[{i}]", "float32", None, 1)[5]
+                                              shape, layout=layout)[5]
+            rows[i, STEP] = self._check(steps[i], f"state_steps[{i}]", "float32", None, 1,
+                                        layout=None)[5]
             if masters is not None and masters[i] is not None:
                 if self.state_dtype == self.dtype:
                     raise ValueError(f"{op}: master_params are for float16/bfloat16 parameters, "
                                      f"params[{i}] is {self.dtype}")
                 rows[i, MASTER] = self._check(masters[i], f"master_params[{i}]", "float32",
-                                              info[3])[5]
+                                              shape, layout=layout)[5]
         self.chunks = chunk_list(rows[:, N])
         self.natives = (params, states, steps, masters)  # for the numpy backend
         self._device_rows = None
+        self._scratch = None  # cuda: the norm pass's partials and last-block counter
 
-    def _check(self, a, name, dtype, shape, size=None):
+    def _check(self, a, name, dtype, shape, size=None, layout="C"):
+        """describe(a), after checking it against the parameters (kind, device, dtype, shape,
+        and the layout: the parameter's own, which grads and states must share)."""
         info = describe(a, name)
-        kind, device, dt, sh, contiguous, _ = info
+        kind, device, dt, sh, a_layout, _ = info
+        if kind != self.kind:
+            raise TypeError(f"{self.op}: {name} is a {kind} array, the parameters are {self.kind}")
         if device != self.device:
             raise ValueError(f"{self.op}: {name} is on {device}, the parameters on {self.device}")
         if dt != dtype:
@@ -110,21 +118,47 @@ class Table:
             raise ValueError(f"{self.op}: {name} has shape {tuple(sh)}, expected {tuple(shape)}")
         if size is not None and math.prod(sh) != size:
             raise ValueError(f"{self.op}: {name} must hold {size} element(s), has shape {tuple(sh)}")
-        if not contiguous:
-            raise ValueError(f"{self.op}: {name} must be C-contiguous")
+        if a_layout is None or (layout is not None and a_layout != layout and math.prod(sh) > 1):
+            raise ValueError(f"{self.op}: {name} must be dense with the parameter's layout "
+                             f"({'C-contiguous' if layout in ('C', None) else f'strides {layout}'})")
         return info
 
     def bind_grads(self, grads) -> "Table":
         """Check the gradients (one per parameter, same shape, dtype and device) and record them."""
         if len(grads) != len(self.shapes):
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
-        addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i])[5]
-                     for i, g in enumerate(grads)]
+        addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i],
+                                 layout=self.layouts[i])[5] for i, g in enumerate(grads)]
         if self._device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
             self._device_rows = None
         self.rows[:, G] = addresses
         self.grads = grads
         return self
+
+    def has_nonfinite(self) -> bool:
+        """Whether a gradient holds inf or NaN (host backends)."""
+        if self.call.backend == "cpu":
+            with _threads(self):
+                partial = _cpu_grad_sumsq(self.rows, self.chunks, np.empty(0, self.dtype))
+            return not all(map(math.isfinite, partial)) or not math.isfinite(sum(partial))
+        xp = self.call.xp
+        return not all(bool(xp.isfinite(_view(g)).all()) for g in self.grads)
+
+    def mark_nonfinite(self, flag) -> None:
+        """cuda: set flag[0] = 1 if a gradient holds inf or NaN (on the device, no sync)."""
+        with self.call.context():
+            rows, chunks = self._device_tables()
+            kernel = KERNELS.function(f"gpunn::optim::mark_nonfinite<{_STEP_TYPES[self.dtype][0]}>")
+            grid = cuda.grid_for(len(self.chunks) * BLOCK, BLOCK, kernel)
+            kernel((grid,), (BLOCK,), (rows, chunks, np.int64(len(self.chunks)), flag))
+
+    def _device_tables(self):
+        import cupy
+
+        if self._device_rows is None:
+            self._device_rows = cupy.asarray(self.rows)
+            self._device_chunks = cupy.asarray(self.chunks)
+        return self._device_rows, self._device_chunks
 
     def run(self, h: Hyper, grad_scale=None, found_inf=None):
         """One step; returns a 0-d float64 array on the data's device, 1 if the step was skipped."""
@@ -133,17 +167,51 @@ class Table:
             if call.backend == "numpy":
                 xp = call.xp
                 params, states, steps, masters = self.natives
-                nat = lambda arrays, name: [call.native(a, name) for a in arrays]
+                views = lambda arrays: [_view(a) for a in arrays]
                 skipped = reference_step(
-                    xp, nat(params, "params"), nat(self.grads, "grads"),
-                    {k: nat(v, k) for k, v in states.items() if k in self.slots},
-                    nat(steps, "state_steps"),
-                    [None if m is None else call.native(m, "master") for m in masters]
-                    if masters else None, h, grad_scale, found_inf)
+                    xp, views(params), views(self.grads),
+                    {k: views(v) for k, v in states.items() if k in self.slots}, views(steps),
+                    [None if m is None else _view(m) for m in masters] if masters else None,
+                    h, grad_scale, found_inf)
                 return xp.asarray(float(skipped))
             if call.backend == "cpu":
                 return _cpu_run(self, h, grad_scale, found_inf)
             return _cuda_run(self, h, grad_scale, found_inf)
+
+
+def combined_found_inf(tables: list[Table], found_inf=None):
+    """found_inf OR any inf/NaN in the gradients of all ``tables`` (one device): a host
+    bool on the cpu and numpy backends, a one-element float32 device array on cuda. Lets a
+    multi-group step skip every group or none."""
+    call = tables[0].call
+    if call.backend != "cuda":
+        found = bool(host_scalar(found_inf, "found_inf"))
+        return found or any(t.has_nonfinite() for t in tables)
+    import cupy
+
+    with call.context():
+        flag = cupy.zeros(1, np.float32)
+        if found_inf is not None:
+            value, address = _device_scalar(found_inf, "found_inf", tables[0].device)
+            if value is not None:
+                flag.fill(float(value != 0))
+            else:
+                flag[...] = cupy.from_dlpack(found_inf).reshape(1) != 0
+        for t in tables:
+            t.mark_nonfinite(flag)
+    return flag
+
+
+def _view(a):
+    """A NumPy/CuPy view of an array or tensor, any strides (the reference updates in place)."""
+    if type(a).__module__.split(".")[0] != "torch":
+        return a
+    a = a.detach()
+    if a.device.type == "cpu":
+        return a.numpy()
+    import cupy
+
+    return cupy.from_dlpack(a)
 
 
 def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=None,
@@ -153,17 +221,19 @@ def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=
         .bind_grads(grads).run(h, grad_scale, found_inf)
 
 
-def _needs_grad_pass(h: Hyper, grad_scale) -> bool:
+def needs_grad_pass(h: Hyper, grad_scale) -> bool:
+    """Whether the prologue reads the gradients (clipping, or an inf/NaN check)."""
     return h.max_grad_norm is not None or h.skip_nonfinite or grad_scale is not None
 
 
-def _host_scalar(value, name) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or a one-element array, got {value!r}") from None
+def host_scalar(value, name) -> float | None:
+    """A number, or the value of a one-element array (read from the device if need be)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if getattr(value, "size", None) == 1 or (callable(getattr(value, "numel", None))
+                                              and value.numel() == 1):
+        return float(value.reshape(()).item() if hasattr(value, "reshape") else value.item())
+    raise TypeError(f"{name} must be a number or a one-element array, got {value!r}")
 
 
 # --- CPU: Numba kernels over the table ---------------------------------------------------------
@@ -317,12 +387,39 @@ if has_numba():
         return g
 
 
+#: Below this many elements the CPU step runs on one thread: waking a second one costs more.
+SERIAL_BELOW = 1 << 16
+
+
+class _threads:
+    """Numba threads for one call: one for small tables."""
+
+    def __init__(self, table: Table):
+        import numba
+
+        self.numba, self.n = numba, 1 if int(table.rows[:, N].sum()) < SERIAL_BELOW else None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.saved = self.numba.get_num_threads()
+            self.numba.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.n is not None:
+            self.numba.set_num_threads(self.saved)
+
+
 def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf):
-    scale = _host_scalar(grad_scale, "grad_scale")
-    skip = bool(_host_scalar(found_inf, "found_inf"))
+    with _threads(table):
+        return _cpu_step_run(table, h, grad_scale, found_inf)
+
+
+def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf):
+    scale = host_scalar(grad_scale, "grad_scale")
+    skip = bool(host_scalar(found_inf, "found_inf"))
     gmul = 1.0 / (1.0 if scale is None else scale)
     like = np.empty(0, table.dtype)
-    if not skip and _needs_grad_pass(h, grad_scale):
+    if not skip and needs_grad_pass(h, grad_scale):
         sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
         skip = not math.isfinite(sumsq)
         if h.max_grad_norm is not None and not skip:
@@ -341,7 +438,8 @@ BLOCK = 256
 _STEP_TYPES = {"float16": ("gpunn::half", "float"), "bfloat16": ("gpunn::bfloat16", "float"),
                "float32": ("float", "float"), "float64": ("double", "double")}
 KERNELS = cuda.Family("optim", ["gpunn::optim::prologue_only"] + [
-    f"gpunn::optim::grad_norm<{t}>" for t, _ in _STEP_TYPES.values()] + [
+    f"gpunn::optim::{k}<{t}>" for k in ("grad_norm", "mark_nonfinite")
+    for t, _ in _STEP_TYPES.values()] + [
     f"gpunn::optim::step<{t}, {s}, {a}>" for t, s in _STEP_TYPES.values()
     for a in range(len(ALGORITHMS))])
 
@@ -358,14 +456,6 @@ def _device_scalar(value, name, device):
     return None, address
 
 
-@cache
-def _scratch(device: str, blocks: int):
-    """Per-device scratch of the norm pass: partials and the last-block counter (kept 0)."""
-    import cupy
-
-    return cupy.empty(2 * blocks, np.float64), cupy.zeros(1, np.uint32)
-
-
 def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf):
     import cupy
 
@@ -375,17 +465,17 @@ def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf):
     if found:  # a host-side found_inf: nothing to launch
         control.fill(1.0)
         return control[1]
-    if table._device_rows is None:
-        table._device_rows = cupy.asarray(table.rows)
-        table._device_chunks = cupy.asarray(table.chunks)
-    rows, chunks = table._device_rows, table._device_chunks
+    rows, chunks = table._device_tables()
     n_rows, n_chunks = len(table.rows), len(table.chunks)
     t, s = _STEP_TYPES[table.dtype]
     scale = 1.0 if scale is None else float(scale)
-    if _needs_grad_pass(h, grad_scale):
+    if needs_grad_pass(h, grad_scale):
         kernel = KERNELS.function(f"gpunn::optim::grad_norm<{t}>")
         grid = cuda.grid_for(n_chunks * BLOCK, BLOCK, kernel)
-        partials, counter = _scratch(table.device, grid)
+        if table._scratch is None or len(table._scratch[0]) < 2 * grid:
+            # per table: two optimizers on two streams must not share the partials
+            table._scratch = (cupy.empty(2 * grid, np.float64), cupy.zeros(1, np.uint32))
+        partials, counter = table._scratch
         max_norm = -1.0 if h.max_grad_norm is None else h.max_grad_norm
         kernel((grid,), (BLOCK,), (rows, np.int64(n_rows), chunks, np.int64(n_chunks),
                                    np.float64(max_norm), np.float64(scale), np.uint64(scale_ptr),

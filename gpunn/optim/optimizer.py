@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_kind, array_module, dtype_name
-from .fused import Table, state_dtype
+from ..backend import array_kind, array_module, data_address, dtype_name
+from .fused import Table, combined_found_inf, needs_grad_pass, state_dtype
 from .functional import hyper
 
 #: Options every gpunn optimizer adds to torch's (with their defaults).
@@ -28,24 +28,28 @@ EXTRA_OPTIONS = dict(l1=0.0, max_grad_norm=None, skip_nonfinite=False, master_we
 
 
 def _full(like, shape, dtype: str, value: float):
+    """A new array of ``like``'s kind and device; with ``like``'s shape also its layout
+    (channels_last torch parameters get channels_last states)."""
+    shape = tuple(shape)
     if array_kind(like, "param") == "torch":
         import torch
 
-        return torch.full(tuple(shape), value, dtype=getattr(torch, dtype), device=like.device)
-    return array_module(like).full(tuple(shape), value, dtype=dtype)
+        if shape == tuple(like.shape):
+            return torch.full_like(like, value, dtype=getattr(torch, dtype))
+        return torch.full(shape, value, dtype=getattr(torch, dtype), device=like.device)
+    return array_module(like).full(shape, value, dtype=dtype)
 
 
 def _converted(value, like, shape, dtype: str, name: str):
     """A fresh copy of ``value`` (any array type, e.g. from a torch checkpoint) as ``like``'s
-    kind and device, with ``dtype`` and ``shape``; ValueError if the shape differs."""
+    kind, device and (for its shape) layout, with ``dtype``; ValueError if the shape differs."""
     kind = array_kind(value, name)
     if kind == "torch":
         value = value.detach()
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         if array_kind(like, "param") == "torch":
-            out = value.to(device=like.device, dtype=getattr(__import__("torch"), dtype), copy=True)
-            if tuple(out.shape) != tuple(shape):
-                raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
-            return out.contiguous()
+            return _full(like, shape, dtype, 0.0).copy_(value)
         value = value.cpu().float().numpy() if dtype_name(value) == "bfloat16" else \
             value.cpu().numpy()
     host = np.asarray(value.get() if kind == "cupy" else value)
@@ -78,11 +82,12 @@ class FusedStep:
     def _init_value(self, slot: str, group: dict) -> float:
         return float(group.get("initial_accumulator_value", 0.0)) if slot == "sum" else 0.0
 
-    def _prepare_state(self, p, group, h) -> dict:
-        """The state of ``p``, completed (new slots, step, master copy) and converted to the
-        layout the kernels need (states float32 for 16-bit parameters, step on the device)."""
+    def _prepared_state(self, p, group, h) -> dict:
+        """The state of ``p`` as the kernels need it: a new dict (``self.state`` is not
+        touched) with missing slots, step and master copy created, and loaded values
+        converted (states float32 for 16-bit parameters, everything on p's device)."""
         data = self._array(p)
-        state = self.state.setdefault(p, {})
+        state = dict(self.state.get(p, {}))
         shape, dtype = tuple(data.shape), dtype_name(data)
         sdt = state_dtype(dtype)
         stepped = any(state.get(slot) is not None for slot in h.slots)  # before new slots
@@ -107,31 +112,46 @@ class FusedStep:
         return state
 
     def _table(self, index, group, h, params):
+        """(table, new states): the group's cached table while its parameters' memory and
+        states are the ones it addresses; else a new one and the states it needs (committed
+        by the caller once every group's gradients have passed the checks)."""
         key = (index, h.algorithm, h.slots, bool(group.get("master_weights")),
-               tuple(map(id, params)))
+               tuple(data_address(self._array(p)) for p in params), tuple(map(id, params)))
         table = self._tables.get(key)
-        if table is None:
-            states = [self._prepare_state(p, group, h) for p in params]
-            masters = [s.get("master_param") for s in states]
-            table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
-                          {slot: [s[slot] for s in states] for slot in h.slots},
-                          [s["step"] for s in states],
-                          masters if any(m is not None for m in masters) else None,
-                          group.get("backend"))
-            self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
-            self._tables[key] = table
-        return table
+        if table is not None and all(self.state.get(p) is s and all(s.get(k) is a for k, a in used)
+                                     for p, s, used in table.owner):
+            return table, None
+        states = [self._prepared_state(p, group, h) for p in params]
+        masters = [s.get("master_param") for s in states]
+        table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
+                      {slot: [s[slot] for s in states] for slot in h.slots},
+                      [s["step"] for s in states],
+                      masters if any(m is not None for m in masters) else None,
+                      group.get("backend"))
+        table.owner = [(p, s, [(k, s[k]) for k in (*h.slots, "step", "master_param") if k in s])
+                       for p, s in zip(params, states)]
+        return table, (key, index, dict(zip(params, states)))
 
     def fused_step(self, grad_scale=None, found_inf=None):
         """Update every parameter that has a gradient: one table and two launches per group.
+        Every group's options and gradients are checked before anything changes; with an
+        inf/NaN check and several groups, one flag covers all groups (all skip or none).
         Returns the groups' skip flags (0-d arrays on the device, 1 where skipped)."""
-        hypers = [self._hyper(group) for group in self.param_groups]  # all checked first
-        ready = []
+        hypers = [self._hyper(group) for group in self.param_groups]
+        ready, pending = [], []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
             params = [p for p in group["params"] if p.grad is not None]
-            if params:  # gradients of every group are checked before any group steps
-                table = self._table(index, group, h, params)
+            if params:
+                table, new = self._table(index, group, h, params)
                 ready.append((table.bind_grads([p.grad for p in params]), h))
+                if new is not None:
+                    pending.append((table, new))
+        for table, (key, index, states) in pending:  # all checks passed: commit new states
+            self.state.update(states)
+            self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
+            self._tables[key] = table
+        if len(ready) > 1 and any(needs_grad_pass(h, grad_scale) for _, h in ready):
+            found_inf = combined_found_inf([t for t, _ in ready], found_inf)
         flags = [table.run(h, grad_scale, found_inf) for table, h in ready]
         self.skip_flags = flags
         return flags
