@@ -6,8 +6,8 @@ One step, for each parameter p with gradient g (PyTorch's formulas and defaults)
     prologue   g <- g * gmul, gmul = clip / grad_scale, clip = min(1, max_norm / (||G|| + 1e-6))
                where ||G|| is the L2 norm of all (unscaled) gradients of the step; the step
                is skipped, parameters and states unchanged, when ``found_inf`` is nonzero or
-               (checked when ``grad_scale`` is given or ``skip_nonfinite``) a gradient is
-               inf or NaN. Otherwise the step count t of each parameter advances by one.
+               (checked when ``grad_scale``, ``max_grad_norm`` or ``skip_nonfinite`` is set)
+               a gradient is inf or NaN. Otherwise each parameter's step count t advances.
     gradient   g <- -g if maximize;  g <- g + weight_decay * p (not AdamW);  g <- g + l1 * sign(p)
     SGD        b <- g at t = 1, else momentum * b + (1 - dampening) * g      (if momentum != 0)
                g <- g + momentum * b if nesterov else b;   p <- p - lr * g
