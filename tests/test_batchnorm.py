@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpunn import ops  # noqa: F401  (the package imports)
 from gpunn.ops import batchnorm as bn
 from conftest import HOST_BACKENDS, TOLERANCE, assert_close, rel_err
 
@@ -62,7 +61,6 @@ def oracle(x, dy, w, b, rm, rv, training, momentum=0.1, eps=1e-5, channels_last=
     """PyTorch in float64 on the same values: y, saved mean and invstd, running statistics
     after the call, and dx, dweight, dbias by autograd (weight/bias of ones/zeros when None:
     the gradients gpunn returns for them)."""
-    f64 = torch.float64
     shape = x.shape
     C = channels_of(shape, channels_last)
     xt = torch.tensor(np.asarray(x, np.float64))
