@@ -125,8 +125,8 @@ __global__ void mark_nonfinite(const long long* table, const long long* chunks,
 template <typename C> struct Scalars {
   C gmul, sign, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, l1;
   C decay;      // AdamW: 1 - lr * weight_decay
-  C step_size;  // Adam: lr / (1 - beta1^t); Adagrad: lr / (1 + (t - 1) lr_decay)
-  C bc2_sqrt;   // Adam: sqrt(1 - beta2^t)
+  C step_size;  // Adam: lr sqrt(1 - beta2^t) / (1 - beta1^t); Adagrad: lr / (1 + (t - 1) lr_decay)
+  C eps_hat;    // Adam: eps sqrt(1 - beta2^t)
   bool first;   // SGD: t == 1
   int flags;
 };
@@ -147,10 +147,13 @@ __device__ __forceinline__ Scalars<C> scalars(double t, double gmul, double lr, 
   k.weight_decay = (flags & DECOUPLED) ? C(0) : C(weight_decay);
   k.l1 = C(l1);
   k.decay = (flags & DECOUPLED) ? C(1.0 - lr * weight_decay) : C(1);
-  k.step_size = ALGO == ADAM      ? C(lr / (1.0 - pow(beta1, t)))
+  // Adam: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = step_size * m / (sqrt(v) + eps_hat)
+  // with step_size = lr sqrt(bc2)/bc1 and eps_hat = eps sqrt(bc2): one division per element.
+  const double bc2_sqrt = ALGO == ADAM ? sqrt(1.0 - pow(beta2, t)) : 1.0;
+  k.step_size = ALGO == ADAM      ? C(lr / (1.0 - pow(beta1, t)) * bc2_sqrt)
                 : ALGO == ADAGRAD ? C(lr / (1.0 + (t - 1.0) * beta1))
                                   : C(lr);
-  k.bc2_sqrt = ALGO == ADAM ? C(sqrt(1.0 - pow(beta2, t))) : C(1);
+  k.eps_hat = C(eps * bc2_sqrt);
   k.first = t == 1.0;
   k.flags = flags;
   return k;
@@ -195,7 +198,7 @@ __device__ __forceinline__ void update(C& p, C g, C& s0, C& s1, C& s2, const Sca
       s2 = math::nan_max(s2, s1);
       v = s2;
     }
-    p = p - k.step_size * (s0 / (sqrt(v) / k.bc2_sqrt + k.eps));
+    p = p - k.step_size * (s0 / (sqrt(v) + k.eps_hat));
   }
 }
 

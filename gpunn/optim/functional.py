@@ -19,6 +19,8 @@ One step, for each parameter p with gradient g (PyTorch's formulas and defaults)
                m <- m + (1 - beta1)(g - m);   v <- beta2 v + (1 - beta2) g^2
                v_max <- max(v_max, v) (amsgrad, used in place of v below)
                p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+               (computed as lr c / (1 - beta1^t) * m / (sqrt(v) + eps c), c = sqrt(1 - beta2^t):
+               the same value with one division per element instead of two)
 
 States are named as in ``torch.optim``: 'momentum_buffer' (SGD, RMSprop), 'sum' (Adagrad),
 'square_avg' and 'grad_avg' (RMSprop), 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq' (Adam), and
@@ -196,8 +198,10 @@ def reference_update(xp, p, g, s: dict, t: float, h: Hyper, gmul: float):
         if h.flags & AMSGRAD:
             xp.maximum(s["max_exp_avg_sq"], v, out=s["max_exp_avg_sq"])
             v = s["max_exp_avg_sq"]
-        d = xp.sqrt(v) / dt(math.sqrt(1 - h.beta2 ** t)) + dt(h.eps)
-        p -= dt(h.lr / (1 - h.beta1 ** t)) * (m / d)
+        # torch's lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with one division per element:
+        # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)), as the kernels compute it
+        bc2_sqrt = math.sqrt(1 - h.beta2 ** t)
+        p -= dt(h.lr / (1 - h.beta1 ** t) * bc2_sqrt) * (m / (xp.sqrt(v) + dt(h.eps * bc2_sqrt)))
 
 
 def reference_step(xp, params, grads, states, steps, masters, h: Hyper, grad_scale=None,

@@ -295,8 +295,11 @@ if has_numba():
             p = _cpu_column(rows, r, P, like, start, stop)
             g = _cpu_column(rows, r, G, like, start, stop)
             if algorithm == 3:  # Adam / AdamW
-                step_size = f(lr / (1.0 - beta1 ** t))
-                bc2_sqrt = f(math.sqrt(1.0 - beta2 ** t))
+                # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with one division, not two:
+                # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)) (same value, 1-ulp roundings)
+                bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
+                step_size = f(lr / (1.0 - beta1 ** t) * bc2_sqrt)
+                eps_hat = f(eps * bc2_sqrt)
                 m = _cpu_column(rows, r, S0, like, start, stop)
                 v = _cpu_column(rows, r, S1, like, start, stop)
                 if flags & AMSGRAD:
@@ -309,7 +312,7 @@ if has_numba():
                         vi = v[i] * b2 + omb2 * gi * gi
                         vm = max(vmax[i], vi)
                         m[i], v[i], vmax[i] = mi, vi, vm
-                        p[i] = pi - step_size * (mi / (math.sqrt(vm) / bc2_sqrt + eps_))
+                        p[i] = pi - step_size * (mi / (math.sqrt(vm) + eps_hat))
                 else:
                     for i in range(stop - start):
                         pi = p[i]
@@ -318,7 +321,7 @@ if has_numba():
                         mi = m[i] + omb1 * (gi - m[i])
                         vi = v[i] * b2 + omb2 * gi * gi
                         m[i], v[i] = mi, vi
-                        p[i] = pi - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps_))
+                        p[i] = pi - step_size * (mi / (math.sqrt(vi) + eps_hat))
             elif algorithm == 0:  # SGD
                 if flags & MOMENTUM:
                     b = _cpu_column(rows, r, S0, like, start, stop)
