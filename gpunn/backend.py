@@ -116,13 +116,6 @@ def describe(a, name: str) -> tuple:
             "C" if a.is_contiguous() else _dense_strides(shape, a.stride()), a.data_ptr())
 
 
-def data_address(a) -> int:
-    """The address of an array's first element (a cheap identity of its memory)."""
-    if isinstance(a, np.ndarray):
-        return a.__array_interface__["data"][0]
-    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
-
-
 def _dense_strides(shape, strides):
     """The strides if they lay the elements out densely (a permutation of C order), else None."""
     expected = 1

@@ -20,7 +20,7 @@ the gradients (:meth:`Table.bind_grads`).
 from __future__ import annotations
 
 import math
-from functools import cache
+import operator
 
 import numpy as np
 
@@ -101,6 +101,7 @@ class Table:
         self.chunks = chunk_list(rows[:, N])
         self.natives = (params, states, steps, masters)  # for the numpy backend
         self._device_rows = None
+        self.grads = None
         self._scratch = None  # cuda: the norm pass's partials and last-block counter
 
     def _check(self, a, name, dtype, shape, size=None, layout="C"):
@@ -127,12 +128,15 @@ class Table:
         """Check the gradients (one per parameter, same shape, dtype and device) and record them."""
         if len(grads) != len(self.shapes):
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
+        if self.kind != "torch" and self.grads is not None and all(
+                map(operator.is_, grads, self.grads)):
+            return self  # the same NumPy/CuPy arrays as last step: shape, dtype, memory fixed
         addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i],
                                  layout=self.layouts[i])[5] for i, g in enumerate(grads)]
         if self._device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
             self._device_rows = None
         self.rows[:, G] = addresses
-        self.grads = grads
+        self.grads = list(grads)
         return self
 
     def has_nonfinite(self) -> bool:
@@ -254,18 +258,12 @@ if has_numba():
 
         return pointer(address, like), codegen
 
-    @njit(cache=True)
-    def _cpu_column(rows, r, column, like, start, stop):
-        """Elements [start, stop) of one column of row r (0-based slices vectorize best)."""
-        return carray(_pointer(rows[r, column], like), rows[r, N])[start:stop]
-
     @njit(parallel=True, cache=True)
     def _cpu_grad_sumsq(rows, chunks, like):
         """Per-chunk sums of squares of the gradients, in float64."""
         partial = np.zeros(chunks.shape[0])
         for c in prange(chunks.shape[0]):
-            r, start = chunks[c, 0], chunks[c, 1]
-            g = _cpu_column(rows, r, G, like, start, min(start + CHUNK, rows[r, N]))
+            g = _chunk(rows, chunks, c, G, like)
             acc = 0.0
             for i in range(g.size):
                 acc += float(g[i]) * float(g[i])
@@ -277,94 +275,116 @@ if has_numba():
         for r in range(rows.shape[0]):
             carray(_pointer(rows[r, STEP], step_like), 1)[0] += np.float32(1.0)
 
+    # One kernel per algorithm (kernels/optim.cu: step, the same math). ``k`` holds the
+    # scalars in the compute type: (gmul, sign, weight_decay, l1, lr, beta1, beta2,
+    # 1 - beta1, 1 - beta2, eps, decay); flags pick loops outside the element loops, so
+    # every loop is branch-free and vectorizes.
+
+    @njit(inline="always")
+    def _chunk(rows, chunks, c, column, like):
+        """Elements [start, stop) of one column of chunk c's row, and its step count."""
+        r, start = chunks[c, 0], chunks[c, 1]
+        return carray(_pointer(rows[r, column], like), rows[r, N])[
+            start:min(start + CHUNK, rows[r, N])]
+
+    @njit(inline="always")
+    def _step_count(rows, chunks, c, step_like):
+        return float(carray(_pointer(rows[chunks[c, 0], STEP], step_like), 1)[0])
+
     @njit(parallel=True, cache=True)
-    def _cpu_step(rows, chunks, like, zero, algorithm, gmul, lr, beta1, beta2, eps,
-                  weight_decay, l1, flags, step_like):
-        """The update of every chunk (kernels/optim.cu: step, the same math); ``zero`` is
-        0 in the compute type (float32 or float64)."""
-        f = type(zero)
-        sign = f(-1.0) if flags & MAXIMIZE else f(1.0)
-        gm, lr_, b1, b2 = f(gmul), f(lr), f(beta1), f(beta2)
-        omb1, omb2, eps_, l1_ = f(1.0 - beta1), f(1.0 - beta2), f(eps), f(l1)
-        wd = f(0.0) if flags & DECOUPLED else f(weight_decay)
-        decay = f(1.0 - lr * weight_decay) if flags & DECOUPLED else f(1.0)
+    def _cpu_adam(rows, chunks, like, step_like, k, k64, amsgrad):
+        """``k64``: (lr, beta1, beta2, eps) in float64, for the bias corrections."""
+        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k
         for c in prange(chunks.shape[0]):
-            r, start = chunks[c, 0], chunks[c, 1]
-            stop = min(start + CHUNK, rows[r, N])
-            t = float(carray(_pointer(rows[r, STEP], step_like), 1)[0])
-            p = _cpu_column(rows, r, P, like, start, stop)
-            g = _cpu_column(rows, r, G, like, start, stop)
-            if algorithm == 3:  # Adam / AdamW
-                # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with one division, not two:
-                # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)) (same value, 1-ulp roundings)
-                bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
-                step_size = f(lr / (1.0 - beta1 ** t) * bc2_sqrt)
-                eps_hat = f(eps * bc2_sqrt)
-                m = _cpu_column(rows, r, S0, like, start, stop)
-                v = _cpu_column(rows, r, S1, like, start, stop)
-                if flags & AMSGRAD:
-                    vmax = _cpu_column(rows, r, S2, like, start, stop)
-                    for i in range(stop - start):
-                        pi = p[i]
-                        gi = _gradient(pi, g[i], gm, sign, wd, l1_)
-                        pi = pi * decay
-                        mi = m[i] + omb1 * (gi - m[i])
-                        vi = v[i] * b2 + omb2 * gi * gi
-                        vm = max(vmax[i], vi)
-                        m[i], v[i], vmax[i] = mi, vi, vm
-                        p[i] = pi - step_size * (mi / (math.sqrt(vm) + eps_hat))
+            t = _step_count(rows, chunks, c, step_like)
+            # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with one division, not two:
+            # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)) (the same value)
+            bc2_sqrt = math.sqrt(1.0 - k64[2] ** t)
+            step_size = type(lr)(k64[0] / (1.0 - k64[1] ** t) * bc2_sqrt)
+            eps_hat = type(lr)(k64[3] * bc2_sqrt)
+            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+            m, v = _chunk(rows, chunks, c, S0, like), _chunk(rows, chunks, c, S1, like)
+            if amsgrad:
+                vmax = _chunk(rows, chunks, c, S2, like)
+                for i in range(p.size):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                    mi = m[i] + omb1 * (gi - m[i])
+                    vi = v[i] * beta2 + omb2 * gi * gi
+                    vm = max(vmax[i], vi)
+                    m[i], v[i], vmax[i] = mi, vi, vm
+                    p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vm) + eps_hat))
+            else:
+                for i in range(p.size):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                    mi = m[i] + omb1 * (gi - m[i])
+                    vi = v[i] * beta2 + omb2 * gi * gi
+                    m[i], v[i] = mi, vi
+                    p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) + eps_hat))
+
+    @njit(parallel=True, cache=True)
+    def _cpu_sgd(rows, chunks, like, step_like, k, momentum, nesterov):
+        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum
+        for c in prange(chunks.shape[0]):  # omb2 = 1 - dampening
+            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+            if not momentum:
+                for i in range(p.size):
+                    p[i] = p[i] - lr * _gradient(p[i], g[i], gm, sign, wd, l1)
+                continue
+            b = _chunk(rows, chunks, c, S0, like)
+            first = _step_count(rows, chunks, c, step_like) == 1.0  # b = g at step 1
+            if nesterov:
+                for i in range(p.size):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                    bi = gi if first else b[i] * beta1 + omb2 * gi
+                    b[i] = bi
+                    p[i] = p[i] - lr * (gi + beta1 * bi)
+            else:
+                for i in range(p.size):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                    bi = gi if first else b[i] * beta1 + omb2 * gi
+                    b[i] = bi
+                    p[i] = p[i] - lr * bi
+
+    @njit(parallel=True, cache=True)
+    def _cpu_adagrad(rows, chunks, like, step_like, k, k64):
+        """``k64``: (lr, lr_decay, _, _) in float64."""
+        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = lr_decay
+        for c in prange(chunks.shape[0]):
+            t = _step_count(rows, chunks, c, step_like)
+            clr = type(lr)(k64[0] / (1.0 + (t - 1.0) * k64[1]))
+            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+            s = _chunk(rows, chunks, c, S0, like)
+            for i in range(p.size):
+                gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                si = s[i] + gi * gi
+                s[i] = si
+                p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps))
+
+    @njit(parallel=True, cache=True)
+    def _cpu_rmsprop(rows, chunks, like, step_like, k, centered, momentum):
+        for c in prange(chunks.shape[0]):  # one loop per (centered, momentum)
+            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+            v = _chunk(rows, chunks, c, S0, like)
+            b = _chunk(rows, chunks, c, S1, like) if momentum else v
+            a = _chunk(rows, chunks, c, S2, like) if centered else v
+            if centered:
+                if momentum:
+                    _rmsprop_chunk(p, g, v, a, b, True, True, k)
                 else:
-                    for i in range(stop - start):
-                        pi = p[i]
-                        gi = _gradient(pi, g[i], gm, sign, wd, l1_)
-                        pi = pi * decay
-                        mi = m[i] + omb1 * (gi - m[i])
-                        vi = v[i] * b2 + omb2 * gi * gi
-                        m[i], v[i] = mi, vi
-                        p[i] = pi - step_size * (mi / (math.sqrt(vi) + eps_hat))
-            elif algorithm == 0:  # SGD
-                if flags & MOMENTUM:
-                    b = _cpu_column(rows, r, S0, like, start, stop)
-                    first = t == 1.0
-                    for i in range(stop - start):
-                        gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
-                        bi = gi if first else b[i] * b1 + omb2 * gi
-                        b[i] = bi
-                        p[i] = p[i] - lr_ * (gi + b1 * bi if flags & NESTEROV else bi)
-                else:
-                    for i in range(stop - start):
-                        p[i] = p[i] - lr_ * _gradient(p[i], g[i], gm, sign, wd, l1_)
-            elif algorithm == 1:  # Adagrad
-                clr = f(lr / (1.0 + (t - 1.0) * beta1))
-                s = _cpu_column(rows, r, S0, like, start, stop)
-                for i in range(stop - start):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1_)
-                    si = s[i] + gi * gi
-                    s[i] = si
-                    p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps_))
-            else:  # RMSprop: one loop per (centered, momentum), branch-free inside
-                v = _cpu_column(rows, r, S0, like, start, stop)
-                b = _cpu_column(rows, r, S1, like, start, stop) if flags & MOMENTUM else v
-                a = _cpu_column(rows, r, S2, like, start, stop) if flags & CENTERED else v
-                k = (gm, sign, wd, l1_, lr_, b1, b2, omb2, eps_)
-                if flags & CENTERED:
-                    if flags & MOMENTUM:
-                        _rmsprop_chunk(p, g, v, a, b, True, True, k)
-                    else:
-                        _rmsprop_chunk(p, g, v, a, b, True, False, k)
-                elif flags & MOMENTUM:
-                    _rmsprop_chunk(p, g, v, a, b, False, True, k)
-                else:
-                    _rmsprop_chunk(p, g, v, a, b, False, False, k)
+                    _rmsprop_chunk(p, g, v, a, b, True, False, k)
+            elif momentum:
+                _rmsprop_chunk(p, g, v, a, b, False, True, k)
+            else:
+                _rmsprop_chunk(p, g, v, a, b, False, False, k)
 
     @njit(inline="always")
     def _rmsprop_chunk(p, g, v, a, b, centered, momentum, k):
         """RMSprop over one chunk; ``centered`` and ``momentum`` are literals at each call,
         so each of the four loops compiles without branches."""
-        gm, sign, wd, l1, lr, b1, b2, omb2, eps = k
-        for i in range(p.size):
+        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum,
+        for i in range(p.size):  # beta2 = alpha
             gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-            vi = v[i] * b2 + omb2 * gi * gi
+            vi = v[i] * beta2 + omb2 * gi * gi
             v[i] = vi
             if centered:
                 ai = a[i] + omb2 * (gi - a[i])
@@ -373,7 +393,7 @@ if has_numba():
             else:
                 d = math.sqrt(vi) + eps
             if momentum:
-                bi = b[i] * b1 + gi / d
+                bi = b[i] * beta1 + gi / d
                 b[i] = bi
                 p[i] = p[i] - lr * bi
             else:
@@ -430,8 +450,22 @@ def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf):
     if not skip:
         step_like = np.empty(0, np.float32)
         _cpu_advance(table.rows, step_like)
-        _cpu_step(table.rows, table.chunks, like, like.dtype.type(0), h.kernel_id, gmul, h.lr, h.beta1, h.beta2,
-                  h.eps, h.weight_decay, h.l1, h.flags, step_like)
+        f = like.dtype.type
+        decoupled = bool(h.flags & DECOUPLED)
+        k = tuple(map(f, (gmul, -1.0 if h.flags & MAXIMIZE else 1.0,
+                          0.0 if decoupled else h.weight_decay, h.l1, h.lr, h.beta1, h.beta2,
+                          1.0 - h.beta1, 1.0 - h.beta2, h.eps,
+                          1.0 - h.lr * h.weight_decay if decoupled else 1.0)))
+        args = (table.rows, table.chunks, like, step_like, k)
+        k64 = (float(h.lr), float(h.beta1), float(h.beta2), float(h.eps))
+        if h.algorithm == "adam":
+            _cpu_adam(*args, k64, bool(h.flags & AMSGRAD))
+        elif h.algorithm == "sgd":
+            _cpu_sgd(*args, bool(h.flags & MOMENTUM), bool(h.flags & NESTEROV))
+        elif h.algorithm == "adagrad":
+            _cpu_adagrad(*args, k64)
+        else:
+            _cpu_rmsprop(*args, bool(h.flags & CENTERED), bool(h.flags & MOMENTUM))
     return np.asarray(float(skip))
 
 

@@ -14,9 +14,11 @@ device), so state dicts move between gpunn, gpunn.torch and torch.optim (:func:`
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
-from ..backend import array_kind, array_module, data_address, dtype_name
+from ..backend import array_kind, array_module, dtype_name
 from .fused import Table, combined_found_inf, needs_grad_pass, state_dtype
 from .functional import hyper
 
@@ -116,10 +118,11 @@ class FusedStep:
         states are the ones it addresses; else a new one and the states it needs (committed
         by the caller once every group's gradients have passed the checks)."""
         key = (index, h.algorithm, h.slots, bool(group.get("master_weights")),
-               tuple(data_address(self._array(p)) for p in params), tuple(map(id, params)))
+               tuple(map(id, params)), tuple(_memory_key(self._array(p)) for p in params))
         table = self._tables.get(key)
-        if table is not None and all(self.state.get(p) is s and all(s.get(k) is a for k, a in used)
-                                     for p, s, used in table.owner):
+        if (table is not None
+                and all(map(operator.is_, map(self.state.get, params), table.state_dicts))
+                and all(d.get(k) is a for d, k, a in table.state_arrays)):
             return table, None
         states = [self._prepared_state(p, group, h) for p in params]
         masters = [s.get("master_param") for s in states]
@@ -128,8 +131,9 @@ class FusedStep:
                       [s["step"] for s in states],
                       masters if any(m is not None for m in masters) else None,
                       group.get("backend"))
-        table.owner = [(p, s, [(k, s[k]) for k in (*h.slots, "step", "master_param") if k in s])
-                       for p, s in zip(params, states)]
+        table.state_dicts = states
+        table.state_arrays = [(s, k, s[k]) for s in states
+                              for k in (*h.slots, "step", "master_param") if k in s]
         return table, (key, index, dict(zip(params, states)))
 
     def fused_step(self, grad_scale=None, found_inf=None):
@@ -160,6 +164,12 @@ class FusedStep:
     def last_step_skipped(self) -> bool:
         """Whether the last step skipped a group for inf/NaN gradients (reads the device)."""
         return any(float(f) != 0.0 for f in getattr(self, "skip_flags", []))
+
+
+def _memory_key(a):
+    """What identifies a parameter's memory: a torch tensor's address (``.data`` can be
+    swapped under the same tensor), else the array object (the table keeps it alive)."""
+    return a.data_ptr() if hasattr(a, "data_ptr") else id(a)
 
 
 def _same_place(a, b) -> bool:
