@@ -68,23 +68,36 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
                         self.state[p][key] = torch.empty_like(p, dtype=torch.float32).copy_(value)
 
 
-class SGD(SGDOptions, Optimizer):
+class TorchOptions:
+    """torch's implementation switches, accepted so that code written for torch.optim runs
+    unchanged: ``foreach`` and ``fused`` change nothing (the step is always fused);
+    ``capturable`` and ``differentiable`` are not supported."""
+
+    def __init__(self, params, *args, foreach=None, fused=None, capturable=False,
+                 differentiable=False, **kwargs):
+        for name, value in (("capturable", capturable), ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"{type(self).__name__}: {name}=True is not supported")
+        super().__init__(params, *args, **kwargs)
+
+
+class SGD(TorchOptions, SGDOptions, Optimizer):
     """torch.optim.SGD, fused."""
 
 
-class Adagrad(AdagradOptions, Optimizer):
+class Adagrad(TorchOptions, AdagradOptions, Optimizer):
     """torch.optim.Adagrad, fused."""
 
 
-class RMSprop(RMSpropOptions, Optimizer):
+class RMSprop(TorchOptions, RMSpropOptions, Optimizer):
     """torch.optim.RMSprop, fused."""
 
 
-class Adam(AdamOptions, Optimizer):
+class Adam(TorchOptions, AdamOptions, Optimizer):
     """torch.optim.Adam, fused."""
 
 
-class AdamW(AdamWOptions, Optimizer):
+class AdamW(TorchOptions, AdamWOptions, Optimizer):
     """torch.optim.AdamW, fused."""
 
 

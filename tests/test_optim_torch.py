@@ -557,3 +557,15 @@ def test_cuda_bfloat16_state_dict_round_trip_mid_run(rng):
     for p, q in zip(whole, resumed):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["master_param"], opt2.state[q]["master_param"])
+
+
+def test_torch_implementation_switches_are_accepted():
+    """Code written for torch.optim (foreach=/fused=) runs unchanged; capturable and
+    differentiable, which gpunn does not implement, are refused by name."""
+    params = [torch.nn.Parameter(torch.randn(5))]
+    params[0].grad = torch.randn(5)
+    for cls in (gt.SGD, gt.Adagrad, gt.RMSprop, gt.Adam, gt.AdamW):
+        cls(params, lr=1e-3, foreach=False, fused=True).step()
+        for name in ("capturable", "differentiable"):
+            with pytest.raises(ValueError, match=name):
+                cls(params, lr=1e-3, **{name: True})
