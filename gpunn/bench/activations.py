@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
-import time
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Callable
@@ -90,52 +88,29 @@ def n_bytes(direction: str, size: int, itemsize: int) -> int:
 
 
 @dataclass
-class Options:
-    """What to run; the CLI's namespace has the same attributes (all optional)."""
+class Options(harness.Options):
+    """What to run (``sizes``: of the elementwise cases)."""
 
-    device: str = "cpu"  # cpu | cuda | all
-    sizes: list[int] | None = None  # elementwise sizes (elements)
-    dtypes: list[str] | None = None
     ops: list[str] | None = None
     directions: list[str] | None = None
     softmax_cols: list[int] | None = None  # row lengths
     softmax_total: int | None = None  # elements per softmax case
-    quick: bool = False
-    seed: int = 0
-    time_budget: float | None = None  # seconds; cases after it are skipped
-    progress: bool = True
 
 
-def _opt(options, name, default=None):
-    value = getattr(options, name, None)
-    return default if value is None else value
-
-
-def parse_ops(text: str) -> list[str]:
-    try:
-        return harness.parse_names(text, OPS, "op(s)")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+parse_ops = harness.names_type(OPS, "op(s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's own command-line options (the common ones come from the CLI)."""
     parser.add_argument("--ops", type=parse_ops, metavar="OP[,OP...]",
                         help=f"ops to run (default all): {', '.join(OPS)}")
-    parser.add_argument("--directions", type=_parse_directions, metavar="DIR[,DIR]",
-                        help="forward, backward or both (default both)")
+    parser.add_argument("--directions", type=harness.names_type(DIRECTIONS, "direction(s)"),
+                        metavar="DIR[,DIR]", help="forward, backward or both (default both)")
     parser.add_argument("--softmax-cols", type=_parse_cols, metavar="N[,N...]",
                         help="softmax row lengths (default 1024,4096,32768)")
     parser.add_argument("--softmax-total", type=_parse_one_size, metavar="N",
                         help=f"elements per softmax case (default {CPU_SOFTMAX_TOTAL} on the "
                              f"CPU, {GPU_SOFTMAX_TOTAL} on the GPU)")
-
-
-def _parse_directions(text: str) -> list[str]:
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
-    if not names or any(s not in DIRECTIONS for s in names):
-        raise argparse.ArgumentTypeError(f"{text!r}: use forward, backward or forward,backward")
-    return names
 
 
 def _parse_cols(text: str) -> list[int]:
@@ -269,68 +244,20 @@ class Case:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def record_base(self, itemsize: int) -> dict:
+    def record_base(self) -> dict:
         return dict(suite=SUITE, device=self.device, op=self.spec.name,
                     direction=self.direction, shape=list(self.shape), dtype=self.dtype,
-                    bytes=n_bytes(self.direction, self.size, itemsize))
-
-    def label(self) -> str:
-        return (f"{self.spec.name} {self.direction} {harness.format_shape(self.shape)} "
-                f"{self.dtype} ({self.device})")
+                    bytes=n_bytes(self.direction, self.size, harness.itemsize(self.dtype)))
 
 
 def _shapes(kind: str, options, device: str) -> list[tuple]:
     if kind == "elementwise":
-        default = CPU_SIZES if device == "cpu" else GPU_SIZES
-        sizes = _opt(options, "sizes") or [harness.parse_size(s) for s in default]
+        sizes = harness.selected_sizes(options, CPU_SIZES if device == "cpu" else GPU_SIZES)
         return [(int(n),) for n in sizes]
-    total = _opt(options, "softmax_total") or harness.parse_size(
+    total = harness.option(options, "softmax_total") or harness.parse_size(
         CPU_SOFTMAX_TOTAL if device == "cpu" else GPU_SOFTMAX_TOTAL)
     return [(max(1, int(total) // int(cols)), int(cols))
-            for cols in (_opt(options, "softmax_cols") or SOFTMAX_COLS)]
-
-
-class _Runner:
-    """Runs the cases of one suite invocation: the deadline, the progress lines, the records."""
-
-    def __init__(self, options, extra_contenders):
-        self.options = options
-        self.policy_cpu = harness.QUICK_POLICY if _opt(options, "quick", False) else harness.CPU_POLICY
-        self.policy_gpu = harness.QUICK_POLICY if _opt(options, "quick", False) else harness.GPU_POLICY
-        budget = _opt(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
-        self.extra = list(extra_contenders)
-        self.cache: dict = {}  # for contenders with a cache_key (none in this suite)
-        self.records: list[Record] = []
-        self.progress = _opt(options, "progress", True)
-        self.count = 0
-        self.stopped: str | None = None
-
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-    def skip(self, case: Case, itemsize: int, reason: str) -> None:
-        self.records.append(Record(**case.record_base(itemsize), impl="-", role="gpunn",
-                                   status="skipped", note=reason))
-
-    def say(self, text: str) -> None:
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def run_case(self, case: Case, itemsize: int, contenders: list[Contender], check,
-                 policy) -> None:
-        self.count += 1
-        if self.stopped or self.out_of_time():
-            self.stopped = self.stopped or "time budget spent"
-            self.skip(case, itemsize, self.stopped)
-            return
-        t0 = time.monotonic()
-        extra = [c for make in self.extra for c in [make(case)] if c is not None]
-        records = harness.run_contenders(case.record_base(itemsize), contenders + extra,
-                                         check=check, policy=policy, cache=self.cache)
-        self.records.extend(records)
-        self.say(f"[{self.count}] {case.label()}: {time.monotonic() - t0:.1f} s"
-                 + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
+            for cols in (harness.option(options, "softmax_cols") or SOFTMAX_COLS)]
 
 
 # --- CPU --------------------------------------------------------------------------------------
@@ -375,21 +302,12 @@ def _cpu_contenders(case: Case, bufs: dict, ref_name: str) -> list[Contender]:
     return contenders
 
 
-def _host(out) -> np.ndarray:
-    if isinstance(out, np.ndarray):
-        return out
-    if type(out).__module__.split(".")[0] == "torch":
-        return out.detach().numpy()
-    return np.asarray(out)
-
-
-def _run_cpu(runner: _Runner, specs: list[OpSpec], directions: list[str]) -> None:
+def _run_cpu(runner: harness.Runner, specs: list[OpSpec], directions: list[str]) -> None:
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or CPU_DTYPES) if d in CPU_CAN]
-    rng = np.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, CPU_DTYPES, CPU_CAN)
+    rng = np.random.default_rng(runner.seed)
     ref_name = "numpy"
     for dtype, tol, kind_specs, shape in _case_groups(specs, options, "cpu", dtypes):
-        itemsize = np.dtype(dtype).itemsize
         x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         y = np.empty_like(x)  # the forward's output (the reference's), for backwards
@@ -407,8 +325,8 @@ def _run_cpu(runner: _Runner, specs: list[OpSpec], directions: list[str]) -> Non
                 inputs = [x] if direction == "forward" else [dy, v]
                 case = Case("cpu", spec, direction, shape, dtype, inputs)
                 check = _CpuCheck(case, ref_name, tol)
-                runner.run_case(case, itemsize, _cpu_contenders(case, bufs, ref_name),
-                                check, runner.policy_cpu)
+                runner.run_case(case.record_base(), _cpu_contenders(case, bufs, ref_name),
+                                check, runner.policy_cpu, case)
                 if (direction == "forward" and spec.backward_from == "output"
                         and check.ref is not None):
                     np.copyto(y, check.ref)
@@ -435,7 +353,7 @@ class _CpuCheck:
         self.ref_note = ""
 
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
-        out = _host(out)
+        out = harness.host_array(out)
         if contender.name == self.ref_name and self.ref is None:
             self.ref = out.copy()
             head = _head(self.case.shape)
@@ -453,87 +371,11 @@ class _CpuCheck:
 # --- GPU --------------------------------------------------------------------------------------
 
 
-def _gpu_ready() -> str | None:
-    """None when a CUDA device is visible to CuPy, else why not."""
-    from gpunn import backend
-
-    if not backend.has_cupy():
-        return "CuPy is not installed"
-    if backend.cuda_device_count() == 0:
-        return "CuPy sees no CUDA device"
-    return None
-
-
-class _GpuArrays:
-    """One input on the device in a dtype: the native CuPy array (None where CuPy cannot hold
-    the dtype), its float32 values (what the reference computes on) and a torch view."""
-
-    def __init__(self, values_f32, dtype: str):
-        import cupy
-
-        self.dtype = dtype
-        self.native_error = ""
-        if dtype == "bfloat16":
-            bits = _bf16_bits(values_f32)
-            self.f32 = _bf16_to_f32(bits)
-            self._torch_bits = bits
-            try:
-                import ml_dtypes
-
-                self.native = bits.view(ml_dtypes.bfloat16)
-            except Exception as e:  # CuPy without bfloat16, or no ml_dtypes
-                self.native = None
-                self.native_error = f"{type(e).__name__}: {e}"
-        else:
-            self.native = values_f32.astype(dtype)
-            self.f32 = self.native.astype(cupy.float32, copy=False)
-            self._torch_bits = None
-
-    def torch(self):
-        import torch
-
-        if self._torch_bits is not None:
-            return torch.from_dlpack(self._torch_bits).view(torch.bfloat16)
-        return torch.from_dlpack(self.native)
-
-
-def _bf16_bits(a32):
-    """Round float32 CuPy values to bfloat16 (to nearest even), as int16 bit patterns."""
-    import cupy
-
-    u = a32.view(cupy.uint32)
-    rounded = (u + cupy.uint32(0x7FFF) + ((u >> 16) & cupy.uint32(1))) >> 16
-    return rounded.astype(cupy.uint16).view(cupy.int16)
-
-
-def _bf16_to_f32(bits16):
-    import cupy
-
-    return (bits16.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
-
-
-def _device_f32(out):
-    """A contender's output as a float32 CuPy array (torch tensors and bfloat16 included)."""
-    import cupy
-
-    if type(out).__module__.split(".")[0] == "torch":
-        import torch
-
-        t = out.detach().float().contiguous()
-        torch.cuda.current_stream().synchronize()
-        return cupy.from_dlpack(t)
-    if out.dtype == cupy.float32:
-        return out
-    if np.dtype(out.dtype).name == "bfloat16":
-        return _bf16_to_f32(out.view(cupy.uint16))
-    return out.astype(cupy.float32)
-
-
 class _GpuCheck:
     """Compares each output with the reference computed by gpunn's NumPy backend through CuPy
     on float32 values of the inputs; the reference is itself checked on the host in float64."""
 
-    def __init__(self, case: Case, arrays: list[_GpuArrays], tol: float):
+    def __init__(self, case: Case, arrays: list[harness.GpuArrays], tol: float):
         import cupy
 
         self.tol = tol
@@ -552,19 +394,17 @@ class _GpuCheck:
 
         if contender.name == "cupy unfused" and self.ref_note:
             return self.ref_err, self.ref_note
-        return harness.rel_err(_device_f32(out), self.ref, xp=cupy), self.ref_note
+        return harness.rel_err(harness.device_f32(out), self.ref, xp=cupy), self.ref_note
 
 
-def _gpu_contenders(case: Case, arrays: list[_GpuArrays]) -> list[Contender]:
+def _gpu_contenders(case: Case, arrays: list[harness.GpuArrays]) -> list[Contender]:
     import cupy
 
     gpunn = _gpunn_call(case.spec, case.direction)
-    nbytes = n_bytes(case.direction, case.size, _itemsize(case.dtype))
+    nbytes = n_bytes(case.direction, case.size, harness.itemsize(case.dtype))
 
     def make_gpunn():
-        natives = [a.native for a in arrays]
-        if any(a is None for a in natives):
-            raise TypeError(f"CuPy cannot hold {case.dtype} arrays: {arrays[0].native_error}")
+        natives = harness.natives(arrays, case.dtype)
         out = cupy.empty(case.shape, dtype=natives[0].dtype)
         return lambda: gpunn(*natives, out, backend="cuda")
 
@@ -578,16 +418,11 @@ def _gpu_contenders(case: Case, arrays: list[_GpuArrays]) -> list[Contender]:
     def make_torch():
         import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("this torch has no CUDA")
         tdtype = getattr(torch, case.dtype)
         f, _ = _torch_call(case.spec, case.direction, tdtype)
         targs = [a.torch() for a in arrays]
         tout = torch.empty(case.shape, dtype=tdtype, device=targs[0].device)
         return lambda: (f(*targs, tout), tout)[1]
-
-    def make_limit():
-        return harness.cuda_copy_limit(nbytes)
 
     try:
         import torch
@@ -595,60 +430,42 @@ def _gpu_contenders(case: Case, arrays: list[_GpuArrays]) -> list[Contender]:
         torch_note = _torch_call(case.spec, case.direction, getattr(torch, case.dtype))[1]
     except ImportError:
         torch_note = "torch not installed"
-    return [
-        Contender("gpunn cuda", "gpunn", make_gpunn, clock="cupy"),
-        Contender("torch cuda", "torch", make_torch, clock="torch", note=torch_note),
-        Contender("cupy unfused", "baseline", make_unfused, clock="cupy"),
-        Contender("copy limit", "limit", make_limit, clock="cupy", check=False),
-    ]
+    return harness.gpu_contenders(make_gpunn, make_torch, make_unfused, nbytes, torch_note)
 
 
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-
-
-def _run_gpu(runner: _Runner, specs: list[OpSpec], directions: list[str]) -> None:
+def _run_gpu(runner: harness.Runner, specs: list[OpSpec], directions: list[str]) -> None:
     import cupy
 
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or GPU_DTYPES) if d in GPU_CAN]
-    rng = cupy.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, GPU_DTYPES, GPU_CAN)
+    rng = cupy.random.default_rng(runner.seed)
     for dtype, tol, kind_specs, shape in _case_groups(specs, options, "cuda", dtypes):
-        itemsize = _itemsize(dtype)
-        x = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
-        dy = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        x = harness.GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        dy = harness.GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
         for spec in kind_specs:
             y = None
             if "backward" in directions and spec.backward_from == "output":
                 y32 = _gpunn_call(spec, "forward")(
                     x.f32, cupy.empty(shape, dtype=cupy.float32), backend="numpy")
-                y = _GpuArrays(y32, dtype)  # rounded to the case's dtype
+                y = harness.GpuArrays(y32, dtype)  # rounded to the case's dtype
                 del y32
             for direction in directions:
                 v = y if spec.backward_from == "output" else x
                 arrays = [x] if direction == "forward" else [dy, v]
                 case = Case("cuda", spec, direction, shape, dtype, [a.native for a in arrays])
-                if runner.stopped or runner.out_of_time():
-                    runner.run_case(case, itemsize, [], None, runner.policy_gpu)
+                if runner.out_of_time():  # skipped: no reference to compute
+                    runner.run_case(case.record_base(), [], None, runner.policy_gpu, case)
                     continue
                 try:
                     check = _GpuCheck(case, arrays, tol)
                 except Exception as e:
-                    check = _failed_check(e)
-                runner.run_case(case, itemsize, _gpu_contenders(case, arrays), check,
-                                runner.policy_gpu)
+                    check = harness.failed_check(e)
+                runner.run_case(case.record_base(), _gpu_contenders(case, arrays), check,
+                                runner.policy_gpu, case)
                 del check
             del y
         del x, dy
-        cupy.get_default_memory_pool().free_all_blocks()
-        if "torch" in sys.modules:
-            sys.modules["torch"].cuda.empty_cache()
-
-
-def _failed_check(error: Exception):
-    def check(contender, out):
-        raise RuntimeError(f"no reference: {type(error).__name__}: {error}")
-    return check
+        harness.free_gpu_memory()
 
 
 # --- Entry point ------------------------------------------------------------------------------
@@ -661,26 +478,8 @@ def run(options=None, *, extra_contenders=()) -> list[Record]:
     namespace). ``extra_contenders``: callables ``f(case) -> Contender | None`` adding
     contenders to each case (the tests add a wrong one)."""
     options = options or Options()
-    specs = [OPS[name] for name in (_opt(options, "ops") or list(OPS))]
-    directions = [d for d in DIRECTIONS if d in (_opt(options, "directions") or DIRECTIONS)]
-    device = _opt(options, "device", "cpu")
-    if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
-    runner = _Runner(options, extra_contenders)
-    try:
-        if device in ("cpu", "all"):
-            _run_cpu(runner, specs, directions)
-        if device in ("cuda", "all"):
-            why = _gpu_ready()
-            if why is None:
-                _run_gpu(runner, specs, directions)
-            elif device == "cuda":
-                raise RuntimeError(f"--device cuda: {why}")
-            else:
-                runner.say(f"GPU part skipped: {why}")
-    except KeyboardInterrupt:
-        runner.say("interrupted: writing the results measured so far")
-        runner.records.append(Record(suite=SUITE, device=device, op="*", direction="*",
-                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
-                                     status="skipped", note="interrupted"))
-    return harness.finalize(runner.records)
+    specs = [OPS[name] for name in (harness.option(options, "ops") or list(OPS))]
+    directions = harness.selected(options, "directions", DIRECTIONS)
+    return harness.run_suite(SUITE, options, lambda runner: _run_cpu(runner, specs, directions),
+                             lambda runner: _run_gpu(runner, specs, directions),
+                             extra_contenders)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
-import time
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Callable
@@ -70,24 +68,13 @@ def n_bytes(direction: str, size: int, itemsize: int) -> int:
 
 
 @dataclass
-class Options:
-    """What to run; the CLI's namespace has the same attributes (all optional)."""
+class Options(harness.Options):
+    """What to run (``sizes`` does not apply: ``shapes`` says what to run on)."""
 
-    device: str = "cpu"  # cpu | cuda | all
     shapes: list[tuple] | None = None  # NCHW shapes
     layouts: list[str] | None = None
-    dtypes: list[str] | None = None
     ops: list[str] | None = None
     directions: list[str] | None = None
-    quick: bool = False
-    seed: int = 0
-    time_budget: float | None = None
-    progress: bool = True
-
-
-def _opt(options, name, default=None):
-    value = getattr(options, name, None)
-    return default if value is None else value
 
 
 def parse_shapes(text: str) -> list[tuple]:
@@ -109,25 +96,16 @@ def parse_shapes(text: str) -> list[tuple]:
     return shapes
 
 
-def _names(choices, what):
-    def parse(text):
-        try:
-            return harness.parse_names(text, choices, what)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's own command-line options (the common ones come from the CLI)."""
     parser.add_argument("--shapes", type=parse_shapes, metavar="NxCxHxW[,...]",
                         help="NCHW shapes (default CPU 64x64x56x56,256x1024; GPU "
                              "64x256x32x32,1024x64x8x8)")
-    parser.add_argument("--layouts", type=_names(LAYOUTS, "layout(s)"), metavar="L[,L]",
-                        help="nchw and/or nhwc (channels last); default nchw")
-    parser.add_argument("--ops", type=_names(OPS, "op(s)"), metavar="OP[,OP]",
+    parser.add_argument("--layouts", type=harness.names_type(LAYOUTS, "layout(s)"),
+                        metavar="L[,L]", help="nchw and/or nhwc (channels last); default nchw")
+    parser.add_argument("--ops", type=harness.names_type(OPS, "op(s)"), metavar="OP[,OP]",
                         help=f"any of {', '.join(OPS)} (default both)")
-    parser.add_argument("--directions", type=_names(DIRECTIONS, "direction(s)"),
+    parser.add_argument("--directions", type=harness.names_type(DIRECTIONS, "direction(s)"),
                         metavar="DIR[,DIR]", help="forward, backward or both (default both)")
 
 
@@ -164,14 +142,10 @@ class Case:
     def label_op(self) -> str:
         return self.op if self.layout == "nchw" or len(self.shape) == 2 else f"{self.op} nhwc"
 
-    def record_base(self, itemsize: int) -> dict:
+    def record_base(self) -> dict:
         return dict(suite=SUITE, device=self.device, op=self.label_op,
                     direction=self.direction, shape=list(self.shape), dtype=self.dtype,
-                    bytes=n_bytes(self.direction, self.size, itemsize))
-
-    def label(self) -> str:
-        return (f"{self.label_op} {self.direction} {harness.format_shape(self.shape)} "
-                f"{self.dtype} ({self.device})")
+                    bytes=n_bytes(self.direction, self.size, harness.itemsize(self.dtype)))
 
 
 def _array_shape(shape: tuple, layout: str) -> tuple:
@@ -179,10 +153,10 @@ def _array_shape(shape: tuple, layout: str) -> tuple:
 
 
 def _cases(options, device: str, dtypes: list[str]):
-    shapes = _opt(options, "shapes") or (CPU_SHAPES if device == "cpu" else GPU_SHAPES)
-    layouts = _opt(options, "layouts") or ("nchw",)
-    ops = [o for o in OPS if o in (_opt(options, "ops") or OPS)]
-    directions = [d for d in DIRECTIONS if d in (_opt(options, "directions") or DIRECTIONS)]
+    shapes = harness.option(options, "shapes") or (CPU_SHAPES if device == "cpu" else GPU_SHAPES)
+    layouts = harness.option(options, "layouts") or ("nchw",)
+    ops = harness.selected(options, "ops", OPS)
+    directions = harness.selected(options, "directions", DIRECTIONS)
     for dtype in dtypes:
         for shape in shapes:
             for layout in layouts:
@@ -207,41 +181,6 @@ def _gpunn_call(case: Case, backend: str, rm, rv) -> Callable:
                                                        backend=backend)[0]
     return lambda out: bn.batch_norm_backward(dy, x, mean, invstd, w, channels_last=cl, out=out,
                                               backend=backend)[0]
-
-
-class _Runner:
-    """Runs the cases of one invocation: the deadline, the progress lines, the records."""
-
-    def __init__(self, options, extra_contenders):
-        self.options = options
-        quick = _opt(options, "quick", False)
-        self.policy_cpu = harness.QUICK_POLICY if quick else harness.CPU_POLICY
-        self.policy_gpu = harness.QUICK_POLICY if quick else harness.GPU_POLICY
-        budget = _opt(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
-        self.extra = list(extra_contenders)
-        self.records: list[Record] = []
-        self.progress = _opt(options, "progress", True)
-        self.count = 0
-
-    def say(self, text: str) -> None:
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def run_case(self, case: Case, itemsize: int, contenders: list[Contender], check,
-                 policy) -> None:
-        self.count += 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.records.append(Record(**case.record_base(itemsize), impl="-", role="gpunn",
-                                       status="skipped", note="time budget spent"))
-            return
-        t0 = time.monotonic()
-        extra = [c for make in self.extra for c in [make(case)] if c is not None]
-        records = harness.run_contenders(case.record_base(itemsize), contenders + extra,
-                                         check=check, policy=policy)
-        self.records.extend(records)
-        self.say(f"[{self.count}] {case.label()}: {time.monotonic() - t0:.1f} s"
-                 + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
 
 
 # --- CPU --------------------------------------------------------------------------------------
@@ -393,12 +332,6 @@ def _cpu_contenders(case: Case, bufs: dict) -> list[Contender]:
     return contenders
 
 
-def _host(a) -> np.ndarray:
-    if type(a).__module__.split(".")[0] == "torch":
-        return a.detach().numpy()
-    return np.asarray(a)
-
-
 class _CpuCheck:
     """Every output against the reference contender's first output."""
 
@@ -406,7 +339,7 @@ class _CpuCheck:
         self.ref: np.ndarray | None = None
 
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
-        out = _host(out)
+        out = harness.host_array(out)
         if contender.name == "numpy" and self.ref is None:
             self.ref = out.copy()
             return 0.0, ""
@@ -431,10 +364,10 @@ def _inputs_cpu(rng, shape, layout, dtype):
     return [x, dy, w, b, mean, invstd]
 
 
-def _run_cpu(runner: _Runner) -> None:
+def _run_cpu(runner: harness.Runner) -> None:
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or CPU_DTYPES) if d in CPU_CAN]
-    rng = np.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, CPU_DTYPES, CPU_CAN)
+    rng = np.random.default_rng(runner.seed)
     for dtype, shape, layout, ops, directions in _cases(options, "cpu", dtypes):
         inputs = _inputs_cpu(rng, shape, layout, dtype)
         ashape = inputs[0].shape
@@ -442,26 +375,12 @@ def _run_cpu(runner: _Runner) -> None:
         for op in ops:
             for direction in directions:
                 case = Case("cpu", op, direction, shape, layout, dtype, inputs)
-                runner.run_case(case, np.dtype(dtype).itemsize, _cpu_contenders(case, bufs),
-                                _CpuCheck(), runner.policy_cpu)
+                runner.run_case(case.record_base(), _cpu_contenders(case, bufs), _CpuCheck(),
+                                runner.policy_cpu, case)
         del bufs, inputs
 
 
 # --- GPU --------------------------------------------------------------------------------------
-
-
-def _gpu_ready() -> str | None:
-    from gpunn import backend
-
-    if not backend.has_cupy():
-        return "CuPy is not installed"
-    if backend.cuda_device_count() == 0:
-        return "CuPy sees no CUDA device"
-    return None
-
-
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
 class _GpuCheck:
@@ -482,17 +401,13 @@ class _GpuCheck:
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
         import cupy
 
-        from .activations import _device_f32
-
-        return (harness.rel_err(_device_f32(out), self.ref, xp=cupy),
+        return (harness.rel_err(harness.device_f32(out), self.ref, xp=cupy),
                 self.notes.get(contender.name, ""))
 
 
 def _torch_cuda(case: Case, arrays) -> tuple[Callable[[], Any], str]:
     import torch
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("this torch has no CUDA")
     aten = torch.ops.aten
     x, dy, back = _torch_views(case, [arrays[0].torch(), arrays[1].torch()])
     w, b, mean, invstd = (torch.from_dlpack(a) for a in case.inputs[2:])
@@ -537,16 +452,14 @@ def _torch_cuda(case: Case, arrays) -> tuple[Callable[[], Any], str]:
 def _gpu_contenders(case: Case, arrays, notes: dict) -> list[Contender]:
     import cupy
 
-    nbytes = n_bytes(case.direction, case.size, _itemsize(case.dtype))
+    nbytes = n_bytes(case.direction, case.size, harness.itemsize(case.dtype))
     C = case.inputs[2].shape[0]
 
     def make_gpunn(backend):
         def make():
             if backend == "numpy" and case.dtype not in ("float32", "float64"):
                 return None  # the reference computes in float32/float64 only
-            natives = [a.native for a in arrays]
-            if any(a is None for a in natives):
-                raise TypeError(f"CuPy cannot hold {case.dtype} arrays: {arrays[0].native_error}")
+            natives = harness.natives(arrays, case.dtype)
             run_case = Case(case.device, case.op, case.direction, case.shape, case.layout,
                             case.dtype, natives + list(case.inputs[2:]))
             rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
@@ -558,30 +471,22 @@ def _gpu_contenders(case: Case, arrays, notes: dict) -> list[Contender]:
         call, notes["torch cuda"] = _torch_cuda(case, arrays)
         return call
 
-    return [
-        Contender("gpunn cuda", "gpunn", make_gpunn("cuda"), clock="cupy"),
-        Contender("torch cuda", "torch", make_torch, clock="torch"),
-        Contender("cupy unfused", "baseline", make_gpunn("numpy"), clock="cupy"),
-        Contender("copy limit", "limit", lambda: harness.cuda_copy_limit(nbytes), clock="cupy",
-                  check=False),
-    ]
+    return harness.gpu_contenders(make_gpunn("cuda"), make_torch, make_gpunn("numpy"), nbytes)
 
 
-def _run_gpu(runner: _Runner) -> None:
+def _run_gpu(runner: harness.Runner) -> None:
     import cupy
 
     from gpunn.ops import batchnorm as bn
 
-    from .activations import _GpuArrays
-
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or GPU_DTYPES) if d in GPU_CAN]
-    rng = cupy.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, GPU_DTYPES, GPU_CAN)
+    rng = cupy.random.default_rng(runner.seed)
     for dtype, shape, layout, ops, directions in _cases(options, "cuda", dtypes):
         ashape = _array_shape(shape, layout)
         C = shape[1]
-        x = _GpuArrays(rng.standard_normal(ashape, dtype=cupy.float32) + 0.5, dtype)
-        dy = _GpuArrays(rng.standard_normal(ashape, dtype=cupy.float32), dtype)
+        x = harness.GpuArrays(rng.standard_normal(ashape, dtype=cupy.float32) + 0.5, dtype)
+        dy = harness.GpuArrays(rng.standard_normal(ashape, dtype=cupy.float32), dtype)
         w = 0.5 + rng.random(C, dtype=cupy.float32)
         b = rng.standard_normal(C, dtype=cupy.float32)
         _, mean, invstd = bn.batch_norm_forward(x.f32, None, None, w, b, True,
@@ -595,15 +500,12 @@ def _run_gpu(runner: _Runner) -> None:
                 try:
                     check = _GpuCheck(case, [x, dy], notes)
                 except Exception as e:
-                    def check(contender, out, e=e):
-                        raise RuntimeError(f"no reference: {type(e).__name__}: {e}")
-                runner.run_case(case, _itemsize(dtype), _gpu_contenders(case, [x, dy], notes),
-                                check, runner.policy_gpu)
+                    check = harness.failed_check(e)
+                runner.run_case(case.record_base(), _gpu_contenders(case, [x, dy], notes),
+                                check, runner.policy_gpu, case)
                 del check
         del x, dy
-        cupy.get_default_memory_pool().free_all_blocks()
-        if "torch" in sys.modules:
-            sys.modules["torch"].cuda.empty_cache()
+        harness.free_gpu_memory()
 
 
 # --- Entry point ------------------------------------------------------------------------------
@@ -611,25 +513,4 @@ def _run_gpu(runner: _Runner) -> None:
 
 def run(options=None, *, extra_contenders=()) -> list[Record]:
     """Run the suite; returns finalized records (CPU first, then GPU)."""
-    options = options or Options()
-    device = _opt(options, "device", "cpu")
-    if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
-    runner = _Runner(options, extra_contenders)
-    try:
-        if device in ("cpu", "all"):
-            _run_cpu(runner)
-        if device in ("cuda", "all"):
-            why = _gpu_ready()
-            if why is None:
-                _run_gpu(runner)
-            elif device == "cuda":
-                raise RuntimeError(f"--device cuda: {why}")
-            else:
-                runner.say(f"GPU part skipped: {why}")
-    except KeyboardInterrupt:
-        runner.say("interrupted: writing the results measured so far")
-        runner.records.append(Record(suite=SUITE, device=device, op="*", direction="*",
-                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
-                                     status="skipped", note="interrupted"))
-    return harness.finalize(runner.records)
+    return harness.run_suite(SUITE, options or Options(), _run_cpu, _run_gpu, extra_contenders)

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -67,30 +65,11 @@ def n_bytes(direction: str, size: int, itemsize: int) -> int:
 
 
 @dataclass
-class Options:
-    """What to run; the CLI's namespace has the same attributes (all optional)."""
+class Options(harness.Options):
+    """What to run (``sizes``: of the 1-D arrays)."""
 
-    device: str = "cpu"  # cpu | cuda | all
-    sizes: list[int] | None = None
-    dtypes: list[str] | None = None
     directions: list[str] | None = None
     ps: list[float] | None = None
-    quick: bool = False
-    seed: int = 0
-    time_budget: float | None = None
-    progress: bool = True
-
-
-def _opt(options, name, default=None):
-    value = getattr(options, name, None)
-    return default if value is None else value
-
-
-def _parse_directions(text: str) -> list[str]:
-    try:
-        return harness.parse_names(text, DIRECTIONS, "direction(s)")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse_ps(text: str) -> list[float]:
@@ -105,7 +84,8 @@ def _parse_ps(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's own command-line options (the common ones come from the CLI)."""
-    parser.add_argument("--directions", type=_parse_directions, metavar="DIR[,DIR...]",
+    parser.add_argument("--directions", type=harness.names_type(DIRECTIONS, "direction(s)"),
+                        metavar="DIR[,DIR...]",
                         help=f"any of {', '.join(DIRECTIONS)} (default all)")
     parser.add_argument("--p", dest="ps", type=_parse_ps, metavar="P[,P...]",
                         help="drop probabilities (default 0.5)")
@@ -133,14 +113,10 @@ class Case:
     def op(self) -> str:
         return f"{OP} p={self.p:g}"
 
-    def record_base(self, itemsize: int) -> dict:
+    def record_base(self) -> dict:
         return dict(suite=SUITE, device=self.device, op=self.op, direction=self.direction,
                     shape=list(self.shape), dtype=self.dtype,
-                    bytes=n_bytes(self.direction, self.size, itemsize))
-
-    def label(self) -> str:
-        return (f"{self.op} {self.direction} {harness.format_shape(self.shape)} {self.dtype} "
-                f"({self.device})")
+                    bytes=n_bytes(self.direction, self.size, harness.itemsize(self.dtype)))
 
 
 def _gpunn_step(direction: str, p: float, backend: str) -> Callable:
@@ -183,48 +159,12 @@ def _statistics_error(xp, v, out, p: float) -> tuple[float, str]:
     return harness.rel_err(out[kept].astype(xp.float32), scaled, xp=xp), "checked by statistics"
 
 
-class _Runner:
-    """Runs the cases of one invocation: the deadline, the progress lines, the records."""
-
-    def __init__(self, options, extra_contenders):
-        self.options = options
-        quick = _opt(options, "quick", False)
-        self.policy_cpu = harness.QUICK_POLICY if quick else harness.CPU_POLICY
-        self.policy_gpu = harness.QUICK_POLICY if quick else harness.GPU_POLICY
-        budget = _opt(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
-        self.extra = list(extra_contenders)
-        self.records: list[Record] = []
-        self.progress = _opt(options, "progress", True)
-        self.count = 0
-
-    def say(self, text: str) -> None:
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def run_case(self, case: Case, itemsize: int, contenders: list[Contender], check,
-                 policy) -> None:
-        self.count += 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.records.append(Record(**case.record_base(itemsize), impl="-", role="gpunn",
-                                       status="skipped", note="time budget spent"))
-            return
-        t0 = time.monotonic()
-        extra = [c for make in self.extra for c in [make(case)] if c is not None]
-        records = harness.run_contenders(case.record_base(itemsize), contenders + extra,
-                                         check=check, policy=policy)
-        self.records.extend(records)
-        self.say(f"[{self.count}] {case.label()}: {time.monotonic() - t0:.1f} s"
-                 + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
-
-
 def _cases(options, device: str, dtypes: list[str]):
-    sizes = _opt(options, "sizes") or [harness.parse_size(s) for s in (
-        CPU_SIZES if device == "cpu" else GPU_SIZES)]
-    directions = [d for d in DIRECTIONS if d in (_opt(options, "directions") or DIRECTIONS)]
+    sizes = harness.selected_sizes(options, CPU_SIZES if device == "cpu" else GPU_SIZES)
+    directions = harness.selected(options, "directions", DIRECTIONS)
     for dtype in dtypes:
         for n in sizes:
-            for p in _opt(options, "ps") or PS:
+            for p in harness.option(options, "ps") or PS:
                 yield dtype, (int(n),), float(p), directions
 
 
@@ -284,12 +224,6 @@ def _cpu_contenders(case: Case, bufs: dict) -> list[Contender]:
     return contenders
 
 
-def _host(a) -> np.ndarray:
-    if type(a).__module__.split(".")[0] == "torch":
-        return a.detach().numpy()
-    return np.asarray(a)
-
-
 class _CpuCheck:
     """gpunn's contenders against the reference's outputs (exact: the same mask); others by
     statistics."""
@@ -300,7 +234,7 @@ class _CpuCheck:
 
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
         case = self.case
-        outs = [_host(o) for o in _outputs(case.direction, out)]
+        outs = [harness.host_array(o) for o in _outputs(case.direction, out)]
         if contender.name == "numpy" and self.ref is None:
             self.ref = [o.copy() for o in outs]
             return 0.0, ""
@@ -314,38 +248,23 @@ class _CpuCheck:
                                                errors[0][1])
 
 
-def _run_cpu(runner: _Runner) -> None:
+def _run_cpu(runner: harness.Runner) -> None:
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or CPU_DTYPES) if d in CPU_CAN]
-    rng = np.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, CPU_DTYPES, CPU_CAN)
+    rng = np.random.default_rng(runner.seed)
     for dtype, shape, p, directions in _cases(options, "cpu", dtypes):
-        itemsize = np.dtype(dtype).itemsize
         x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         bufs = {f"{who} {what}": np.empty(shape, dtype=dtype)
                 for who in ("numpy", "gpunn", "torch", "limit") for what in ("y", "dx")}
         for direction in directions:
             case = Case("cpu", direction, shape, dtype, p, [x, dy])
-            runner.run_case(case, itemsize, _cpu_contenders(case, bufs), _CpuCheck(case),
-                            runner.policy_cpu)
+            runner.run_case(case.record_base(), _cpu_contenders(case, bufs), _CpuCheck(case),
+                            runner.policy_cpu, case)
         del bufs
 
 
 # --- GPU --------------------------------------------------------------------------------------
-
-
-def _gpu_ready() -> str | None:
-    from gpunn import backend
-
-    if not backend.has_cupy():
-        return "CuPy is not installed"
-    if backend.cuda_device_count() == 0:
-        return "CuPy sees no CUDA device"
-    return None
-
-
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
 class _GpuCheck:
@@ -365,10 +284,8 @@ class _GpuCheck:
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
         import cupy
 
-        from .activations import _device_f32
-
         case = self.case
-        outs = [_device_f32(o) for o in _outputs(case.direction, out)]
+        outs = [harness.device_f32(o) for o in _outputs(case.direction, out)]
         if contender.role in ("gpunn", "baseline"):
             return max(harness.rel_err(o, r, xp=cupy) for o, r in zip(outs, self.ref)), ""
         errors = [_statistics_error(cupy, v, o, case.p)
@@ -380,8 +297,6 @@ class _GpuCheck:
 def _torch_cuda(case: Case, arrays) -> Callable[[], Any]:
     import torch
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("this torch has no CUDA")
     x, dy = (a.torch() for a in arrays)
     p, scale = case.p, 1 / (1 - case.p)
     if case.direction == "forward":
@@ -400,56 +315,42 @@ def _torch_cuda(case: Case, arrays) -> Callable[[], Any]:
 def _gpu_contenders(case: Case, arrays) -> list[Contender]:
     import cupy
 
-    nbytes = n_bytes(case.direction, case.size, _itemsize(case.dtype))
+    nbytes = n_bytes(case.direction, case.size, harness.itemsize(case.dtype))
 
     def make_gpunn(backend):
         def make():
             if backend == "numpy" and case.dtype not in ("float32", "float64"):
                 return None  # the reference computes in float32/float64 only
-            natives = [a.native for a in arrays]
-            if any(a is None for a in natives):
-                raise TypeError(f"CuPy cannot hold {case.dtype} arrays: {arrays[0].native_error}")
-            x, dy = natives
+            x, dy = harness.natives(arrays, case.dtype)
             y, dx = cupy.empty_like(x), cupy.empty_like(x)
             step = _gpunn_step(case.direction, case.p, backend)
             return lambda: step(x, dy, y, dx)
         return make
 
-    return [
-        Contender("gpunn cuda", "gpunn", make_gpunn("cuda"), clock="cupy"),
-        Contender("torch cuda", "torch", lambda: _torch_cuda(case, arrays), clock="torch",
-                  note="stores a bool mask"),
-        Contender("cupy unfused", "baseline", make_gpunn("numpy"), clock="cupy"),
-        Contender("copy limit", "limit", lambda: harness.cuda_copy_limit(nbytes), clock="cupy",
-                  check=False),
-    ]
+    return harness.gpu_contenders(make_gpunn("cuda"), lambda: _torch_cuda(case, arrays),
+                                  make_gpunn("numpy"), nbytes, "stores a bool mask")
 
 
-def _run_gpu(runner: _Runner) -> None:
+def _run_gpu(runner: harness.Runner) -> None:
     import cupy
 
-    from .activations import _GpuArrays
-
     options = runner.options
-    dtypes = [d for d in (_opt(options, "dtypes") or GPU_DTYPES) if d in GPU_CAN]
-    rng = cupy.random.default_rng(_opt(options, "seed", 0))
+    dtypes = harness.selected_dtypes(options, GPU_DTYPES, GPU_CAN)
+    rng = cupy.random.default_rng(runner.seed)
     for dtype, shape, p, directions in _cases(options, "cuda", dtypes):
-        x = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
-        dy = _GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        x = harness.GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
+        dy = harness.GpuArrays(rng.standard_normal(shape, dtype=cupy.float32), dtype)
         for direction in directions:
             case = Case("cuda", direction, shape, dtype, p, [x.native, dy.native])
             try:
                 check = _GpuCheck(case, [x, dy])
             except Exception as e:
-                def check(contender, out, e=e):
-                    raise RuntimeError(f"no reference: {type(e).__name__}: {e}")
-            runner.run_case(case, _itemsize(dtype), _gpu_contenders(case, [x, dy]), check,
-                            runner.policy_gpu)
+                check = harness.failed_check(e)
+            runner.run_case(case.record_base(), _gpu_contenders(case, [x, dy]), check,
+                            runner.policy_gpu, case)
             del check
         del x, dy
-        cupy.get_default_memory_pool().free_all_blocks()
-        if "torch" in sys.modules:
-            sys.modules["torch"].cuda.empty_cache()
+        harness.free_gpu_memory()
 
 
 # --- Entry point ------------------------------------------------------------------------------
@@ -457,25 +358,4 @@ def _run_gpu(runner: _Runner) -> None:
 
 def run(options=None, *, extra_contenders=()) -> list[Record]:
     """Run the suite; returns finalized records (CPU first, then GPU)."""
-    options = options or Options()
-    device = _opt(options, "device", "cpu")
-    if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
-    runner = _Runner(options, extra_contenders)
-    try:
-        if device in ("cpu", "all"):
-            _run_cpu(runner)
-        if device in ("cuda", "all"):
-            why = _gpu_ready()
-            if why is None:
-                _run_gpu(runner)
-            elif device == "cuda":
-                raise RuntimeError(f"--device cuda: {why}")
-            else:
-                runner.say(f"GPU part skipped: {why}")
-    except KeyboardInterrupt:
-        runner.say("interrupted: writing the results measured so far")
-        runner.records.append(Record(suite=SUITE, device=device, op="*", direction="*",
-                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
-                                     status="skipped", note="interrupted"))
-    return harness.finalize(runner.records)
+    return harness.run_suite(SUITE, options or Options(), _run_cpu, _run_gpu, extra_contenders)

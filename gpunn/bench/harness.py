@@ -27,11 +27,20 @@ Records
     limit and the speed-up over torch for each group of records that share a case.
     ``write_json`` writes them with the machine, the versions and the git commit.
 
+Suites
+    A suite module keeps what is its own (cases, contenders, bytes formulas, its own options)
+    and takes the rest from here: :func:`option` and :func:`names_type` for its options, a
+    :class:`Runner` (the time budget, the progress lines, the records) for its cases, and
+    :func:`run_suite` for its ``run()`` (the device, GPU readiness, an interrupted run's
+    record, :func:`finalize`). :class:`GpuArrays`, :func:`device_f32` and the other GPU
+    helpers give the suites their device inputs and compare device outputs.
+
 CuPy and torch are imported only when a GPU or torch contender asks for them.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.metadata
 import importlib.util
@@ -492,6 +501,300 @@ def run_contenders(base: dict, contenders: list[Contender], check, policy: Polic
             timing = e
         done(rec, c, timing)
     return records
+
+
+# --- Suites: options, the runner, the entry point -------------------------------------------
+
+DEVICES = ("cpu", "cuda", "all")
+
+
+@dataclass
+class Options:
+    """What every suite takes; a suite's ``Options`` adds its own fields. All optional: the
+    CLI's namespace has the same attributes, None where an option is not given."""
+
+    device: str = "cpu"  # cpu | cuda | all
+    sizes: list[int] | None = None  # elements (each suite says of what)
+    dtypes: list[str] | None = None
+    quick: bool = False
+    seed: int = 0
+    time_budget: float | None = None  # seconds; cases after it are skipped
+    progress: bool = True  # progress lines on stderr
+
+
+def option(options, name: str, default=None):
+    """``options.name``, or ``default`` where it is missing or None (the CLI's namespace holds
+    None for every option not given)."""
+    value = getattr(options, name, None)
+    return default if value is None else value
+
+
+def names_type(choices, what: str) -> Callable[[str], list[str]]:
+    """An argparse ``type``: 'a,b' -> ['a', 'b'] by :func:`parse_names`, its error as an
+    ArgumentTypeError."""
+
+    def parse(text: str) -> list[str]:
+        try:
+            return parse_names(text, choices, what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def selected(options, name: str, choices) -> list:
+    """The choices option ``name`` names (all when it is not set), in the order of ``choices``."""
+    chosen = option(options, name) or choices
+    return [c for c in choices if c in chosen]
+
+
+def selected_dtypes(options, default, can) -> list[str]:
+    """The ``dtypes`` option (else ``default``), less those the device cannot run (``can``)."""
+    return [d for d in (option(options, "dtypes") or default) if d in can]
+
+
+def selected_sizes(options, default) -> list[int]:
+    """The ``sizes`` option, else the sizes ``default`` spells ('1M', ...)."""
+    return option(options, "sizes") or [parse_size(s) for s in default]
+
+
+def case_label(base: dict) -> str:
+    """A case's progress label from its record fields: 'relu forward 1M float32 (cpu)'."""
+    return (f"{base['op']} {base['direction']} {format_shape(base['shape'])} {base['dtype']} "
+            f"({base['device']})")
+
+
+class Runner:
+    """Runs the cases of one suite invocation: the time budget, the progress lines, the records.
+
+    ``options``: the suite's options (quick, seed, time_budget, progress are read here).
+    ``extra_contenders``: callables ``f(case) -> Contender | None`` adding contenders to each
+    case (the tests add wrong or broken ones)."""
+
+    def __init__(self, options, extra_contenders=()):
+        self.options = options
+        quick = option(options, "quick", False)
+        self.policy_cpu = QUICK_POLICY if quick else CPU_POLICY
+        self.policy_gpu = QUICK_POLICY if quick else GPU_POLICY
+        self.seed = option(options, "seed", 0)
+        budget = option(options, "time_budget")
+        self.deadline = time.monotonic() + budget if budget else None
+        self.extra = list(extra_contenders)
+        self.cache: dict = {}  # timings of contenders with a cache_key, across cases
+        self.records: list[Record] = []
+        self.progress = option(options, "progress", True)
+        self.count = 0
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def admit(self, base: dict) -> bool:
+        """Counts a case; once the time budget is spent, records it as skipped (fields
+        ``base``) and returns False."""
+        self.count += 1
+        if self.out_of_time():
+            self.records.append(Record(**base, impl="-", role="gpunn", status="skipped",
+                                       note="time budget spent"))
+            return False
+        return True
+
+    def measure(self, base: dict, contenders: list[Contender], check, policy: Policy,
+                case=None) -> list[Record]:
+        """:func:`run_contenders` on the contenders and the extra ones for ``case``; the
+        records are kept and returned."""
+        extra = [c for make in self.extra for c in [make(case)] if c is not None]
+        records = run_contenders(base, contenders + extra, check=check, policy=policy,
+                                 cache=self.cache)
+        self.records.extend(records)
+        return records
+
+    def run_case(self, base: dict, contenders: list[Contender], check, policy: Policy,
+                 case=None) -> None:
+        """One case (record fields ``base``): skipped once the time budget is spent, else
+        measured, with a progress line naming the contenders that are not ok."""
+        if not self.admit(base):
+            return
+        t0 = time.monotonic()
+        records = self.measure(base, contenders, check, policy, case)
+        self.say(f"[{self.count}] {case_label(base)}: {time.monotonic() - t0:.1f} s"
+                 + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
+
+
+def run_suite(suite: str, options, run_cpu: Callable[[Runner], None],
+              run_gpu: Callable[[Runner], None], extra_contenders=()) -> list[Record]:
+    """A suite's ``run``: ``run_cpu(runner)`` and/or ``run_gpu(runner)`` as the ``device``
+    option says (cpu, cuda or all; cuda without a usable GPU raises, all skips the GPU part),
+    a 'skipped' record noting 'interrupted' on Ctrl-C (the records so far are kept), then
+    :func:`finalize`."""
+    device = option(options, "device", "cpu")
+    if device not in DEVICES:
+        raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
+    runner = Runner(options, extra_contenders)
+    try:
+        if device in ("cpu", "all"):
+            run_cpu(runner)
+        if device in ("cuda", "all"):
+            why = gpu_ready()
+            if why is None:
+                run_gpu(runner)
+            elif device == "cuda":
+                raise RuntimeError(f"--device cuda: {why}")
+            else:
+                runner.say(f"GPU part skipped: {why}")
+    except KeyboardInterrupt:
+        runner.say("interrupted: writing the results measured so far")
+        runner.records.append(Record(suite=suite, device=device, op="*", direction="*",
+                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
+                                     status="skipped", note="interrupted"))
+    return finalize(runner.records)
+
+
+def failed_check(error: Exception) -> Callable[[Contender, Any], tuple]:
+    """The check of a case whose reference could not be computed: every contender it sees is
+    flagged 'error', naming why."""
+
+    def check(contender, out):
+        raise RuntimeError(f"no reference: {type(error).__name__}: {error}")
+
+    return check
+
+
+def host_array(out) -> np.ndarray:
+    """A CPU contender's output as a NumPy array (torch tensors as views)."""
+    if isinstance(out, np.ndarray):
+        return out
+    if type(out).__module__.split(".")[0] == "torch":
+        return out.detach().numpy()
+    return np.asarray(out)
+
+
+# --- GPU inputs and outputs -------------------------------------------------------------------
+
+
+def gpu_ready() -> str | None:
+    """None when a CUDA device is visible to CuPy, else why not."""
+    from gpunn import backend
+
+    if not backend.has_cupy():
+        return "CuPy is not installed"
+    if backend.cuda_device_count() == 0:
+        return "CuPy sees no CUDA device"
+    return None
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name, bfloat16 included (NumPy has no bfloat16)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+class GpuArrays:
+    """One input on the device in a dtype: the native CuPy array (None where CuPy cannot hold
+    the dtype), its float32 values (what the reference computes on) and a torch view."""
+
+    def __init__(self, values_f32, dtype: str):
+        import cupy
+
+        self.dtype = dtype
+        self.native_error = ""
+        if dtype == "bfloat16":
+            bits = bf16_bits(values_f32)
+            self.f32 = bf16_to_f32(bits)
+            self._torch_bits = bits
+            try:
+                import ml_dtypes
+
+                self.native = bits.view(ml_dtypes.bfloat16)
+            except Exception as e:  # CuPy without bfloat16, or no ml_dtypes
+                self.native = None
+                self.native_error = f"{type(e).__name__}: {e}"
+        else:
+            self.native = values_f32.astype(dtype)
+            self.f32 = self.native.astype(cupy.float32, copy=False)
+            self._torch_bits = None
+
+    def torch(self):
+        import torch
+
+        if self._torch_bits is not None:
+            return torch.from_dlpack(self._torch_bits).view(torch.bfloat16)
+        return torch.from_dlpack(self.native)
+
+
+def natives(arrays: list[GpuArrays], dtype: str) -> list:
+    """The native CuPy arrays of ``arrays``; TypeError where CuPy cannot hold the dtype."""
+    out = [a.native for a in arrays]
+    if any(a is None for a in out):
+        raise TypeError(f"CuPy cannot hold {dtype} arrays: {arrays[0].native_error}")
+    return out
+
+
+def bf16_bits(a32):
+    """Round float32 CuPy values to bfloat16 (to nearest even), as int16 bit patterns."""
+    import cupy
+
+    u = a32.view(cupy.uint32)
+    rounded = (u + cupy.uint32(0x7FFF) + ((u >> 16) & cupy.uint32(1))) >> 16
+    return rounded.astype(cupy.uint16).view(cupy.int16)
+
+
+def bf16_to_f32(bits16):
+    import cupy
+
+    return (bits16.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+
+
+def device_f32(out):
+    """A contender's output as a float32 CuPy array (torch tensors and bfloat16 included)."""
+    import cupy
+
+    if type(out).__module__.split(".")[0] == "torch":
+        import torch
+
+        t = out.detach().float().contiguous()
+        torch.cuda.current_stream().synchronize()
+        return cupy.from_dlpack(t)
+    if out.dtype == cupy.float32:
+        return out
+    if np.dtype(out.dtype).name == "bfloat16":
+        return bf16_to_f32(out.view(cupy.uint16))
+    return out.astype(cupy.float32)
+
+
+def gpu_contenders(make_gpunn, make_torch, make_unfused, nbytes: int,
+                   torch_note: str = "") -> list[Contender]:
+    """A case's usual GPU contenders, in the table's order: gpunn cuda, torch cuda (``make_torch``
+    is called once torch is seen to have CUDA; ``torch_note`` its note), cupy unfused (gpunn's
+    reference backend through CuPy; ``make_unfused`` returns None where it does not apply) and
+    the copy limit of ``nbytes``."""
+
+    def make_torch_cuda():
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("this torch has no CUDA")
+        return make_torch()
+
+    return [
+        Contender("gpunn cuda", "gpunn", make_gpunn, clock="cupy"),
+        Contender("torch cuda", "torch", make_torch_cuda, clock="torch", note=torch_note),
+        Contender("cupy unfused", "baseline", make_unfused, clock="cupy"),
+        Contender("copy limit", "limit", lambda: cuda_copy_limit(nbytes), clock="cupy",
+                  check=False),
+    ]
+
+
+def free_gpu_memory() -> None:
+    """Return the cached blocks of CuPy's pool (and torch's, when torch is loaded) to the
+    device, between groups of cases."""
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    if "torch" in sys.modules:
+        sys.modules["torch"].cuda.empty_cache()
 
 
 # --- Where results go; machine, versions, commit ---------------------------------------------

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Callable
@@ -94,38 +92,12 @@ def n_bytes(spec: OpSpec, direction: str, shape: tuple, itemsize: int) -> int:
 
 
 @dataclass
-class Options:
-    """What to run; the CLI's namespace has the same attributes (all optional)."""
+class Options(harness.Options):
+    """What to run (``sizes``: of the MSE cases)."""
 
-    device: str = "cpu"  # cpu | cuda | all
-    sizes: list[int] | None = None  # MSE sizes (elements)
     shapes: list[tuple] | None = None  # (N, C) of cross-entropy and NLL
-    dtypes: list[str] | None = None
     ops: list[str] | None = None
     directions: list[str] | None = None
-    quick: bool = False
-    seed: int = 0
-    time_budget: float | None = None
-    progress: bool = True
-
-
-def _opt(options, name, default=None):
-    value = getattr(options, name, None)
-    return default if value is None else value
-
-
-def _parse_ops(text: str) -> list[str]:
-    try:
-        return harness.parse_names(text, OPS, "op(s)")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _parse_directions(text: str) -> list[str]:
-    try:
-        return harness.parse_names(text, DIRECTIONS, "direction(s)")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_shapes(text: str) -> list[tuple]:
@@ -149,10 +121,10 @@ def parse_shapes(text: str) -> list[tuple]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's own options (the common ones, --sizes for MSE included, come from the CLI)."""
-    parser.add_argument("--ops", type=_parse_ops, metavar="OP[,OP...]",
+    parser.add_argument("--ops", type=harness.names_type(OPS, "op(s)"), metavar="OP[,OP...]",
                         help=f"ops to run (default all): {', '.join(OPS)}")
-    parser.add_argument("--directions", type=_parse_directions, metavar="DIR[,DIR]",
-                        help="forward, backward or both (default both)")
+    parser.add_argument("--directions", type=harness.names_type(DIRECTIONS, "direction(s)"),
+                        metavar="DIR[,DIR]", help="forward, backward or both (default both)")
     parser.add_argument("--shapes", type=parse_shapes, metavar="NxC[,NxC...]",
                         help="cross-entropy/NLL shapes (default 4096x1000,256x32768 on the "
                              "CPU, 4096x32768,32768x1000 on the GPU)")
@@ -176,59 +148,31 @@ class Case:
                     direction=self.direction, shape=list(self.shape), dtype=self.dtype,
                     bytes=n_bytes(self.spec, self.direction, self.shape, self.itemsize))
 
-    def label(self) -> str:
-        return (f"{self.spec.name} {self.direction} {harness.format_shape(self.shape)} "
-                f"{self.dtype} ({self.device})")
-
 
 def _shapes(spec: OpSpec, options, device: str) -> list[tuple]:
     if spec.kind == "rows":
-        return [tuple(s) for s in (_opt(options, "shapes")
+        return [tuple(s) for s in (harness.option(options, "shapes")
                                    or (CPU_SHAPES if device == "cpu" else GPU_SHAPES))]
-    sizes = _opt(options, "sizes") or [harness.parse_size(s) for s in (
-        CPU_SIZES if device == "cpu" else GPU_SIZES)]
+    sizes = harness.selected_sizes(options, CPU_SIZES if device == "cpu" else GPU_SIZES)
     return [(int(n),) for n in sizes]
-
-
-class _Runner:
-    def __init__(self, options, extra_contenders):
-        quick = _opt(options, "quick", False)
-        self.policy_cpu = harness.QUICK_POLICY if quick else harness.CPU_POLICY
-        self.policy_gpu = harness.QUICK_POLICY if quick else harness.GPU_POLICY
-        budget = _opt(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
-        self.extra = list(extra_contenders)
-        self.records: list[Record] = []
-        self.progress = _opt(options, "progress", True)
-        self.count = 0
-
-    def say(self, text: str) -> None:
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def run_case(self, case: Case, contenders, check, policy) -> None:
-        self.count += 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.records.append(Record(**case.record_base(), impl="-", role="gpunn",
-                                       status="skipped", note="time budget spent"))
-            return
-        t0 = time.monotonic()
-        extra = [c for make in self.extra for c in [make(case)] if c is not None]
-        records = harness.run_contenders(case.record_base(), contenders + extra, check=check,
-                                         policy=policy)
-        self.records.extend(records)
-        self.say(f"[{self.count}] {case.label()}: {time.monotonic() - t0:.1f} s"
-                 + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
 
 
 # --- gpunn, reference and torch calls ---------------------------------------------------------
 
 
-def _gpunn_call(spec: OpSpec, direction: str, inputs: dict, out, backend: str,
-                lse=None, check_labels=True) -> Callable:
-    """The gpunn call for a case, returning its output (``out`` for backwards)."""
+def _gpunn_call(spec: OpSpec, direction: str, inputs: dict, backend: str, lse=False,
+                check_labels=True) -> Callable:
+    """The gpunn call for a case on ``inputs`` (NumPy or CuPy arrays), returning its output;
+    a backward writes into an ``out=`` array allocated here. ``lse``: the cross-entropy
+    backward from the log-sum-exp its forward saves (computed here)."""
+    from gpunn.backend import array_module
     from gpunn.ops import losses as L
 
+    out = array_module(inputs["x"]).empty_like(inputs["x"]) if direction == "backward" else None
+    saved = None
+    if lse:
+        _, saved = L.cross_entropy_forward(inputs["x"], inputs["labels"],
+                                           label_smoothing=spec.eps)
     if spec.name == "mse_loss":
         x, t = inputs["x"], inputs["t"]
         if direction == "forward":
@@ -243,13 +187,12 @@ def _gpunn_call(spec: OpSpec, direction: str, inputs: dict, out, backend: str,
     if direction == "forward":
         return lambda: L.cross_entropy(x, y, label_smoothing=spec.eps, **kw)
     return lambda: L.cross_entropy_backward(1.0, x, y, label_smoothing=spec.eps, out=out,
-                                            lse=lse, **kw)
+                                            lse=saved, **kw)
 
 
-def _reference(spec: OpSpec, direction: str, inputs: dict, xp):
+def _reference(spec: OpSpec, direction: str, inputs: dict):
     """gpunn's reference on ``inputs`` (NumPy or CuPy, float64 or float32)."""
-    out = xp.empty_like(inputs["x"]) if direction == "backward" else None
-    return _gpunn_call(spec, direction, inputs, out, "numpy")()
+    return _gpunn_call(spec, direction, inputs, "numpy")()
 
 
 @cache
@@ -410,28 +353,11 @@ def _cpu_limit(case: Case) -> Callable:
     return harness.cpu_limit(x, np.empty_like(x))
 
 
-def _host(out) -> np.ndarray:
-    if isinstance(out, np.ndarray):
-        return out
-    if type(out).__module__.split(".")[0] == "torch":
-        return out.detach().numpy()
-    return np.asarray(out)
-
-
 def _cpu_contenders(case: Case) -> list[Contender]:
     inputs = case.inputs
 
     def make_gpunn(backend, lse=False):
-        def make():
-            out = np.empty_like(inputs["x"]) if case.direction == "backward" else None
-            saved = None
-            if lse:
-                from gpunn.ops import losses as L
-
-                _, saved = L.cross_entropy_forward(inputs["x"], inputs["labels"],
-                                                   label_smoothing=case.spec.eps)
-            return _gpunn_call(case.spec, case.direction, inputs, out, backend, lse=saved)
-        return make
+        return lambda: _gpunn_call(case.spec, case.direction, inputs, backend, lse=lse)
 
     contenders = [
         Contender("numpy", "baseline", make_gpunn("numpy")),
@@ -454,7 +380,7 @@ class _Check:
     """Compares each output with a reference computed once (float64 on the host, float32
     through CuPy on the GPU)."""
 
-    def __init__(self, ref, xp=np, to_native=_host):
+    def __init__(self, ref, xp=np, to_native=harness.host_array):
         self.ref, self.xp, self.to_native = ref, xp, to_native
 
     def __call__(self, contender: Contender, out) -> tuple[float | None, str]:
@@ -476,9 +402,10 @@ def _inputs(spec: OpSpec, shape: tuple, dtype, rng, xp) -> dict:
     return {"x": x, "labels": labels}
 
 
-def _run_cpu(runner: _Runner, specs, directions, options) -> None:
-    dtypes = [d for d in (_opt(options, "dtypes") or CPU_DTYPES) if d in CPU_CAN]
-    rng = np.random.default_rng(_opt(options, "seed", 0))
+def _run_cpu(runner: harness.Runner, specs, directions) -> None:
+    options = runner.options
+    dtypes = harness.selected_dtypes(options, CPU_DTYPES, CPU_CAN)
+    rng = np.random.default_rng(runner.seed)
     for dtype in dtypes:
         for spec in specs:
             for shape in _shapes(spec, options, "cpu"):
@@ -490,15 +417,16 @@ def _run_cpu(runner: _Runner, specs, directions, options) -> None:
                 for direction in directions:
                     case = Case("cpu", spec, direction, shape, dtype, np.dtype(dtype).itemsize,
                                 inputs)
-                    check = _Check(_reference(spec, direction, f64, np))
-                    runner.run_case(case, _cpu_contenders(case), check, runner.policy_cpu)
+                    check = _Check(_reference(spec, direction, f64))
+                    runner.run_case(case.record_base(), _cpu_contenders(case), check,
+                                    runner.policy_cpu, case)
 
 
 # --- GPU --------------------------------------------------------------------------------------
 
 
 def _gpu_contenders(case: Case, arrays: dict) -> list[Contender]:
-    """arrays: name -> activations._GpuArrays (floats) or a CuPy array (labels)."""
+    """arrays: name -> harness.GpuArrays (floats) or a CuPy array (labels)."""
     import cupy
 
     def native(name):
@@ -510,23 +438,14 @@ def _gpu_contenders(case: Case, arrays: dict) -> list[Contender]:
             inputs = {k: native(k) for k in arrays}
             if any(v is None for v in inputs.values()):
                 raise TypeError(f"CuPy cannot hold {case.dtype} arrays")
-            out = cupy.empty_like(inputs["x"]) if case.direction == "backward" else None
-            saved = None
-            if lse:
-                from gpunn.ops import losses as L
-
-                _, saved = L.cross_entropy_forward(inputs["x"], inputs["labels"],
-                                                   label_smoothing=case.spec.eps)
-            return _gpunn_call(case.spec, case.direction, inputs, out, "cuda", lse=saved,
+            return _gpunn_call(case.spec, case.direction, inputs, "cuda", lse=lse,
                                check_labels=check_labels)
         return make
 
     def make_unfused():
         if case.dtype not in ("float32", "float64"):
             return None
-        inputs = {k: native(k) for k in arrays}
-        out = cupy.empty_like(inputs["x"]) if case.direction == "backward" else None
-        return _gpunn_call(case.spec, case.direction, inputs, out, "numpy")
+        return _gpunn_call(case.spec, case.direction, {k: native(k) for k in arrays}, "numpy")
 
     rows_op = case.spec.kind == "rows"
     contenders = [Contender("gpunn cuda", "gpunn", make_gpunn(False), clock="cupy",
@@ -558,50 +477,33 @@ def _gpu_contenders(case: Case, arrays: dict) -> list[Contender]:
     return contenders
 
 
-def _run_gpu(runner: _Runner, specs, directions, options) -> None:
+def _run_gpu(runner: harness.Runner, specs, directions) -> None:
     import cupy
 
-    from .activations import _device_f32, _GpuArrays, _itemsize
-
-    dtypes = [d for d in (_opt(options, "dtypes") or GPU_DTYPES) if d in GPU_CAN]
-    rng = cupy.random.default_rng(_opt(options, "seed", 0))
+    options = runner.options
+    dtypes = harness.selected_dtypes(options, GPU_DTYPES, GPU_CAN)
+    rng = cupy.random.default_rng(runner.seed)
     for dtype in dtypes:
         for spec in specs:
             for shape in _shapes(spec, options, "cuda"):
                 raw = _inputs(spec, shape, dtype, rng, cupy)
-                arrays = {k: (_GpuArrays(v, dtype) if v.dtype.kind == "f" else v)
+                arrays = {k: (harness.GpuArrays(v, dtype) if v.dtype.kind == "f" else v)
                           for k, v in raw.items()}
                 del raw
-                f32 = {k: (v.f32 if isinstance(v, _GpuArrays) else v) for k, v in arrays.items()}
+                f32 = {k: (v.f32 if isinstance(v, harness.GpuArrays) else v)
+                       for k, v in arrays.items()}
                 for direction in directions:
-                    case = Case("cuda", spec, direction, shape, dtype, _itemsize(dtype))
+                    case = Case("cuda", spec, direction, shape, dtype, harness.itemsize(dtype))
                     try:
-                        check = _Check(_reference(spec, direction, f32, cupy), cupy, _device_f32)
+                        check = _Check(_reference(spec, direction, f32), cupy,
+                                       harness.device_f32)
                     except Exception as e:  # no reference: every contender is flagged
-                        check = _failed_check(e)
-                    runner.run_case(case, _gpu_contenders(case, arrays), check,
-                                    runner.policy_gpu)
+                        check = harness.failed_check(e)
+                    runner.run_case(case.record_base(), _gpu_contenders(case, arrays), check,
+                                    runner.policy_gpu, case)
                     del check
                 del arrays, f32
-                cupy.get_default_memory_pool().free_all_blocks()
-                if "torch" in sys.modules:
-                    sys.modules["torch"].cuda.empty_cache()
-
-
-def _failed_check(error: Exception):
-    def check(contender, out):
-        raise RuntimeError(f"no reference: {type(error).__name__}: {error}")
-    return check
-
-
-def _gpu_ready() -> str | None:
-    from gpunn import backend
-
-    if not backend.has_cupy():
-        return "CuPy is not installed"
-    if backend.cuda_device_count() == 0:
-        return "CuPy sees no CUDA device"
-    return None
+                harness.free_gpu_memory()
 
 
 # --- Entry point ------------------------------------------------------------------------------
@@ -610,26 +512,8 @@ def _gpu_ready() -> str | None:
 def run(options=None, *, extra_contenders=()) -> list[Record]:
     """Run the suite; returns finalized records (CPU first, then GPU)."""
     options = options or Options()
-    specs = [OPS[name] for name in (_opt(options, "ops") or list(OPS))]
-    directions = [d for d in DIRECTIONS if d in (_opt(options, "directions") or DIRECTIONS)]
-    device = _opt(options, "device", "cpu")
-    if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
-    runner = _Runner(options, extra_contenders)
-    try:
-        if device in ("cpu", "all"):
-            _run_cpu(runner, specs, directions, options)
-        if device in ("cuda", "all"):
-            why = _gpu_ready()
-            if why is None:
-                _run_gpu(runner, specs, directions, options)
-            elif device == "cuda":
-                raise RuntimeError(f"--device cuda: {why}")
-            else:
-                runner.say(f"GPU part skipped: {why}")
-    except KeyboardInterrupt:
-        runner.say("interrupted: writing the results measured so far")
-        runner.records.append(Record(suite=SUITE, device=device, op="*", direction="*",
-                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
-                                     status="skipped", note="interrupted"))
-    return harness.finalize(runner.records)
+    specs = [OPS[name] for name in (harness.option(options, "ops") or list(OPS))]
+    directions = harness.selected(options, "directions", DIRECTIONS)
+    return harness.run_suite(SUITE, options, lambda runner: _run_cpu(runner, specs, directions),
+                             lambda runner: _run_gpu(runner, specs, directions),
+                             extra_contenders)

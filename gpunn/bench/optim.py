@@ -24,7 +24,6 @@ Each contender's first step is compared with torch's for-loop step from the same
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 
@@ -49,35 +48,19 @@ GPU_CASES = (("100M", 200), ("20000000", 2000))  # (total parameters, tensors)
 
 
 @dataclass
-class Options:
-    device: str = "cpu"
-    sizes: list[int] | None = None  # total parameters per case
+class Options(harness.Options):
+    """What to run (``sizes``: total parameters per case)."""
+
     tensors: int | None = None
-    dtypes: list[str] | None = None
     algorithms: list[str] | None = None
-    quick: bool = False
-    seed: int = 0
-    time_budget: float | None = None
-    progress: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algorithms", type=_parse_algorithms, metavar="NAME[,NAME...]",
+    parser.add_argument("--algorithms", type=harness.names_type(ALGORITHMS, "algorithm(s)"),
+                        metavar="NAME[,NAME...]",
                         help=f"optimizers to run (default all): {', '.join(ALGORITHMS)}")
     parser.add_argument("--tensors", type=int, metavar="N",
                         help=f"tensors the parameters are split into (default {CPU_TENSORS})")
-
-
-def _parse_algorithms(text: str) -> list[str]:
-    try:
-        return harness.parse_names(text, ALGORITHMS, "algorithm(s)")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _opt(options, name, default=None):
-    value = getattr(options, name, None)
-    return default if value is None else value
 
 
 def tensor_sizes(total: int, count: int, seed: int) -> list[int]:
@@ -228,81 +211,53 @@ def _fastest_torch(records: list[Record]) -> None:
                 r.speedup_vs_torch = best.median_s / r.median_s
 
 
-class _Runner:
-    def __init__(self, options):
-        self.seed = _opt(options, "seed", 0)
-        self.progress = _opt(options, "progress", True)
-        quick = _opt(options, "quick", False)
-        self.policy_cpu = harness.QUICK_POLICY if quick else harness.CPU_POLICY
-        self.policy_gpu = harness.QUICK_POLICY if quick else harness.GPU_POLICY
-        budget = _opt(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
-        self.records: list[Record] = []
+def _run_case(runner: harness.Runner, device, algorithm, sizes, dtype) -> None:
+    """One case: skipped once the time budget is spent, else set up and measured."""
+    label = f"{device} {algorithm} {dtype} {harness.format_size(sum(sizes))} in {len(sizes)}"
+    if not runner.admit(dict(suite=SUITE, device=device, op=algorithm, direction="step",
+                             shape=[sum(sizes), len(sizes)], dtype=dtype, bytes=0)):
+        return
+    t0 = time.monotonic()
+    base, contenders, check = _case(runner, device, algorithm, sizes, dtype)
+    policy = runner.policy_gpu if device == "cuda" else runner.policy_cpu
+    records = runner.measure(base, contenders, check, policy)
+    runner.say(f"{label}: {time.monotonic() - t0:.1f} s"
+               + "".join(f"; {r.impl} {r.status} {r.note}" for r in records
+                         if r.status != "ok"))
 
-    def say(self, text):
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
 
-    def run(self, device, algorithm, sizes, dtype):
-        label = f"{device} {algorithm} {dtype} {harness.format_size(sum(sizes))} in {len(sizes)}"
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.records.append(Record(suite=SUITE, device=device, op=algorithm,
-                                       direction="step", shape=[sum(sizes), len(sizes)],
-                                       dtype=dtype, impl="-", role="gpunn", bytes=0,
-                                       status="skipped", note="time budget spent"))
-            return
-        t0 = time.monotonic()
-        base, contenders, check = _case(self, device, algorithm, sizes, dtype)
-        policy = self.policy_gpu if device == "cuda" else self.policy_cpu
-        records = harness.run_contenders(base, contenders, check, policy)
-        self.records.extend(records)
-        self.say(f"{label}: {time.monotonic() - t0:.1f} s"
-                 + "".join(f"; {r.impl} {r.status} {r.note}" for r in records
-                           if r.status != "ok"))
+def _run_cpu(runner: harness.Runner, algorithms) -> None:
+    options = runner.options
+    for total in harness.option(options, "sizes") or [harness.parse_size(CPU_TOTAL)]:
+        sizes = tensor_sizes(total, min(total, harness.option(options, "tensors", CPU_TENSORS)),
+                             runner.seed)
+        for dtype in harness.selected_dtypes(options, ["float32"], ("float32", "float64")):
+            for algorithm in algorithms:
+                _run_case(runner, "cpu", algorithm, sizes, dtype)
+
+
+def _run_gpu(runner: harness.Runner, algorithms) -> None:
+    import torch
+
+    options = runner.options
+    cases = ([(t, harness.option(options, "tensors", 200)) for t in options.sizes]
+             if harness.option(options, "sizes") else
+             [(harness.parse_size(t), n) for t, n in GPU_CASES])
+    for total, count in cases:
+        sizes = tensor_sizes(total, count, runner.seed)
+        for dtype in harness.option(options, "dtypes") or ["float32", "bfloat16"]:
+            for algorithm in algorithms:
+                if dtype == "bfloat16" and algorithm not in ("adam", "adamw"):
+                    continue
+                _run_case(runner, "cuda", algorithm, sizes, dtype)
+                torch.cuda.empty_cache()
 
 
 def run(options=None) -> list[Record]:
     """Run the suite (CPU and/or GPU cases); returns finalized records."""
     options = options or Options()
-    device = _opt(options, "device", "cpu")
-    algorithms = _opt(options, "algorithms") or list(ALGORITHMS)
-    runner = _Runner(options)
-    try:
-        if device in ("cpu", "all"):
-            totals = _opt(options, "sizes") or [harness.parse_size(CPU_TOTAL)]
-            for total in totals:
-                sizes = tensor_sizes(total, min(total, _opt(options, "tensors", CPU_TENSORS)),
-                                     runner.seed)
-                for dtype in [d for d in (_opt(options, "dtypes") or ["float32"])
-                              if d in ("float32", "float64")]:
-                    for algorithm in algorithms:
-                        runner.run("cpu", algorithm, sizes, dtype)
-        if device in ("cuda", "all"):
-            from .. import backend
-
-            if backend.cuda_device_count() == 0:
-                if device == "cuda":
-                    raise RuntimeError("--device cuda: CuPy sees no CUDA device")
-                runner.say("GPU part skipped: no CUDA device")
-            else:
-                cases = ([(t, _opt(options, "tensors", 200)) for t in options.sizes]
-                         if _opt(options, "sizes") else
-                         [(harness.parse_size(t), n) for t, n in GPU_CASES])
-                for total, count in cases:
-                    sizes = tensor_sizes(total, count, runner.seed)
-                    for dtype in _opt(options, "dtypes") or ["float32", "bfloat16"]:
-                        for algorithm in algorithms:
-                            if dtype == "bfloat16" and algorithm not in ("adam", "adamw"):
-                                continue
-                            runner.run("cuda", algorithm, sizes, dtype)
-                            import torch
-
-                            torch.cuda.empty_cache()
-    except KeyboardInterrupt:
-        runner.say("interrupted: writing the results measured so far")
-        runner.records.append(Record(suite=SUITE, device=device, op="*", direction="*",
-                                     shape=[0], dtype="*", impl="-", role="gpunn", bytes=0,
-                                     status="skipped", note="interrupted"))
-    records = harness.finalize(runner.records)
+    algorithms = harness.option(options, "algorithms") or list(ALGORITHMS)
+    records = harness.run_suite(SUITE, options, lambda runner: _run_cpu(runner, algorithms),
+                                lambda runner: _run_gpu(runner, algorithms))
     _fastest_torch(records)
     return records
