@@ -418,6 +418,27 @@ def _cuda_check(op, labels, n_classes, ignore, stats):
         _raise_bad_label(op, row, int(_read(labels[row])), n_classes, ignore)
 
 
+def _cuda_labels(op, labels, n_classes, ignore, reduction, check):
+    """The label stats where they are needed (``check``, or the count of a "mean"), else None;
+    with ``check``, raises for a bad label first (this synchronizes)."""
+    if not (check or reduction == "mean"):
+        return None
+    stats = _cuda_label_stats(labels, n_classes, ignore)
+    if check:
+        _cuda_check(op, labels, n_classes, ignore, stats)
+    return stats
+
+
+def _cuda_row_losses(x, reduction):
+    """The per-row losses a reduction sums (float64 for float64 x, else float32), or None for
+    "none" (the kernels write the losses out directly)."""
+    import cupy
+
+    if reduction == "none":
+        return None
+    return cupy.empty(x.shape[0], dtype=cupy.float64 if x.dtype == cupy.float64 else cupy.float32)
+
+
 def _read(a):
     """A device array's value, copied on the current stream once the work queued there is
     done (a plain .get() might copy on another stream than the one the kernels ran on)."""
@@ -458,17 +479,10 @@ def _row_kernel(name, ctype, ltype, n):
 
 
 def _cuda_ce_forward(op, x, labels, eps, ignore, reduction, out, lse, check):
-    import cupy
-
     rows, n = x.shape
     ctype, ltype = cuda.ctype(x.dtype), LABEL_CTYPES[labels.dtype.name]
-    stats = None
-    if check or reduction == "mean":
-        stats = _cuda_label_stats(labels, n, ignore)
-        if check:
-            _cuda_check(op, labels, n, ignore, stats)
-    row_loss = None if reduction == "none" else cupy.empty(
-        rows, dtype=cupy.float64 if x.dtype == cupy.float64 else cupy.float32)
+    stats = _cuda_labels(op, labels, n, ignore, reduction, check)
+    row_loss = _cuda_row_losses(x, reduction)
     if rows:
         kernel, block, n_arg = _row_kernel("forward", ctype, ltype, n)
         kernel((_grid(rows * block, block, kernel),), (block,),
@@ -488,11 +502,7 @@ def _cuda_weights(dloss):
 
 def _cuda_ce_backward(op, dloss, x, labels, eps, ignore, reduction, lse, dx, check):
     rows, n = x.shape
-    stats = None
-    if check or reduction == "mean":
-        stats = _cuda_label_stats(labels, n, ignore)
-        if check:
-            _cuda_check(op, labels, n, ignore, stats)
+    stats = _cuda_labels(op, labels, n, ignore, reduction, check)
     if rows == 0 or n == 0:
         return
     kernel, block, n_arg = _row_kernel("backward", cuda.ctype(x.dtype),
@@ -504,17 +514,10 @@ def _cuda_ce_backward(op, dloss, x, labels, eps, ignore, reduction, lse, dx, che
 
 
 def _cuda_nll_forward(op, v, labels, ignore, reduction, out, check):
-    import cupy
-
     rows, n = v.shape
     ctype, ltype = cuda.ctype(v.dtype), LABEL_CTYPES[labels.dtype.name]
-    stats = None
-    if check or reduction == "mean":
-        stats = _cuda_label_stats(labels, n, ignore)
-        if check:
-            _cuda_check(op, labels, n, ignore, stats)
-    row_loss = None if reduction == "none" else cupy.empty(
-        rows, dtype=cupy.float64 if v.dtype == cupy.float64 else cupy.float32)
+    stats = _cuda_labels(op, labels, n, ignore, reduction, check)
+    row_loss = _cuda_row_losses(v, reduction)
     if rows:
         kernel = KERNELS.function(f"gpunn::nll_forward<{ctype}, {ltype}>")
         kernel((_grid(rows, REDUCE_BLOCK, kernel),), (REDUCE_BLOCK,),
@@ -526,11 +529,7 @@ def _cuda_nll_forward(op, v, labels, ignore, reduction, out, check):
 
 def _cuda_nll_backward(op, dloss, labels, ignore, reduction, dx, check):
     rows, n = dx.shape
-    stats = None
-    if check or reduction == "mean":
-        stats = _cuda_label_stats(labels, n, ignore)
-        if check:
-            _cuda_check(op, labels, n, ignore, stats)
+    stats = _cuda_labels(op, labels, n, ignore, reduction, check)
     if dx.size:
         dx.data.memset_async(0, dx.nbytes)
     if rows == 0:
