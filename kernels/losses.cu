@@ -111,6 +111,31 @@ __device__ __forceinline__ C block_shift_sum(C tt, C c, C m, C row_m) {
   return block_sum(c > C(0) ? tt + c * (m - row_m) : C(0));
 }
 
+// A thread's values of a row held in registers: v[k] = x_t[k * B] (-inf past the row's end, left =
+// n - t); returns their max (NaN wins).
+template <typename T, typename C, int ITEMS>
+__device__ __forceinline__ C load_held(const T* xt, int B, int left, C (&v)[ITEMS]) {
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) v[k] = k * B < left ? to_compute(xt[k * B]) : -math::inf<C>();
+  C m = -math::inf<C>();
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) m = math::nan_max(m, v[k]);
+  return m;
+}
+
+// The row's (max, sum of exp(x - max)) from the thread's values x_t[k * B], k * B < left, read
+// once (online); every thread of the block must call it.
+template <int ITEMS, typename T>
+__device__ __forceinline__ MaxSum<compute_t<T>> block_max_sum_online(const T* xt, int B,
+                                                                      int left) {
+  using C = compute_t<T>;
+  MaxSum<C> p = MaxSumOp::identity<C>();
+#pragma unroll 4
+  for (int k = 0; k < ITEMS; ++k)
+    if (k * B < left) online_add(p.m, p.s, to_compute(xt[k * B]));
+  return block_max_sum(p);
+}
+
 // --- cross-entropy forward: rows of up to blockDim.x * ITEMS, held in registers ----------------
 //
 // x (rows, n); labels (rows,); row_loss (compute type) or loss_out (storage type, "none") gets
@@ -139,11 +164,7 @@ ce_forward_rows(const T* x, const L* labels, long long rows, int n, long long ig
     C tsum = C(0);
     if constexpr (HOLD) {
       C v[ITEMS];
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) v[k] = k * B < left ? to_compute(xt[k * B]) : -math::inf<C>();
-      C m = -math::inf<C>();
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) m = math::nan_max(m, v[k]);
+      const C m = load_held(xt, B, left, v);
       C s = C(0);
 #pragma unroll
       for (int k = 0; k < ITEMS; ++k) s += v[k] == -math::inf<C>() ? C(0) : math::exp(v[k] - m);
@@ -155,11 +176,7 @@ ce_forward_rows(const T* x, const L* labels, long long rows, int n, long long ig
         tsum = block_sum(tsum);
       }
     } else {
-      MaxSum<C> p = MaxSumOp::identity<C>();
-#pragma unroll 4
-      for (int k = 0; k < ITEMS; ++k)
-        if (k * B < left) online_add(p.m, p.s, to_compute(xt[k * B]));
-      row = block_max_sum(p);
+      row = block_max_sum_online<ITEMS>(xt, B, left);
       if (smooth) {
 #pragma unroll 4
         for (int k = 0; k < ITEMS; ++k)
@@ -175,6 +192,32 @@ ce_forward_rows(const T* x, const L* labels, long long rows, int n, long long ig
 }
 
 // --- cross-entropy forward: rows of any length, one pass --------------------------------------
+
+// Fold this thread's elements xr[i], i = t, t + B, ... below n, into (m, s) by online_add, or with
+// `smooth` into (m, s, tt, c) by online_add_shift; UNROLL loads in flight.
+template <int UNROLL, typename T, typename C>
+__device__ __forceinline__ void fold_row_online(const T* xr, long long t, long long B, long long n,
+                                                bool smooth, C& m, C& s, C& tt, C& c) {
+  long long i = t;
+  for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
+    C v[UNROLL];
+#pragma unroll
+    for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
+#pragma unroll
+    for (int k = 0; k < UNROLL; ++k) {
+      if (smooth)
+        online_add_shift(m, s, tt, c, v[k]);
+      else
+        online_add(m, s, v[k]);
+    }
+  }
+  for (; i < n; i += B) {
+    if (smooth)
+      online_add_shift(m, s, tt, c, to_compute(xr[i]));
+    else
+      online_add(m, s, to_compute(xr[i]));
+  }
+}
 
 template <typename T, typename L>
 __global__ void __launch_bounds__(1024, 1)
@@ -195,25 +238,7 @@ ce_forward_long(const T* x, const L* labels, long long rows, long long n, long l
     }
     const T* xr = x + r * n;
     C m = -math::inf<C>(), s = C(0), tt = C(0), c = C(0);
-    long long i = t;
-    for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
-      C v[UNROLL];
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) {
-        if (smooth)
-          online_add_shift(m, s, tt, c, v[k]);
-        else
-          online_add(m, s, v[k]);
-      }
-    }
-    for (; i < n; i += B) {
-      if (smooth)
-        online_add_shift(m, s, tt, c, to_compute(xr[i]));
-      else
-        online_add(m, s, to_compute(xr[i]));
-    }
+    fold_row_online<UNROLL>(xr, t, B, n, smooth, m, s, tt, c);
     const MaxSum<C> row = block_max_sum(MaxSum<C>{m, s});
     const C tsum = smooth ? block_shift_sum(tt, c, m, row.m) : C(0);
     if (t == 0) {
@@ -281,11 +306,7 @@ ce_backward_rows(const T* x, const L* labels, long long rows, int n, long long i
     } else if constexpr (HOLD) {
       // e_k = exp(x_k - m_t) held; p = e_k * exp(m_t - m) / s
       C v[ITEMS];
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) v[k] = k * B < left ? to_compute(xt[k * B]) : -math::inf<C>();
-      C m = -math::inf<C>();
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) m = math::nan_max(m, v[k]);
+      const C m = load_held(xt, B, left, v);
       C s = C(0);
 #pragma unroll
       for (int k = 0; k < ITEMS; ++k) {
@@ -302,11 +323,7 @@ ce_backward_rows(const T* x, const L* labels, long long rows, int n, long long i
         }
       }
     } else {
-      MaxSum<C> p = MaxSumOp::identity<C>();
-#pragma unroll 4
-      for (int k = 0; k < ITEMS; ++k)
-        if (k * B < left) online_add(p.m, p.s, to_compute(xt[k * B]));
-      const MaxSum<C> row = block_max_sum(p);
+      const MaxSum<C> row = block_max_sum_online<ITEMS>(xt, B, left);
       const C a = w / row.s;
 #pragma unroll 4
       for (int k = 0; k < ITEMS; ++k) {
@@ -345,16 +362,8 @@ ce_backward_long(const T* x, const L* labels, long long rows, long long n, long 
       split_lse(lse[r], shift, lo);
       a = w;
     } else {
-      C m = -math::inf<C>(), s = C(0);
-      long long i = t;
-      for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
-        C v[UNROLL];
-#pragma unroll
-        for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
-#pragma unroll
-        for (int k = 0; k < UNROLL; ++k) online_add(m, s, v[k]);
-      }
-      for (; i < n; i += B) online_add(m, s, to_compute(xr[i]));
+      C m = -math::inf<C>(), s = C(0), tt = C(0), c = C(0);  // tt, c unused (not smooth)
+      fold_row_online<UNROLL>(xr, t, B, n, false, m, s, tt, c);
       const MaxSum<C> row = block_max_sum(MaxSum<C>{m, s});
       shift = row.m;
       lo = C(0);
