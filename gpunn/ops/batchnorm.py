@@ -205,23 +205,64 @@ def _block_moments(seg):
     return nf, float(m) + dd / nf, m2 if m2 > 0.0 else m2 * 0.0  # keeps NaN, drops -0 rounding
 
 
+# Where each parallel piece works (the same split for the statistics, the gradient sums and the
+# elementwise passes of a layout):
+
+
+@njit(inline="always", cache=True)
+def _row_slice(t, S, L):
+    """Piece t = c*S + s of a rows reduction: (c, j, j1), the s-th of S slices
+    [s*L // S, (s+1)*L // S) of channel c's L = A*B values in flat (a, b) order."""
+    c = t // S
+    s = t - c * S
+    return c, s * L // S, (s + 1) * L // S
+
+
+@njit(inline="always", cache=True)
+def _row_segment(j, j1, B):
+    """(a, b0, b1): the part [b0, b1) of row a that flat values [j, j1) start with."""
+    a = j // B
+    b0 = j - a * B
+    return a, b0, min(B, b0 + (j1 - j))
+
+
+@njit(inline="always", cache=True)
+def _col_piece(t, T, S, A, K):
+    """Piece t = s*T + tile of a columns reduction over (A, K): (s, k0, k1, a0, a1), the
+    columns [k0, k1) of the tile (COL_TILE wide) and the rows [a0, a1), the s-th of S slices."""
+    s = t // T
+    k0 = (t - s * T) * COL_TILE
+    return s, k0, min(K, k0 + COL_TILE), s * A // S, (s + 1) * A // S
+
+
+@njit(inline="always", cache=True)
+def _row_piece(t, NB, C, B):
+    """Piece t of an elementwise pass over rows: (a, c, b0, b1), the q-th of the NB pieces
+    [b0, b1) of row (a, c), t = (a*C + c)*NB + q."""
+    r = t // NB
+    q = t - r * NB
+    a = r // C
+    return a, r - a * C, q * B // NB, (q + 1) * B // NB
+
+
+@njit(inline="always", cache=True)
+def _rows_block(t, NR, A, C):
+    """Block t of an elementwise channels-last pass: flat values [lo, hi) of rows
+    [t*NR, (t+1)*NR) of C channels (fewer at the end)."""
+    return t * NR * C, min(A, (t + 1) * NR) * C
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _stats_rows(x3, S, pmu, pm2):
     """Partial (mean, M2) of piece t = c*S + s: the s-th of S slices of channel c's L = A*B
     values, [s*L // S, (s+1)*L // S) in flat (a, b) order, walked row segment by row segment,
     BLOCK values at a time."""
     A, C, B = x3.shape
-    L = A * B
     for t in prange(C * S):
-        c = t // S
-        s = t - c * S
-        j = s * L // S
-        j1 = (s + 1) * L // S
+        c, j, j1 = _row_slice(t, S, A * B)
         n, mu, m2 = 0.0, 0.0, 0.0
         while j < j1:
-            a = j // B
-            b0 = j - a * B
-            b1 = min(B, b0 + (j1 - j))
+            a, b0, b1 = _row_segment(j, j1, B)
             row = x3[a, c]
             for k in range(b0, b1, BLOCK):
                 bn, bmu, bm2 = _block_moments(row[k:min(k + BLOCK, b1)])
@@ -291,11 +332,7 @@ def _stats_cols(x2, S, pmu, pm2):
     xf = x2.reshape(-1)
     T = (K + COL_TILE - 1) // COL_TILE
     for t in prange(S * T):
-        s = t // T
-        k0 = (t - s * T) * COL_TILE
-        k1 = min(K, k0 + COL_TILE)
-        a0 = s * A // S
-        a1 = (s + 1) * A // S
+        s, k0, k1, a0, a1 = _col_piece(t, T, S, A, K)
         mu = np.zeros(k1 - k0)
         m2 = np.zeros(k1 - k0)
         shift = np.empty(k1 - k0, x2.dtype)
@@ -382,12 +419,7 @@ def _normalize_rows(x3, mean, scale, beta, y3, relu, NB):
     """y = (x - mean) * scale + beta (then ReLU) over rows of B, each row in NB pieces."""
     A, C, B = x3.shape
     for t in prange(A * C * NB):
-        r = t // NB
-        q = t - r * NB
-        a = r // C
-        c = r - a * C
-        b0 = q * B // NB
-        b1 = (q + 1) * B // NB
+        a, c, b0, b1 = _row_piece(t, NB, C, B)
         if relu:
             _seg_normalize_relu(x3[a, c, b0:b1], y3[a, c, b0:b1], mean[c], scale[c], beta[c])
         else:
@@ -418,8 +450,7 @@ def _normalize_cols(x2, mean, scale, beta, y2, relu, NR):
     A, C = x2.shape
     xf, yf = x2.reshape(-1), y2.reshape(-1)
     for t in prange((A + NR - 1) // NR):
-        lo = t * NR * C
-        hi = min(A, (t + 1) * NR) * C
+        lo, hi = _rows_block(t, NR, A, C)
         _block_normalize(xf[lo:hi], yf[lo:hi], mean, scale, beta, relu)
 
 
@@ -447,19 +478,13 @@ def _block_grad_sums(gs, xs, m):
 def _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb):
     """Partial sums of g and g * (x - mean) of piece t = c*S + s (as _stats_rows)."""
     A, C, B = x3.shape
-    L = A * B
     for t in prange(C * S):
-        c = t // S
-        s = t - c * S
-        j = s * L // S
-        j1 = (s + 1) * L // S
+        c, j, j1 = _row_slice(t, S, A * B)
         m, sc, be = mean[c], scale[c], beta[c]
         g = np.empty(BLOCK if relu else 0, x3.dtype)
         sa, sb = 0.0, 0.0
         while j < j1:
-            a = j // B
-            b0 = j - a * B
-            b1 = min(B, b0 + (j1 - j))
+            a, b0, b1 = _row_segment(j, j1, B)
             xr, gr = x3[a, c], dy3[a, c]
             for k in range(b0, b1, BLOCK):
                 k1 = min(k + BLOCK, b1)
@@ -514,11 +539,7 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
     xf, gf = x2.reshape(-1), dy2.reshape(-1)
     T = (K + COL_TILE - 1) // COL_TILE
     for t in prange(S * T):
-        s = t // T
-        k0 = (t - s * T) * COL_TILE
-        k1 = min(K, k0 + COL_TILE)
-        a0 = s * A // S
-        a1 = (s + 1) * A // S
+        s, k0, k1, a0, a1 = _col_piece(t, T, S, A, K)
         ta = np.zeros(k1 - k0)
         tb = np.zeros(k1 - k0)
         ba = np.empty(k1 - k0, x2.dtype)
@@ -574,12 +595,7 @@ def _seg_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
 def _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3, NB):
     A, C, B = x3.shape
     for t in prange(A * C * NB):
-        r = t // NB
-        q = t - r * NB
-        a = r // C
-        c = r - a * C
-        b0 = q * B // NB
-        b1 = (q + 1) * B // NB
+        a, c, b0, b1 = _row_piece(t, NB, C, B)
         _seg_dx(dy3[a, c, b0:b1], x3[a, c, b0:b1], dx3[a, c, b0:b1], mean[c], scale[c], beta[c],
                 k1[c], k2[c], k3[c], relu)
 
@@ -609,8 +625,7 @@ def _dx_cols(dy2, x2, mean, scale, beta, k1, k2, k3, relu, dx2, NR):
     A, C = x2.shape
     gf, xf, df = dy2.reshape(-1), x2.reshape(-1), dx2.reshape(-1)
     for t in prange((A + NR - 1) // NR):
-        lo = t * NR * C
-        hi = min(A, (t + 1) * NR) * C
+        lo, hi = _rows_block(t, NR, A, C)
         _block_dx(gf[lo:hi], xf[lo:hi], df[lo:hi], mean, scale, beta, k1, k2, k3, relu)
 
 
@@ -641,40 +656,41 @@ def _block_rows(C):
 
 
 @njit(cache=True, error_model="numpy")
+def _cpu_plan(A, C, B, threads):
+    """(S, strides, Bc) of a CPU reduction over (A, C, B): the rows shape (B >= CPU_ROWS_MIN)
+    has S slices per channel, partial c*S + s (strides (S, 1, 0), Bc = 1); the columns shape
+    S row slices of K = C*B columns, partial s*K + c*B + j (strides (B, K, 1), Bc = B).
+    Either way S * C * Bc partials."""
+    sp = np.zeros(3, np.int64)
+    if B >= CPU_ROWS_MIN:
+        S = _cpu_pieces(C, A * B, 1 << 15, threads)
+        sp[0] = S
+        sp[1] = 1
+        return S, sp, 1
+    K = C * B
+    S = _cpu_pieces((K + COL_TILE - 1) // COL_TILE, A, ROW_BLOCK, threads)
+    sp[0] = B
+    sp[1] = K
+    sp[2] = 1
+    return S, sp, B
+
+
+@njit(cache=True, error_model="numpy")
 def _cpu_forward_driver(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps,
                         relu, threads):
     """The whole CPU forward: partial statistics (rows or columns), finalize, normalize.
     w, b, rm, rv may be empty (absent)."""
     A, C, B = x3.shape
-    S = 0
-    total = 0
-    Bc = 0
-    sm = np.zeros(3, np.int64)
-    pmu = np.empty(0)
-    pm2 = np.empty(0)
+    S, sm, Bc = _cpu_plan(A, C, B, threads)
+    pmu = np.empty(S * C * Bc if use_batch else 0)
+    pm2 = np.empty(pmu.size)
     if use_batch:
         if B >= CPU_ROWS_MIN:
-            S = _cpu_pieces(C, A * B, 1 << 15, threads)
-            pmu = np.empty(C * S)
-            pm2 = np.empty(C * S)
             _stats_rows(x3, S, pmu, pm2)
-            total = A * B
-            sm[0] = S
-            sm[1] = 1
-            Bc = 1
         else:
             K = C * B
-            S = _cpu_pieces((K + COL_TILE - 1) // COL_TILE, A, ROW_BLOCK, threads)
-            pmu2 = np.empty((S, K))
-            pm22 = np.empty((S, K))
-            _stats_cols(x3.reshape(A, K), S, pmu2, pm22)
-            pmu = pmu2.reshape(-1)
-            pm2 = pm22.reshape(-1)
-            total = A
-            sm[0] = B
-            sm[1] = K
-            sm[2] = 1
-            Bc = B
+            _stats_cols(x3.reshape(A, K), S, pmu.reshape(S, K), pm2.reshape(S, K))
+    total = A * B if B >= CPU_ROWS_MIN else A  # values (rows) or rows (columns) per channel
     scale = np.empty(C, x3.dtype)
     beta = np.empty(C, x3.dtype)
     _finalize_forward(S, total, pmu, pm2, sm, Bc, float(A * B), w, b, rm, rv, mean, invstd,
@@ -695,31 +711,19 @@ def _cpu_backward_driver(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, rel
     A, C, B = x3.shape
     scale = invstd * w if w.size > 0 else invstd.copy()
     beta = b.copy() if b.size > 0 else np.zeros(C, x3.dtype)
-    sp = np.zeros(3, np.int64)
+    S, sp, Bc = _cpu_plan(A, C, B, threads)
+    pa = np.empty(S * C * Bc)
+    pb = np.empty(pa.size)
     if B >= CPU_ROWS_MIN:
-        S = _cpu_pieces(C, A * B, 1 << 15, threads)
-        pa = np.empty(C * S)
-        pb = np.empty(C * S)
         _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb)
-        sp[0] = S
-        sp[1] = 1
-        Bc = 1
     else:
         K = C * B
-        S = _cpu_pieces((K + COL_TILE - 1) // COL_TILE, A, ROW_BLOCK, threads)
-        pa2 = np.empty((S, K))
-        pb2 = np.empty((S, K))
+        pa2, pb2 = pa.reshape(S, K), pb.reshape(S, K)
         if B == 1:
             _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), mean, scale, beta, relu, S, pa2, pb2)
         else:
             _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), np.repeat(mean, B),
                        np.repeat(scale, B), np.repeat(beta, B), relu, S, pa2, pb2)
-        pa = pa2.reshape(-1)
-        pb = pb2.reshape(-1)
-        sp[0] = B
-        sp[1] = K
-        sp[2] = 1
-        Bc = B
     k1 = np.empty(C, x3.dtype)
     k2 = np.empty(C, x3.dtype)
     k3 = np.empty(C, x3.dtype)
