@@ -256,6 +256,24 @@ struct Cursor {
   }
 };
 
+// The flat passes' walk: this thread's vectors p.i, p.i + G, ... below nvec (G the grid's
+// threads), two per step: body(p, q, two), q the vector after p, two = q.i < nvec.
+template <typename F>
+__device__ __forceinline__ void walk_flat_pairs(long long nvec, long long bv, long long Cn,
+                                                F&& body) {
+  const long long G = static_cast<long long>(gridDim.x) * blockDim.x;
+  const long long Gb = G % bv, Gc = (G / bv) % Cn;
+  Cursor p;
+  p.start(static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x, bv, Cn);
+  while (p.i < nvec) {
+    Cursor q = p;
+    q.advance(G, Gb, Gc, bv, Cn);
+    body(p, q, q.i < nvec);
+    p = q;
+    p.advance(G, Gb, Gc, bv, Cn);
+  }
+}
+
 }  // namespace bn
 
 // --- reductions ------------------------------------------------------------------------------
@@ -552,34 +570,21 @@ __global__ void __launch_bounds__(BN_THREADS)
 bn_normalize_flat(const T* x, T* y, const compute_t<T>* coef, long long nvec, long long bv,
                   long long Cn, int relu) {
   using C = compute_t<T>;
-  const long long G = static_cast<long long>(gridDim.x) * blockDim.x;
-  const long long Gb = G % bv, Gc = (G / bv) % Cn;
-  bn::Cursor p;
-  p.start(static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x, bv, Cn);
-  while (p.i < nvec) {
-    bn::Cursor q = p;
-    q.advance(G, Gb, Gc, bv, Cn);
-    const bool two = q.i < nvec;
+  // y of vector i (channel c) from its loaded x
+  auto normalize = [&](long long i, long long c, C (&v)[V]) {
+    const C* k = coef + 4 * c;
+    const C m = k[0], sc = k[1], be = k[2];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = bn::bn_value(v[j], m, sc, be, relu);
+    bn::store_vec<T, V>(y + i * V, v);
+  };
+  bn::walk_flat_pairs(nvec, bv, Cn, [&](const bn::Cursor& p, const bn::Cursor& q, bool two) {
     C v0[V], v1[V];
     bn::load_vec<T, V>(x + p.i * V, v0);
     if (two) bn::load_vec<T, V>(x + q.i * V, v1);
-    {
-      const C* k = coef + 4 * p.c;
-      const C m = k[0], sc = k[1], be = k[2];
-#pragma unroll
-      for (int j = 0; j < V; ++j) v0[j] = bn::bn_value(v0[j], m, sc, be, relu);
-      bn::store_vec<T, V>(y + p.i * V, v0);
-    }
-    if (two) {
-      const C* k = coef + 4 * q.c;
-      const C m = k[0], sc = k[1], be = k[2];
-#pragma unroll
-      for (int j = 0; j < V; ++j) v1[j] = bn::bn_value(v1[j], m, sc, be, relu);
-      bn::store_vec<T, V>(y + q.i * V, v1);
-    }
-    p = q;
-    p.advance(G, Gb, Gc, bv, Cn);
-  }
+    normalize(p.i, p.c, v0);
+    if (two) normalize(q.i, q.c, v1);
+  });
 }
 
 // Channels last (B == 1): thread (tx, ty) of tile blockIdx.x keeps channels [k, k + V) and
@@ -623,14 +628,16 @@ __global__ void __launch_bounds__(BN_THREADS)
 bn_dx_flat(const T* dy, const T* x, T* dx, const compute_t<T>* coef, long long nvec,
            long long bv, long long Cn, int relu) {
   using C = compute_t<T>;
-  const long long G = static_cast<long long>(gridDim.x) * blockDim.x;
-  const long long Gb = G % bv, Gc = (G / bv) % Cn;
-  bn::Cursor p;
-  p.start(static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x, bv, Cn);
-  while (p.i < nvec) {
-    bn::Cursor q = p;
-    q.advance(G, Gb, Gc, bv, Cn);
-    const bool two = q.i < nvec;
+  // dx of vector i (channel c) from its loaded dy (in g, overwritten) and x
+  auto grad = [&](long long i, long long c, C (&g)[V], const C (&xv)[V]) {
+    C k[6];
+#pragma unroll
+    for (int f = 0; f < 6; ++f) k[f] = coef[8 * c + f];
+#pragma unroll
+    for (int j = 0; j < V; ++j) g[j] = bn::dx_value<T>(g[j], xv[j], k, relu);
+    bn::store_vec<T, V>(dx + i * V, g);
+  };
+  bn::walk_flat_pairs(nvec, bv, Cn, [&](const bn::Cursor& p, const bn::Cursor& q, bool two) {
     C g0[V], x0[V], g1[V], x1[V];
     bn::load_vec<T, V>(dy + p.i * V, g0);
     bn::load_vec<T, V>(x + p.i * V, x0);
@@ -638,25 +645,9 @@ bn_dx_flat(const T* dy, const T* x, T* dx, const compute_t<T>* coef, long long n
       bn::load_vec<T, V>(dy + q.i * V, g1);
       bn::load_vec<T, V>(x + q.i * V, x1);
     }
-    {
-      C k[6];
-#pragma unroll
-      for (int f = 0; f < 6; ++f) k[f] = coef[8 * p.c + f];
-#pragma unroll
-      for (int j = 0; j < V; ++j) g0[j] = bn::dx_value<T>(g0[j], x0[j], k, relu);
-      bn::store_vec<T, V>(dx + p.i * V, g0);
-    }
-    if (two) {
-      C k[6];
-#pragma unroll
-      for (int f = 0; f < 6; ++f) k[f] = coef[8 * q.c + f];
-#pragma unroll
-      for (int j = 0; j < V; ++j) g1[j] = bn::dx_value<T>(g1[j], x1[j], k, relu);
-      bn::store_vec<T, V>(dx + q.i * V, g1);
-    }
-    p = q;
-    p.advance(G, Gb, Gc, bv, Cn);
-  }
+    grad(p.i, p.c, g0, x0);
+    if (two) grad(q.i, q.c, g1, x1);
+  });
 }
 
 // Channels last (B == 1): as bn_normalize_cols, for dx.
