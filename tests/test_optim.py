@@ -91,19 +91,7 @@ STEPS = 50
 RUNNERS = ("numpy", "cpu", "gpunn.torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch and one Numba thread for this module's many small steps: on a busy
-    machine a parallel region costs milliseconds (a 50-step run of 6 small tensors: 0.17 s
-    with 2 Numba threads, 0.016 s with one). Tests of multi-chunk steps use ``parallel``."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

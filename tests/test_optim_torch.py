@@ -22,17 +22,7 @@ from test_optim import (ALGOS, CLASSES, FULL, SMALL, _continue, _snapshot, asser
                         make_data, start)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch and one Numba thread for these small steps (see test_optim.one_thread)."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(algo, model, options, device="cpu"):
