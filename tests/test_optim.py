@@ -946,14 +946,32 @@ def test_bad_gradient_in_second_group_changes_nothing(runner, rng):
     assert _snapshot(run) == before
 
 
-def test_mixed_dtypes_in_a_group_are_refused_cleanly(rng):
-    """One fused step takes one dtype per group (torch would mix): a clear error."""
-    p = [Parameter(np.ones(3, np.float32), np.ones(3, np.float32)),
-         Parameter(np.ones(3, np.float64), np.ones(3, np.float64))]
-    opt = go.Adam(p, lr=0.1)
-    with pytest.raises(TypeError, match=r"params\[1\].*float64.*float32"):
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_mixed_dtypes_in_a_group_follow_torch(backend, rng):
+    """A group mixing float32 and float64 parameters steps as torch's (one table per
+    dtype); an inf in either dtype skips both; clipping across dtypes is refused by name."""
+    shapes = [(3, 5), (7,), (2, 2)]
+    dtypes = [np.float32, np.float64, np.float32]
+    init = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    ours = [Parameter(x.copy()) for x in init]
+    theirs = [torch.tensor(x.copy(), requires_grad=True) for x in init]
+    opt = go.Adam(ours, lr=0.1, weight_decay=0.01, skip_nonfinite=True, backend=backend)
+    ref = torch.optim.Adam(theirs, lr=0.1, weight_decay=0.01, foreach=False)
+    for _ in range(10):
+        grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+        for p, t, g in zip(ours, theirs, grads):
+            p.grad, t.grad = g, torch.tensor(g)
         opt.step()
-    assert np.all(p[0].data == 1) and np.all(p[1].data == 1)
+        ref.step()
+    for p, t, d in zip(ours, theirs, dtypes):
+        assert_close(p.data, t.detach().numpy(), np.dtype(d).name)
+    before = [p.data.copy() for p in ours]
+    ours[1].grad = np.full(7, np.inf)
+    opt.step()
+    assert opt.last_step_skipped and all(np.array_equal(p.data, b) for p, b in zip(ours, before))
+    clipping = go.Adam([Parameter(x.copy(), x.copy()) for x in init], max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm.*float32, float64"):
+        clipping.step()
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

@@ -114,7 +114,7 @@ class FusedStep:
         return state
 
     def _table(self, index, group, h, params):
-        """(table, new states): the group's cached table while its parameters' memory and
+        """(table, new states): the cached table of (group, dtype) ``index`` while its parameters' memory and
         states are the ones it addresses; else a new one and the states it needs (committed
         by the caller once every group's gradients have passed the checks)."""
         key = (index, h.algorithm, h.slots, bool(group.get("master_weights")),
@@ -137,16 +137,23 @@ class FusedStep:
         return table, (key, index, dict(zip(params, states)))
 
     def fused_step(self, grad_scale=None, found_inf=None):
-        """Update every parameter that has a gradient: one table and two launches per group.
-        Every group's options and gradients are checked before anything changes; with an
-        inf/NaN check and several groups, one flag covers all groups (all skip or none).
+        """Update every parameter that has a gradient: one table and two launches per group
+        and dtype. Every group's options and gradients are checked before anything changes;
+        with an inf/NaN check and several tables, one flag covers them all (all skip or none).
         Returns the groups' skip flags (0-d arrays on the device, 1 where skipped)."""
         hypers = [self._hyper(group) for group in self.param_groups]
         ready, pending = [], []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                table, new = self._table(index, group, h, params)
+            by_dtype: dict[str, list] = {}  # one table per dtype (a kernel has one)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_dtype.setdefault(dtype_name(self._array(p)), []).append(p)
+            if len(by_dtype) > 1 and h.max_grad_norm is not None:
+                raise ValueError(f"max_grad_norm: parameter group {index} mixes dtypes "
+                                 f"({', '.join(by_dtype)}); clip by one norm per dtype in "
+                                 "separate groups, or give them one dtype")
+            for dtype, params in by_dtype.items():
+                table, new = self._table((index, dtype), group, h, params)
                 ready.append((table.bind_grads([p.grad for p in params]), h))
                 if new is not None:
                     pending.append((table, new))
