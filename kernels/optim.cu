@@ -6,15 +6,16 @@
 // holds (row, first element) pairs of CHUNK elements each; blocks walk the chunks grid-stride,
 // so one launch covers any number of tensors of any sizes.
 //
-// A step is two launches:
+// A step is two launches per table:
 //   1. prologue: grad_norm (the L2 norm of all gradients and an inf/NaN check; per-block
 //      partials in double, reduced in a fixed order by the last block to finish) or, when
-//      neither clipping nor the check is asked for, prologue_only (one block). Either ends in
+//      neither clipping nor the check is asked for, prologue (one block). Either ends in
 //      finish(): control = {gmul, skip} with gmul = clip / grad_scale, and every row's step
 //      count advanced unless the step is skipped.
 //   2. step<T, S, ALGO>: the whole update, reading control; a skipped step writes nothing.
-// With several parameter groups under an inf/NaN check, mark_nonfinite first ORs every
-// group's gradients into one flag that each group's prologue reads as found_inf.
+// A step over several tables (parameter groups, dtypes) with clipping or the check first
+// adds every table's sums into one totals pair (grad_norm with totals), and each table's
+// prologue then reads them: one norm and one skip decision for the whole step.
 // The math is that of gpunn/optim/functional.py (reference_update), in float for float, half
 // and bfloat16 parameters (float32 states S) and double for double.
 #include "common.cuh"
@@ -54,20 +55,28 @@ __device__ void finish(const long long* table, long long rows, double sumsq, boo
   }
 }
 
-// The prologue without a gradient pass: launched with one block.
-__global__ void prologue_only(const long long* table, long long rows, double grad_scale,
-                              const float* grad_scale_ptr, const float* found_inf_ptr,
-                              double* control) {
-  finish(table, rows, 0.0, false, -1.0, grad_scale, grad_scale_ptr, found_inf_ptr, control);
+// The prologue without a gradient pass of its own: one block. totals (nullable) holds the
+// step's [sum of squares, inf/NaN count] over every table, added up by grad_norm launches.
+__global__ void prologue(const long long* table, long long rows, const double* totals,
+                         double max_norm, double grad_scale, const float* grad_scale_ptr,
+                         const float* found_inf_ptr, double* control) {
+  const double sumsq = totals ? totals[0] : 0.0;
+  const bool bad = totals && (totals[1] != 0.0 || !isfinite(sumsq));
+  finish(table, rows, sumsq, bad, totals ? max_norm : -1.0, grad_scale, grad_scale_ptr,
+         found_inf_ptr, control);
 }
 
-// The prologue with a gradient pass: sum of squares (double) and inf/NaN over all gradients.
-// partials holds 2 doubles per block; counter is 0 before and after the launch.
+// The gradient pass: sum of squares (double) and inf/NaN over all gradients of a table.
+// partials holds 2 doubles per block; counter is 0 before and after the launch. The last
+// block to finish reduces the partials in a fixed order, then either finishes the prologue
+// (totals == nullptr) or adds the sums to totals (the first phase of a step over several
+// tables; launches on one stream run in order, so the sum is deterministic).
 template <typename T>
 __global__ void grad_norm(const long long* table, long long rows, const long long* chunks,
                           long long n_chunks, double max_norm, double grad_scale,
                           const float* grad_scale_ptr, const float* found_inf_ptr,
-                          double* partials, unsigned* counter, double* control) {
+                          double* partials, unsigned* counter, double* control,
+                          double* totals) {
   double sumsq = 0.0;
   double bad = 0.0;
   for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
@@ -100,25 +109,16 @@ __global__ void grad_norm(const long long* table, long long rows, const long lon
   }
   sumsq = block_sum(sumsq);
   bad = block_sum(bad);
-  finish(table, rows, sumsq, bad != 0.0 || !isfinite(sumsq), max_norm, grad_scale,
-         grad_scale_ptr, found_inf_ptr, control);
-  if (threadIdx.x == 0) *counter = 0u;
-}
-
-// flag[0] = 1 if any gradient is inf or NaN (every writer writes the same value): the check
-// shared by the parameter groups of one step, so that a step skips all groups or none.
-template <typename T>
-__global__ void mark_nonfinite(const long long* table, const long long* chunks,
-                               long long n_chunks, float* flag) {
-  bool bad = false;
-  for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-    const long long* row = table + chunks[2 * c] * COLUMNS;
-    const T* g = column<const T>(row, G);
-    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[N]);
-    for (long long i = chunks[2 * c + 1] + threadIdx.x; i < stop; i += blockDim.x)
-      bad = bad || !isfinite(to_compute(g[i]));
+  if (totals) {
+    if (threadIdx.x == 0) {
+      totals[0] += sumsq;
+      totals[1] += bad;
+    }
+  } else {
+    finish(table, rows, sumsq, bad != 0.0 || !isfinite(sumsq), max_norm, grad_scale,
+           grad_scale_ptr, found_inf_ptr, control);
   }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1.0f;
+  if (threadIdx.x == 0) *counter = 0u;
 }
 
 // What every element of one row needs besides its own values.

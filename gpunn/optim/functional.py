@@ -4,7 +4,8 @@ functional API (``sgd``, ``adagrad``, ``rmsprop``, ``adam``, ``adamw``) over lis
 One step, for each parameter p with gradient g (PyTorch's formulas and defaults):
 
     prologue   g <- g * gmul, gmul = clip / grad_scale, clip = min(1, max_norm / (||G|| + 1e-6))
-               where ||G|| is the L2 norm of all (unscaled) gradients of the step; the step
+               where ||G|| is the L2 norm of all (unscaled) gradients of the step, every
+               parameter group's (as torch.nn.utils.clip_grad_norm_ over all of them); the step
                is skipped, parameters and states unchanged, when ``found_inf`` is nonzero or
                (checked when ``grad_scale``, ``max_grad_norm`` or ``skip_nonfinite`` is set)
                a gradient is inf or NaN. Otherwise each parameter's step count t advances.
@@ -139,14 +140,23 @@ def hyper(algorithm: str, group: dict) -> Hyper:
 # --- The NumPy reference: the spec, one tensor at a time -----------------------------------
 
 
-def reference_prologue(xp, grads, h: Hyper, grad_scale=None, found_inf=None):
-    """(gmul, skip): the factor every gradient is multiplied by, and whether to skip."""
+def grad_sumsq(xp, grads) -> float:
+    """The sum of squares of all gradients, in float64 (inf or NaN if any gradient is)."""
+    return sum(float(xp.sum(xp.square(g.astype(xp.float64)))) for g in grads)
+
+
+def reference_prologue(xp, grads, h: Hyper, grad_scale=None, found_inf=None, sumsq=None):
+    """(gmul, skip): the factor every gradient is multiplied by, and whether to skip.
+    ``sumsq``: the sum of squares of all gradients of the step (every group), when the
+    caller has it; else this list's own."""
     from .fused import host_scalar
 
     scale = 1.0 if grad_scale is None else host_scalar(grad_scale, "grad_scale")
     skip = found_inf is not None and host_scalar(found_inf, "found_inf") != 0.0
-    if h.max_grad_norm is not None or h.skip_nonfinite or grad_scale is not None:
-        sumsq = sum(float(xp.sum(xp.square(g.astype(xp.float64)))) for g in grads)
+    if sumsq is None and (h.max_grad_norm is not None or h.skip_nonfinite
+                          or grad_scale is not None):
+        sumsq = grad_sumsq(xp, grads)
+    if sumsq is not None:
         skip = skip or not math.isfinite(sumsq)
     gmul = 1.0 / scale
     if h.max_grad_norm is not None and not skip:
@@ -205,9 +215,9 @@ def reference_update(xp, p, g, s: dict, t: float, h: Hyper, gmul: float):
 
 
 def reference_step(xp, params, grads, states, steps, masters, h: Hyper, grad_scale=None,
-                   found_inf=None) -> bool:
+                   found_inf=None, sumsq=None) -> bool:
     """The whole step over lists (native arrays); returns True when it was skipped."""
-    gmul, skip = reference_prologue(xp, grads, h, grad_scale, found_inf)
+    gmul, skip = reference_prologue(xp, grads, h, grad_scale, found_inf, sumsq)
     if skip:
         return True
     for i, (p, g) in enumerate(zip(params, grads)):

@@ -27,7 +27,7 @@ import numpy as np
 from .. import cuda
 from ..backend import describe, has_numba, resolve
 from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
-from .functional import Hyper, reference_step
+from .functional import Hyper, grad_sumsq, reference_step
 
 #: Row layout (kernels/optim.cu: enum Column).
 P, G, S0, S1, S2, MASTER, STEP, N = range(8)
@@ -139,22 +139,19 @@ class Table:
         self.grads = list(grads)
         return self
 
-    def has_nonfinite(self) -> bool:
-        """Whether a gradient holds inf or NaN (host backends)."""
+    def add_grad_sumsq(self, totals):
+        """Add this table's gradients' sum of squares (float64; inf/NaN if any is) to
+        ``totals``: returns the new host float (numpy, cpu), or accumulates into the
+        device array [sum of squares, inf/NaN count] (cuda: stream-ordered, deterministic)."""
         if self.call.backend == "cpu":
             with _threads(self):
                 partial = _cpu_grad_sumsq(self.rows, self.chunks, np.empty(0, self.dtype))
-            return not all(map(math.isfinite, partial)) or not math.isfinite(sum(partial))
-        xp = self.call.xp
-        return not all(bool(xp.isfinite(_view(g)).all()) for g in self.grads)
-
-    def mark_nonfinite(self, flag) -> None:
-        """cuda: set flag[0] = 1 if a gradient holds inf or NaN (on the device, no sync)."""
+            return totals + float(np.sum(partial))
+        if self.call.backend == "numpy":
+            return totals + grad_sumsq(self.call.xp, [_view(g) for g in self.grads])
         with self.call.context():
-            rows, chunks = self._device_tables()
-            kernel = KERNELS.function(f"gpunn::optim::mark_nonfinite<{_STEP_TYPES[self.dtype][0]}>")
-            grid = cuda.grid_for(len(self.chunks) * BLOCK, BLOCK, kernel)
-            kernel((grid,), (BLOCK,), (rows, chunks, np.int64(len(self.chunks)), flag))
+            _cuda_grad_norm(self, -1.0, 1.0, 0, 0, None, totals)
+        return totals
 
     def _device_tables(self):
         import cupy
@@ -164,8 +161,10 @@ class Table:
             self._device_chunks = cupy.asarray(self.chunks)
         return self._device_rows, self._device_chunks
 
-    def run(self, h: Hyper, grad_scale=None, found_inf=None):
-        """One step; returns a 0-d float64 array on the data's device, 1 if the step was skipped."""
+    def run(self, h: Hyper, grad_scale=None, found_inf=None, totals=None):
+        """One step; returns a 0-d float64 array on the data's device, 1 if the step was
+        skipped. ``totals``: the step's gradient sum of squares over every table (from
+        :func:`grad_totals`), used instead of this table's own for clipping and the check."""
         call = self.call
         with call.context():
             if call.backend == "numpy":
@@ -176,34 +175,29 @@ class Table:
                     xp, views(params), views(self.grads),
                     {k: views(v) for k, v in states.items() if k in self.slots}, views(steps),
                     [None if m is None else _view(m) for m in masters] if masters else None,
-                    h, grad_scale, found_inf)
+                    h, grad_scale, found_inf, totals)
                 return xp.asarray(float(skipped))
             if call.backend == "cpu":
-                return _cpu_run(self, h, grad_scale, found_inf)
-            return _cuda_run(self, h, grad_scale, found_inf)
+                return _cpu_run(self, h, grad_scale, found_inf, totals)
+            return _cuda_run(self, h, grad_scale, found_inf, totals)
 
 
-def combined_found_inf(tables: list[Table], found_inf=None):
-    """found_inf OR any inf/NaN in the gradients of all ``tables`` (one device): a host
-    bool on the cpu and numpy backends, a one-element float32 device array on cuda. Lets a
-    multi-group step skip every group or none."""
-    call = tables[0].call
-    if call.backend != "cuda":
-        found = bool(host_scalar(found_inf, "found_inf"))
-        return found or any(t.has_nonfinite() for t in tables)
+def grad_totals(tables: list[Table]):
+    """The sum of squares of the gradients of every table of a step (one device): a host
+    float (numpy, cpu) or a device array [sum of squares, inf/NaN count] (cuda). With it,
+    clipping uses the norm over all parameter groups and one inf/NaN skips every group."""
+    if tables[0].call.backend != "cuda":
+        total = 0.0
+        for t in tables:
+            total = t.add_grad_sumsq(total)
+        return total
     import cupy
 
-    with call.context():
-        flag = cupy.zeros(1, np.float32)
-        if found_inf is not None:
-            value, address = _device_scalar(found_inf, "found_inf", tables[0].device)
-            if value is not None:
-                flag.fill(float(value != 0))
-            else:
-                flag[...] = cupy.from_dlpack(found_inf).reshape(1) != 0
-        for t in tables:
-            t.mark_nonfinite(flag)
-    return flag
+    with tables[0].call.context():
+        totals = cupy.zeros(2, np.float64)
+    for t in tables:
+        t.add_grad_sumsq(totals)
+    return totals
 
 
 def _view(a):
@@ -432,18 +426,19 @@ class _threads:
             self.numba.set_num_threads(self.saved)
 
 
-def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf):
+def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
     with _threads(table):
-        return _cpu_step_run(table, h, grad_scale, found_inf)
+        return _cpu_step_run(table, h, grad_scale, found_inf, totals)
 
 
-def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf):
+def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, sumsq):
     scale = host_scalar(grad_scale, "grad_scale")
     skip = bool(host_scalar(found_inf, "found_inf"))
     gmul = 1.0 / (1.0 if scale is None else scale)
     like = np.empty(0, table.dtype)
-    if not skip and needs_grad_pass(h, grad_scale):
-        sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
+    if not skip and (sumsq is not None or needs_grad_pass(h, grad_scale)):
+        if sumsq is None:
+            sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
         skip = not math.isfinite(sumsq)
         if h.max_grad_norm is not None and not skip:
             gmul *= min(1.0, h.max_grad_norm / (math.sqrt(sumsq) * gmul + 1e-6))
@@ -474,9 +469,8 @@ def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf):
 BLOCK = 256
 _STEP_TYPES = {"float16": ("gpunn::half", "float"), "bfloat16": ("gpunn::bfloat16", "float"),
                "float32": ("float", "float"), "float64": ("double", "double")}
-KERNELS = cuda.Family("optim", ["gpunn::optim::prologue_only"] + [
-    f"gpunn::optim::{k}<{t}>" for k in ("grad_norm", "mark_nonfinite")
-    for t, _ in _STEP_TYPES.values()] + [
+KERNELS = cuda.Family("optim", ["gpunn::optim::prologue"] + [
+    f"gpunn::optim::grad_norm<{t}>" for t, _ in _STEP_TYPES.values()] + [
     f"gpunn::optim::step<{t}, {s}, {a}>" for t, s in _STEP_TYPES.values()
     for a in range(len(ALGORITHMS))])
 
@@ -493,7 +487,27 @@ def _device_scalar(value, name, device):
     return None, address
 
 
-def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf):
+def _cuda_grad_norm(table: Table, max_norm, scale, scale_ptr, found_ptr, control, totals):
+    """The gradient pass: ends in finish() (control, step counts), or with ``totals``
+    adds the table's sums to them instead (the first phase of a multi-table step)."""
+    import cupy
+
+    rows, chunks = table._device_tables()
+    kernel = KERNELS.function(f"gpunn::optim::grad_norm<{_STEP_TYPES[table.dtype][0]}>")
+    grid = cuda.grid_for(len(table.chunks) * BLOCK, BLOCK, kernel)
+    if table._scratch is None or len(table._scratch[0]) < 2 * grid:
+        # per table: two optimizers on two streams must not share the partials
+        table._scratch = (cupy.empty(2 * grid, np.float64), cupy.zeros(1, np.uint32))
+    partials, counter = table._scratch
+    null = np.uint64(0)
+    kernel((grid,), (BLOCK,), (rows, np.int64(len(table.rows)), chunks,
+                               np.int64(len(table.chunks)), np.float64(max_norm),
+                               np.float64(scale), np.uint64(scale_ptr), np.uint64(found_ptr),
+                               partials, counter, null if control is None else control,
+                               null if totals is None else totals))
+
+
+def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
     import cupy
 
     scale, scale_ptr = _device_scalar(grad_scale, "grad_scale", table.device)
@@ -503,27 +517,21 @@ def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf):
         control.fill(1.0)
         return control[1]
     rows, chunks = table._device_tables()
-    n_rows, n_chunks = len(table.rows), len(table.chunks)
     t, s = _STEP_TYPES[table.dtype]
     scale = 1.0 if scale is None else float(scale)
-    if needs_grad_pass(h, grad_scale):
-        kernel = KERNELS.function(f"gpunn::optim::grad_norm<{t}>")
-        grid = cuda.grid_for(n_chunks * BLOCK, BLOCK, kernel)
-        if table._scratch is None or len(table._scratch[0]) < 2 * grid:
-            # per table: two optimizers on two streams must not share the partials
-            table._scratch = (cupy.empty(2 * grid, np.float64), cupy.zeros(1, np.uint32))
-        partials, counter = table._scratch
-        max_norm = -1.0 if h.max_grad_norm is None else h.max_grad_norm
-        kernel((grid,), (BLOCK,), (rows, np.int64(n_rows), chunks, np.int64(n_chunks),
-                                   np.float64(max_norm), np.float64(scale), np.uint64(scale_ptr),
-                                   np.uint64(found_ptr), partials, counter, control))
-    else:
-        kernel = KERNELS.function("gpunn::optim::prologue_only")
-        kernel((1,), (BLOCK,), (rows, np.int64(n_rows), np.float64(scale), np.uint64(scale_ptr),
+    max_norm = -1.0 if h.max_grad_norm is None else h.max_grad_norm
+    if totals is None and needs_grad_pass(h, grad_scale):
+        _cuda_grad_norm(table, max_norm, scale, scale_ptr, found_ptr, control, None)
+    else:  # the step's totals are known (or not needed): one block
+        kernel = KERNELS.function("gpunn::optim::prologue")
+        kernel((1,), (BLOCK,), (rows, np.int64(len(table.rows)),
+                                np.uint64(0) if totals is None else totals,
+                                np.float64(max_norm), np.float64(scale), np.uint64(scale_ptr),
                                 np.uint64(found_ptr), control))
     kernel = KERNELS.function(f"gpunn::optim::step<{t}, {s}, {h.kernel_id}>")
-    grid = cuda.grid_for(n_chunks * BLOCK, BLOCK, kernel)
-    kernel((grid,), (BLOCK,), (rows, chunks, np.int64(n_chunks), control, np.float64(h.lr),
-                               np.float64(h.beta1), np.float64(h.beta2), np.float64(h.eps),
-                               np.float64(h.weight_decay), np.float64(h.l1), np.int32(h.flags)))
+    grid = cuda.grid_for(len(table.chunks) * BLOCK, BLOCK, kernel)
+    kernel((grid,), (BLOCK,), (rows, chunks, np.int64(len(table.chunks)), control,
+                               np.float64(h.lr), np.float64(h.beta1), np.float64(h.beta2),
+                               np.float64(h.eps), np.float64(h.weight_decay), np.float64(h.l1),
+                               np.int32(h.flags)))
     return control[1]

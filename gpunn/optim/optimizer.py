@@ -19,7 +19,7 @@ import operator
 import numpy as np
 
 from ..backend import array_kind, array_module, dtype_name
-from .fused import Table, combined_found_inf, needs_grad_pass, state_dtype
+from .fused import Table, grad_totals, needs_grad_pass, state_dtype
 from .functional import hyper
 
 #: Options every gpunn optimizer adds to torch's (with their defaults).
@@ -138,8 +138,10 @@ class FusedStep:
 
     def fused_step(self, grad_scale=None, found_inf=None):
         """Update every parameter that has a gradient: one table and two launches per group
-        and dtype. Every group's options and gradients are checked before anything changes;
-        with an inf/NaN check and several tables, one flag covers them all (all skip or none).
+        and dtype. Every group's options and gradients are checked before anything changes.
+        With clipping or the inf/NaN check over several tables, one pass first sums every
+        gradient's square: the norm is that of all gradients of the step (as
+        clip_grad_norm_ over all parameters) and one inf/NaN skips every group.
         Returns the groups' skip flags (0-d arrays on the device, 1 where skipped)."""
         hypers = [self._hyper(group) for group in self.param_groups]
         ready, pending = [], []
@@ -148,10 +150,6 @@ class FusedStep:
             for p in group["params"]:
                 if p.grad is not None:
                     by_dtype.setdefault(dtype_name(self._array(p)), []).append(p)
-            if len(by_dtype) > 1 and h.max_grad_norm is not None:
-                raise ValueError(f"max_grad_norm: parameter group {index} mixes dtypes "
-                                 f"({', '.join(by_dtype)}); clip by one norm per dtype in "
-                                 "separate groups, or give them one dtype")
             for dtype, params in by_dtype.items():
                 table, new = self._table((index, dtype), group, h, params)
                 ready.append((table.bind_grads([p.grad for p in params]), h))
@@ -161,9 +159,10 @@ class FusedStep:
             self.state.update(states)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
             self._tables[key] = table
+        totals = None
         if len(ready) > 1 and any(needs_grad_pass(h, grad_scale) for _, h in ready):
-            found_inf = combined_found_inf([t for t, _ in ready], found_inf)
-        flags = [table.run(h, grad_scale, found_inf) for table, h in ready]
+            totals = grad_totals([t for t, _ in ready])
+        flags = [table.run(h, grad_scale, found_inf, totals) for table, h in ready]
         self.skip_flags = flags
         return flags
 
