@@ -7,8 +7,8 @@ One step, for each parameter p with gradient g (PyTorch's formulas and defaults)
                where ||G|| is the L2 norm of all (unscaled) gradients of the step, every
                parameter group's (as torch.nn.utils.clip_grad_norm_ over all of them); the step
                is skipped, parameters and states unchanged, when ``found_inf`` is nonzero or
-               (checked when ``grad_scale``, ``max_grad_norm`` or ``skip_nonfinite`` is set)
-               a gradient is inf or NaN. Otherwise each parameter's step count t advances.
+               (checked when ``max_grad_norm`` or ``skip_nonfinite`` is set, or
+               ``grad_scale`` is given without ``found_inf``) a gradient is inf or NaN. Otherwise each parameter's step count t advances.
     gradient   g <- -g if maximize;  g <- g + weight_decay * p (not AdamW);  g <- g + l1 * sign(p)
     SGD        b <- g at t = 1, else momentum * b + (1 - dampening) * g      (if momentum != 0)
                g <- g + momentum * b if nesterov else b;   p <- p - lr * g
@@ -154,7 +154,7 @@ def reference_prologue(xp, grads, h: Hyper, grad_scale=None, found_inf=None, sum
     scale = 1.0 if grad_scale is None else host_scalar(grad_scale, "grad_scale")
     skip = found_inf is not None and host_scalar(found_inf, "found_inf") != 0.0
     if sumsq is None and (h.max_grad_norm is not None or h.skip_nonfinite
-                          or grad_scale is not None):
+                          or (grad_scale is not None and found_inf is None)):
         sumsq = grad_sumsq(xp, grads)
     if sumsq is not None:
         skip = skip or not math.isfinite(sumsq)

@@ -219,9 +219,11 @@ def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=
         .bind_grads(grads).run(h, grad_scale, found_inf)
 
 
-def needs_grad_pass(h: Hyper, grad_scale) -> bool:
-    """Whether the prologue reads the gradients (clipping, or an inf/NaN check)."""
-    return h.max_grad_norm is not None or h.skip_nonfinite or grad_scale is not None
+def needs_grad_pass(h: Hyper, grad_scale, found_inf) -> bool:
+    """Whether the prologue reads the gradients: clipping, skip_nonfinite, or grad_scale
+    without a found_inf (GradScaler passes the one it computed: no second check)."""
+    return (h.max_grad_norm is not None or h.skip_nonfinite
+            or (grad_scale is not None and found_inf is None))
 
 
 def host_scalar(value, name) -> float | None:
@@ -436,7 +438,7 @@ def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, sumsq):
     skip = bool(host_scalar(found_inf, "found_inf"))
     gmul = 1.0 / (1.0 if scale is None else scale)
     like = np.empty(0, table.dtype)
-    if not skip and (sumsq is not None or needs_grad_pass(h, grad_scale)):
+    if not skip and (sumsq is not None or needs_grad_pass(h, grad_scale, found_inf)):
         if sumsq is None:
             sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
         skip = not math.isfinite(sumsq)
@@ -520,7 +522,7 @@ def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
     t, s = _STEP_TYPES[table.dtype]
     scale = 1.0 if scale is None else float(scale)
     max_norm = -1.0 if h.max_grad_norm is None else h.max_grad_norm
-    if totals is None and needs_grad_pass(h, grad_scale):
+    if totals is None and needs_grad_pass(h, grad_scale, found_inf):
         _cuda_grad_norm(table, max_norm, scale, scale_ptr, found_ptr, control, None)
     else:  # the step's totals are known (or not needed): one block
         kernel = KERNELS.function("gpunn::optim::prologue")

@@ -160,7 +160,7 @@ class FusedStep:
             self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
             self._tables[key] = table
         totals = None
-        if len(ready) > 1 and any(needs_grad_pass(h, grad_scale) for _, h in ready):
+        if len(ready) > 1 and any(needs_grad_pass(h, grad_scale, found_inf) for _, h in ready):
             totals = grad_totals([t for t, _ in ready])
         flags = [table.run(h, grad_scale, found_inf, totals) for table, h in ready]
         self.skip_flags = flags
