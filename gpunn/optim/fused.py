@@ -327,17 +327,21 @@ if has_numba():
                     p[i] = p[i] - lr * _gradient(p[i], g[i], gm, sign, wd, l1)
                 continue
             b = _chunk(rows, chunks, c, S0, like)
-            first = _step_count(rows, chunks, c, step_like) == 1.0  # b = g at step 1
-            if nesterov:
+            if _step_count(rows, chunks, c, step_like) == 1.0:  # b = g at step 1
                 for i in range(p.size):
                     gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    bi = gi if first else b[i] * beta1 + omb2 * gi
+                    b[i] = gi
+                    p[i] = p[i] - lr * (gi + beta1 * gi if nesterov else gi)
+            elif nesterov:
+                for i in range(p.size):
+                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                    bi = b[i] * beta1 + omb2 * gi
                     b[i] = bi
                     p[i] = p[i] - lr * (gi + beta1 * bi)
             else:
                 for i in range(p.size):
                     gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    bi = gi if first else b[i] * beta1 + omb2 * gi
+                    bi = b[i] * beta1 + omb2 * gi
                     b[i] = bi
                     p[i] = p[i] - lr * bi
 
