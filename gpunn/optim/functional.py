@@ -34,9 +34,7 @@ Bytes per parameter of a fused Adam step, float32: read p, g, m, v (16), write p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from ..ops._apply import compute_dtype
 
@@ -67,7 +65,7 @@ class Hyper:
     flags: int = 0
     max_grad_norm: float | None = None
     skip_nonfinite: bool = False
-    slots: tuple = field(default=())  # the state slots this step uses
+    slots: tuple = ()  # the state slots this step uses
 
     @property
     def kernel_id(self) -> int:
