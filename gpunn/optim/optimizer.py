@@ -22,9 +22,6 @@ from ..backend import array_kind, array_module, dtype_name
 from .fused import Table, grad_totals, needs_grad_pass, state_dtype
 from .functional import hyper
 
-#: Options every gpunn optimizer adds to torch's (with their defaults).
-EXTRA_OPTIONS = dict(l1=0.0, max_grad_norm=None, skip_nonfinite=False, master_weights=False)
-
 
 # --- Arrays of any kind: the few constructors the state needs ----------------------------------
 
