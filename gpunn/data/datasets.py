@@ -211,25 +211,26 @@ def load_npz(path, *, name: str | None = None) -> Dataset:
     integer labels. x becomes float32 as stored (no scaling); (N, H, W) becomes (N, 1, H, W),
     (N, F) stays. num_classes is the largest label + 1 (at least 2)."""
     where = repr(os.fspath(path))
+    with open(path, "rb") as f:  # a missing file stays a FileNotFoundError
+        signature = f.read(4)
+    if signature not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise ValueError(f"{where} is not an .npz archive (no zip signature at its start; "
+                         f"got {signature!r})")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise ValueError(f"{where} lacks the array(s) {missing}: a dataset .npz holds "
-                                 f"'x' (samples) and 'y' (labels); it has {archive.files}")
-            x, y = archive["x"], archive["y"]
+        archive = np.load(path, allow_pickle=False)
+        with archive:
+            files = archive.files
+            arrays = {key: archive[key] for key in ("x", "y") if key in files}
     except FileNotFoundError:
         raise
-    except AttributeError as e:  # np.load returned a single array (a .npy file)
-        raise ValueError(f"{where} is not an .npz archive") from e
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
         raise ValueError(f"{where} is not a readable .npz archive (corrupt or truncated?): "
                          f"{e}") from e
-    except ValueError as e:
-        if str(e).startswith(where):
-            raise
-        raise ValueError(f"{where} is not a readable .npz archive (corrupt or truncated?): "
-                         f"{e}") from e
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        raise ValueError(f"{where} lacks the array(s) {missing}: a dataset .npz holds 'x' "
+                         f"(samples) and 'y' (labels); it has {files}")
+    x, y = arrays["x"], arrays["y"]
     x = _samples(x, f"{where}['x']")
     y = _labels(y, f"{where}['y']")
     if len(x) != len(y):
@@ -289,11 +290,13 @@ def load(spec=None) -> tuple[Dataset, Dataset | None]:
              for split, names in _IDX_NAMES.items()}
     train_images, train_labels = found["train"]
     if train_images is None or train_labels is None:
-        looked = [prefix + v for base in _IDX_NAMES["train"] for v in _variants(base)]
-        what = "a folder or path prefix" if not os.path.isfile(spec) else "not .npz: a file"
+        looked = [prefix + base for base in _IDX_NAMES["train"]]
+        what = ("a file that is not .npz" if os.path.isfile(spec) else
+                "a folder" if os.path.isdir(spec) else "neither a file nor a folder")
         raise FileNotFoundError(
-            f"no dataset at {spec!r} ({what}): expected 'digits', an .npz file, or MNIST-style "
-            f"IDX files; looked for {looked}")
+            f"no dataset at {spec!r} ({what}): expected 'digits', an .npz file, or a folder "
+            f"or path prefix of MNIST-style IDX files; looked for {looked} (also with '.gz' "
+            f"and with '.idx' for '-idx')")
     test_images, test_labels = found["test"]
     if (test_images is None) != (test_labels is None):
         have, lack = ((test_images, _IDX_NAMES["test"][1]) if test_labels is None
