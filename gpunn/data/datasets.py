@@ -322,8 +322,9 @@ def load(spec=None) -> tuple[Dataset, Dataset | None]:
 def stratified_split(dataset: Dataset, test_fraction: float = 0.25,
                      seed: int = 0) -> tuple[Dataset, Dataset]:
     """Split into (train, test) class by class, so each class keeps its share in both
-    (scikit-learn's ``train_test_split(stratify=y)``); the same seed gives the same split.
-    Every class needs at least two samples."""
+    (scikit-learn's ``train_test_split(stratify=y)``: ``ceil(test_fraction * N)`` test
+    samples, each class's count within one of its share of them); the same seed gives the
+    same split. Every class needs at least two samples."""
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a Dataset; got {type(dataset).__name__}")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
