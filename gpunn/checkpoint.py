@@ -61,16 +61,19 @@ class _Encoder:
         return node
 
     def encode(self, value, path: str):
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
+        # NumPy first: np.float64 is a float and np.str_ a str, but they come back as themselves
         if isinstance(value, np.ndarray):
             return self.array(value, path, "array")
         if isinstance(value, np.generic):
             return self.array(np.asarray(value), path, "scalar")
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
         if type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "get"):
             return self.array(value.get(), path, "array")
         if isinstance(value, (dict, list, tuple)):
