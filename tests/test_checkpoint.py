@@ -203,6 +203,7 @@ def test_failed_save_keeps_old_file(tmp_path, rng, monkeypatch, where):
     class Boom(Exception):
         pass
 
+    error = Boom
     if where == "replace":
         def fail(*args, **kwargs):
             raise Boom()
@@ -221,13 +222,13 @@ def test_failed_save_keeps_old_file(tmp_path, rng, monkeypatch, where):
         def fail(fd):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(checkpoint.os, "fsync", fail)
-        Boom = OSError  # noqa: N806
+        error = OSError
     else:
         def fail(*args, **kwargs):
             raise KeyboardInterrupt
         monkeypatch.setattr(checkpoint.os, "replace", fail)
-        Boom = KeyboardInterrupt  # noqa: N806
-    with pytest.raises(Boom):
+        error = KeyboardInterrupt
+    with pytest.raises(error):
         checkpoint.save(path, new)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ck.npz"]  # no temporary file left
