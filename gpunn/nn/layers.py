@@ -1,0 +1,358 @@
+r"""Layers: Linear, Flatten, BatchNorm1d/2d, Dropout and one layer per activation op.
+
+Each layer's forward runs on its device's backend (``cpu``, ``numpy`` or ``cuda``) through the
+fused ops of :mod:`gpunn.ops`; its backward adds dL/dparameters into ``.grad`` and returns dL/dx.
+
+Linear, y = x W^T + b (x: (N, in), W: (out, in)):
+
+    dW += dy^T x,   db += sum_n dy,   dx = dy W
+
+each one BLAS gemm on the host (beta = 1 adds b, or accumulates dW, in place). Initialisation is torch's:
+W and b uniform in [-1/sqrt(in), 1/sqrt(in)] (Kaiming-uniform with a = sqrt(5)).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from .. import ops
+from .module import Module, ShapeError
+from .parameter import Parameter
+
+MODEL_DTYPES = ("float32", "float64")
+
+
+def _generator(generator) -> np.random.Generator:
+    """The NumPy generator initial values are drawn from (a seed, a Generator or None)."""
+    if isinstance(generator, np.random.Generator):
+        return generator
+    return np.random.default_rng(generator)
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+    return value
+
+
+def _model_dtype(owner: str, dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in MODEL_DTYPES:
+        raise TypeError(f"{owner}: dtype must be one of {MODEL_DTYPES}, got {name}")
+    return name
+
+
+def _check_input(owner: str, x, expected: str, ok: bool):
+    if not ok:
+        raise ShapeError(f"{owner} expected input of shape {expected}, got "
+                         f"{tuple(x.shape)}")
+
+
+def matmul_into(out, a, b, *, transpose_a=False, transpose_b=False, accumulate=False):
+    """out = op(a) @ op(b) (+ out when ``accumulate``), op the transpose where asked; 2-D
+    C-contiguous arrays.
+
+    On the host this is one gemm of the BLAS SciPy links (beta = 1 accumulates in place): using
+    one BLAS for every product matters, since NumPy's and SciPy's each keep a pool of spinning
+    threads that fight over the cores when calls alternate."""
+    if isinstance(out, np.ndarray):
+        from scipy.linalg import blas
+
+        gemm = blas.get_blas_funcs("gemm", (out,))
+        # C-order arrays are Fortran-order transposes: out^T = op(b)^T op(a)^T.
+        gemm(1.0, b.T, a.T, beta=1.0 if accumulate else 0.0, c=out.T,
+             trans_a=transpose_b, trans_b=transpose_a, overwrite_c=1)
+        return out
+    product = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+    if accumulate:
+        out += product
+    else:
+        out[...] = product
+    return out
+
+
+class Linear(Module):
+    """y = x W^T + b on (N, in_features) inputs (or (*, in_features), flattened to rows)."""
+
+    def __init__(self, in_features, out_features, bias=True, *, dtype="float32",
+                 generator=None):
+        super().__init__()
+        self.in_features = _positive_int("Linear", "in_features", in_features)
+        self.out_features = _positive_int("Linear", "out_features", out_features)
+        dtype = _model_dtype("Linear", dtype)
+        rng = _generator(generator)
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight = Parameter(
+            rng.uniform(-bound, bound, (self.out_features, self.in_features)).astype(dtype))
+        self.bias = (Parameter(rng.uniform(-bound, bound, self.out_features).astype(dtype))
+                     if bias else None)
+
+    def _name(self):
+        return f"Linear({self.in_features} -> {self.out_features})"
+
+    def forward(self, x):
+        _check_input(self._name(), x, f"(N, {self.in_features})",
+                     x.ndim >= 1 and x.shape[-1] == self.in_features)
+        x2 = self.xp.ascontiguousarray(x.reshape(-1, self.in_features))
+        self._x, self._lead = x2, x.shape[:-1]
+        y = self.xp.empty((x2.shape[0], self.out_features), self.weight.data.dtype)
+        if self.bias is not None:
+            y[...] = self.bias.data
+        matmul_into(y, x2, self.weight.data, transpose_b=True,
+                    accumulate=self.bias is not None)
+        return y.reshape(self._lead + (self.out_features,))
+
+    def backward(self, dy, input_grad=True):
+        expected = self._lead + (self.out_features,)
+        _check_input(f"{self._name()} backward", dy, str(expected), tuple(dy.shape) == expected)
+        dy2 = self.xp.ascontiguousarray(dy.reshape(-1, self.out_features))
+        matmul_into(self.weight.grad, dy2, self._x, transpose_a=True, accumulate=True)
+        if self.bias is not None:
+            self.bias.grad += dy2.sum(axis=0)
+        if not input_grad:
+            return None
+        dx = self.xp.empty((dy2.shape[0], self.in_features), dy2.dtype)
+        return matmul_into(dx, dy2, self.weight.data).reshape(self._lead + (self.in_features,))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Flatten(Module):
+    """Reshape (N, d1, d2, ...) to (N, d1 * d2 * ...) (dims start_dim..end_dim merged)."""
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        self.start_dim, self.end_dim = operator.index(start_dim), operator.index(end_dim)
+
+    def forward(self, x):
+        self._shape = x.shape
+        start, end = (d % max(x.ndim, 1) for d in (self.start_dim, self.end_dim))
+        return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+
+    def backward(self, dy, input_grad=True):
+        return dy.reshape(self._shape) if input_grad else None
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+class _BatchNorm(Module):
+    """Batch normalization over axis 1 (see :func:`gpunn.ops.batch_norm`), torch's options."""
+
+    _ndims: tuple[int, ...] = ()
+    _layout = ""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, dtype="float32"):
+        super().__init__()
+        owner = type(self).__name__
+        self.num_features = _positive_int(owner, "num_features", num_features)
+        if not eps > 0:
+            raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.eps, self.momentum = float(eps), momentum
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        dtype = _model_dtype(owner, dtype)
+        C = self.num_features
+        self.weight = Parameter(np.ones(C, dtype)) if affine else None
+        self.bias = Parameter(np.zeros(C, dtype)) if affine else None
+        stats = track_running_stats
+        self.register_buffer("running_mean", np.zeros(C, dtype) if stats else None)
+        self.register_buffer("running_var", np.ones(C, dtype) if stats else None)
+        self.register_buffer("num_batches_tracked",
+                             np.zeros((), np.int64) if stats else None)
+
+    def _run(self, x, relu):
+        owner = type(self).__name__
+        _check_input(f"{owner}({self.num_features})", x,
+                     self._layout.replace("C", str(self.num_features)),
+                     x.ndim in self._ndims and x.shape[1] == self.num_features)
+        has_running = self.running_mean is not None
+        momentum, count = self.momentum, None
+        if self.training and has_running:
+            self.num_batches_tracked += 1
+            count = int(self.num_batches_tracked)
+        w = self.weight.data if self.affine else None
+        b = self.bias.data if self.affine else None
+        forward = ops.batch_norm_relu_forward if relu else ops.batch_norm_forward
+        y, mean, invstd = forward(x, self.running_mean, self.running_var, w, b,
+                                  training=self.training, momentum=momentum, eps=self.eps,
+                                  num_batches_tracked=count if momentum is None else None,
+                                  backend=self.device)
+        self._saved = (x, mean, invstd, self.training or not has_running)
+        return y
+
+    def _grad(self, dy, relu, input_grad):
+        x, mean, invstd, batch_stats = self._saved
+        w = self.weight.data if self.affine else None
+        if relu:
+            b = self.bias.data if self.affine else None
+            dx, dw, db = ops.batch_norm_relu_backward(dy, x, mean, invstd, w, b,
+                                                      training=batch_stats, backend=self.device)
+        else:
+            dx, dw, db = ops.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats,
+                                                 backend=self.device)
+        if self.affine:
+            self.weight.grad += dw
+            self.bias.grad += db
+        return dx if input_grad else None
+
+    def forward(self, x):
+        return self._run(x, relu=False)
+
+    def backward(self, dy, input_grad=True):
+        return self._grad(dy, False, input_grad)
+
+    def forward_relu(self, x):
+        """relu(self(x)) as one fused op (what Sequential runs for BatchNorm then ReLU)."""
+        return self._run(x, relu=True)
+
+    def backward_relu(self, dy, input_grad=True):
+        return self._grad(dy, True, input_grad)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Per-feature batch norm of (N, C) or (N, C, L) inputs."""
+
+    _ndims = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Per-channel batch norm of (N, C, H, W) inputs."""
+
+    _ndims = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class Dropout(Module):
+    """Zero each element with probability p in training and scale the rest by 1/(1-p).
+
+    The mask comes from Philox at (seed, offset + i) (:func:`gpunn.ops.dropout`): the layer
+    keeps its seed and advances its offset by the elements of each batch, so the backward
+    regenerates the mask and a resumed run draws the same masks (``extra_state``)."""
+
+    def __init__(self, p=0.5, *, generator=None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p!r}")
+        self.p = float(p)
+        self.seed = int(_generator(generator).integers(0, 2**63))
+        self.offset = 0
+
+    def forward(self, x):
+        self._stream = None
+        if not self.training or self.p == 0.0:
+            return x
+        self._stream = self.offset
+        self.offset += x.size
+        return ops.dropout(x, self.p, True, self.seed, self._stream, backend=self.device)
+
+    def backward(self, dy, input_grad=True):
+        if not input_grad:
+            return None
+        if self._stream is None:
+            return dy
+        return ops.dropout_backward(dy, self.p, self.seed, self._stream, backend=self.device)
+
+    def _extra_state(self):
+        return {"seed": self.seed, "offset": self.offset}
+
+    def _load_extra_state(self, value):
+        self.seed, self.offset = int(value["seed"]), int(value["offset"])
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class _Activation(Module):
+    """y = f(x); dx = f'(.) dy from the saved x or y (``saves``), extra args in ``args``."""
+
+    forward_op = backward_op = None
+    saves = "x"
+
+    def __init__(self, *args):
+        super().__init__()
+        self.args = args
+
+    def forward(self, x):
+        y = type(self).forward_op(x, *self.args, backend=self.device)
+        self._saved = x if self.saves == "x" else y
+        return y
+
+    def backward(self, dy, input_grad=True):
+        if not input_grad:
+            return None
+        return type(self).backward_op(dy, self._saved, *self.args, backend=self.device)
+
+    def extra_repr(self):
+        return ", ".join(map(repr, self.args))
+
+
+class ReLU(_Activation):
+    forward_op, backward_op = ops.relu, ops.relu_backward
+
+
+class LeakyReLU(_Activation):
+    forward_op, backward_op = ops.leaky_relu, ops.leaky_relu_backward
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__(float(negative_slope))
+
+
+class ELU(_Activation):
+    forward_op, backward_op = ops.elu, ops.elu_backward
+
+    def __init__(self, alpha=1.0):
+        super().__init__(float(alpha))
+
+
+class GELU(_Activation):
+    forward_op, backward_op = ops.gelu, ops.gelu_backward
+
+    def __init__(self, approximate="none"):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        super().__init__(approximate)
+
+
+class SiLU(_Activation):
+    forward_op, backward_op = ops.silu, ops.silu_backward
+
+
+class Sigmoid(_Activation):
+    forward_op, backward_op, saves = ops.sigmoid, ops.sigmoid_backward, "y"
+
+
+class Tanh(_Activation):
+    forward_op, backward_op, saves = ops.tanh, ops.tanh_backward, "y"
+
+
+class Softmax(_Activation):
+    """softmax along ``dim`` (torch's Softmax(dim); default the last axis)."""
+
+    forward_op, backward_op, saves = ops.softmax, ops.softmax_backward, "y"
+
+    def __init__(self, dim=-1):
+        super().__init__(operator.index(dim))
+
+
+class LogSoftmax(_Activation):
+    forward_op, backward_op, saves = ops.log_softmax, ops.log_softmax_backward, "y"
+
+    def __init__(self, dim=-1):
+        super().__init__(operator.index(dim))

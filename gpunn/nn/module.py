@@ -1,0 +1,289 @@
+"""Module, the base of every layer, and Sequential.
+
+There is no autograd engine: every module has an explicit ``forward(x)`` that keeps what its
+``backward`` needs, and ``backward(dy, input_grad=True)`` that adds the gradients of its
+parameters into their ``.grad`` (accumulating, as torch does until ``zero_grad``) and returns
+dL/dx (None when ``input_grad`` is False: the first layer of a model skips that product).
+
+Models hold NumPy arrays (computed by the ``cpu`` Numba kernels, or by the ``numpy`` reference)
+or CuPy arrays (``cuda``); :meth:`Module.to` moves them. ``state_dict`` keys and layouts are
+torch's (``"0.weight"``, ``"1.running_mean"``, ...), so weights move both ways.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import backend as _backend
+from ..backend import array_kind
+from .arena import Arena, transfer
+from .parameter import Parameter
+
+#: where a model can live: NumPy arrays with the Numba kernels or the NumPy reference, or CuPy
+DEVICES = ("cpu", "numpy", "cuda")
+
+
+class ShapeError(ValueError):
+    """An input whose shape does not fit the layer it is given to."""
+
+
+def array_module_of(device: str):
+    """numpy for "cpu"/"numpy", cupy for "cuda" (with a clear error when CuPy sees no GPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device != "cuda":
+        return np
+    if _backend.cuda_device_count() == 0:
+        raise RuntimeError("device='cuda' needs CuPy and a CUDA device, and CuPy sees none")
+    import cupy
+
+    return cupy
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy array from a NumPy/CuPy array or a torch tensor (no copy where none is needed)."""
+    kind = array_kind(a, "array")
+    if kind == "torch":
+        a = a.detach().cpu()
+        return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
+    return transfer(a, np)
+
+
+class Module:
+    """A layer or a model: parameters, buffers and submodules registered by assignment."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "device", "cpu")
+        object.__setattr__(self, "arena", None)
+
+    # --- registration -------------------------------------------------------------------------
+
+    def __setattr__(self, name, value):
+        if name in self._buffers:
+            self._buffers[name] = value
+        elif isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array) -> None:
+        """A state array that is not trained (e.g. running statistics): in ``state_dict``,
+        moved by ``to``."""
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
+    # --- traversal ----------------------------------------------------------------------------
+
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self):
+        seen = set()
+        for path, m in self.named_modules():
+            for name, p in m._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{path}.{name}" if path else name), p
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self):
+        for path, m in self.named_modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{path}.{name}" if path else name), b
+
+    # --- modes and gradients ------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Every gradient to zero (one fill of the arena when the model is packed)."""
+        params = self.parameters()
+        if self.arena is not None and self.arena.owns(params):
+            self.arena.grad.fill(0)
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = array_module_of(self.device).zeros_like(p.data)
+            else:
+                p.grad.fill(0)
+
+    def flatten_parameters(self):
+        """Pack every parameter (and gradient) into one arena (see :mod:`gpunn.nn.arena`)."""
+        for m in self.modules():
+            object.__setattr__(m, "arena", None)
+        object.__setattr__(self, "arena", Arena(self.parameters(), array_module_of(self.device)))
+        return self
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def to(self, device: str):
+        """Move parameters, gradients and buffers to ``device`` ("cpu": NumPy arrays and the
+        Numba kernels, "numpy": the NumPy reference, "cuda": CuPy); the arena moves as one
+        block. Build optimizers after moving a model, as with torch."""
+        xp = array_module_of(device)
+        params = self.parameters()
+        if self.arena is not None and self.arena.owns(params):
+            self.arena.to(xp)
+        else:
+            for p in params:
+                p.data = transfer(p.data, xp)
+                p.grad = None if p.grad is None else transfer(p.grad, xp)
+        for m in self.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    setattr(m, name, transfer(b, xp))
+            object.__setattr__(m, "device", device)
+        return self
+
+    @property
+    def xp(self):
+        return np if self.device != "cuda" else array_module_of("cuda")
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> OrderedDict:
+        """Parameters and buffers by torch's dotted names (the arrays themselves, not copies)."""
+        state = OrderedDict((name, p.data) for name, p in self.named_parameters())
+        state.update(self.named_buffers())
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Copy arrays (NumPy, CuPy or torch) into this model's, by name. Every key and shape
+        is checked before anything is written; ``strict`` refuses missing and unexpected keys."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: the state does not fit this model (a checkpoint of "
+                           f"another architecture?): missing {missing}, unexpected {unexpected}")
+        values = {}
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = to_host(state_dict[key])
+            if value.shape != tuple(target.shape):
+                raise ShapeError(f"load_state_dict: {key} has shape {value.shape} in the state, "
+                                 f"the model's is {tuple(target.shape)} (a checkpoint of "
+                                 f"another architecture?)")
+            values[key] = value
+        for key, value in values.items():
+            target = own[key]
+            target[...] = transfer(value.astype(target.dtype, copy=False), self.xp)
+
+    def extra_state(self) -> dict:
+        """Non-array state a resumed run needs (dropout streams), by module path."""
+        return {path: m._extra_state() for path, m in self.named_modules()
+                if m._extra_state() is not None}
+
+    def load_extra_state(self, state: dict) -> None:
+        modules = dict(self.named_modules())
+        for path, value in state.items():
+            if path not in modules or modules[path]._extra_state() is None:
+                raise KeyError(f"load_extra_state: no module at {path!r} keeps extra state")
+        for path, value in state.items():
+            modules[path]._load_extra_state(value)
+
+    def _extra_state(self):
+        return None
+
+    def _load_extra_state(self, value) -> None:
+        raise NotImplementedError
+
+    # --- compute ------------------------------------------------------------------------------
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, dy, input_grad: bool = True):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): {m!r}".replace("\n", "\n  ") for name, m in self._modules.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+class Sequential(Module):
+    """Layers applied in order; packs its parameters into one arena.
+
+    A BatchNorm followed by a ReLU runs as the fused ``batch_norm_relu`` op (one pass for the
+    output, the ReLU mask recomputed in the backward): the same numbers as the two layers."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {i} must be a gpunn.nn.Module, got "
+                                f"{type(layer).__name__}")
+            setattr(self, str(i), layer)
+        self.layers = tuple(layers)
+        self._plan = self._fused_plan()
+        trainable = [i for i, layer in enumerate(self.layers) if layer.parameters()]
+        self._first_trainable = trainable[0] if trainable else len(self.layers)
+        self.flatten_parameters()
+
+    def _fused_plan(self):
+        """(index, layer, fuse_relu) steps: a ReLU right after a BatchNorm is folded into it."""
+        from .layers import ReLU, _BatchNorm
+
+        plan, i = [], 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            fuse = (isinstance(layer, _BatchNorm) and i + 1 < len(self.layers)
+                    and type(self.layers[i + 1]) is ReLU)
+            plan.append((i, layer, fuse))
+            i += 2 if fuse else 1
+        return plan
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def forward(self, x):
+        for i, layer, fuse in self._plan:
+            try:
+                x = layer.forward_relu(x) if fuse else layer.forward(x)
+            except ShapeError as e:
+                raise ShapeError(f"Sequential layer {i} ({type(layer).__name__}): {e}") from None
+        return x
+
+    def backward(self, dy, input_grad: bool = True):
+        for i, layer, fuse in reversed(self._plan):
+            needed = input_grad or i > self._first_trainable
+            if not needed and i < self._first_trainable:
+                return None
+            dy = layer.backward_relu(dy, needed) if fuse else layer.backward(dy, needed)
+        return dy
