@@ -6,7 +6,8 @@
 //   pixel map  i_x = m0 j + m1 i + m2,  i_y = m3 j + m4 i + m5   (input pixel units; float64
 //              from theta once per sample, then rounded to the compute type)
 //   taps       (x0, y0) = floor(i_x, i_y) and its three neighbours, weights the products of
-//              (1 - distance), added in PyTorch's order; taps outside the image add nothing
+//              (1 - distance), added in PyTorch's order; taps outside the image add nothing;
+//              a non-finite (i_x, i_y) gives NaN (as PyTorch's CPU grid_sample)
 //
 // Launch: grid y walks the samples (grid-stride), grid x x block the output pixels of one
 // sample (grid-stride), one thread per output pixel for all channels. Thread 0 of each block
@@ -109,8 +110,9 @@ __device__ __forceinline__ void warp_sample(const T* __restrict__ x, T* __restri
         if (vy1 && vx1) acc += to_compute(xc[r1 + 1]) * w11;
         ys[c * hw + p] = from_compute<T>(acc);
       }
-    } else {
-      for (long long c = 0; c < channels; ++c) ys[c * hw + p] = from_compute<T>(zero);
+    } else {  // outside: 0; a non-finite coordinate: NaN, as PyTorch's CPU grid_sample
+      const C v = (ix - ix == zero && iy - iy == zero) ? zero : (ix - ix) + (iy - iy);
+      for (long long c = 0; c < channels; ++c) ys[c * hw + p] = from_compute<T>(v);
     }
   }
 }

@@ -27,8 +27,10 @@ The warp (``affine_warp``)
                         image of  x[n, c, yy, xx] (1 - |i_x - xx|) (1 - |i_y - yy|)
 
     added in PyTorch's order (x0y0, x1y0, x0y1, x1y1); taps outside the image contribute
-    nothing (zero padding), so a pixel whose (i_x, i_y) is outside (-1, W) x (-1, H) (or NaN)
-    is 0. The math is in float32 for float32 and the 16-bit types, float64 for float64.
+    nothing (zero padding), so a pixel whose (i_x, i_y) is outside (-1, W) x (-1, H) is 0.
+    As PyTorch's CPU grid_sample, a non-finite coordinate (NaN or inf, from a non-finite
+    theta) gives NaN. The math is in float32 for float32 and the 16-bit types, float64 for
+    float64.
 
 The augmentation (``random_affine``, ``augment``)
     Sample n draws its parameters from Philox4x32-10 (:mod:`gpunn.philox`) with
@@ -214,6 +216,7 @@ def _numpy_warp(x, theta, y):
           + t[:, 1, 2, None, None])
     ix = ((gx + dt.type(1)) * dt.type(w) - dt.type(1)) / dt.type(2)
     iy = ((gy + dt.type(1)) * dt.type(h) - dt.type(1)) / dt.type(2)
+    finite = xp.isfinite(ix) & xp.isfinite(iy)
     with np.errstate(invalid="ignore"):
         inside = (ix > -1) & (ix < w) & (iy > -1) & (iy < h)  # NaN: outside
     ix = xp.where(inside, ix, dt.type(0))
@@ -230,6 +233,7 @@ def _numpy_warp(x, theta, y):
         with np.errstate(invalid="ignore", over="ignore"):
             acc += xp.where(valid.reshape(n, 1, h * w), vals * weight.reshape(n, 1, h * w),
                             dt.type(0))
+    acc = xp.where(finite.reshape(n, 1, h * w), acc, dt.type(np.nan))
     y[...] = acc.reshape(n, c, h, w)
 
 
@@ -314,54 +318,55 @@ def _warp_row(x, y, maps, s, i, zero):
                     if vx1:
                         acc += x[s, c, y0 + 1, x0 + 1] * w11
                 y[s, c, i, j] = acc
-        else:
+        else:  # outside: 0; a non-finite coordinate: NaN (ix - ix is NaN for NaN and inf)
+            v = zero if ix - ix == zero and iy - iy == zero else T(np.nan)
             for c in range(channels):
-                y[s, c, i, j] = zero
+                y[s, c, i, j] = v
 
 
 @njit(parallel=True, cache=True)
-def _cpu_affine_warp(x, theta, y, maps, zero):
-    """y = warp(x, theta) on (N, C, H, W); theta (N, 2, 3) float32/64; maps (N, 6) scratch."""
+def _cpu_warp(x, y, theta, maps, draw, offset, k0, k1, params, zero):
+    """y = warp(x, theta_s) on (N, C, H, W): theta_s = theta[s] (N, 2, 3, x's compute dtype),
+    or when ``draw`` the matrix of stream sample offset + s (uint64) under key (k0, k1).
+    maps: (N, 6) float64 scratch for the pixel maps. One kernel for both ops: one compile
+    per dtype."""
     n, h, w = x.shape[0], x.shape[2], x.shape[3]
     for s in prange(n):
-        _store_map(maps, s, np.float64(theta[s, 0, 0]), np.float64(theta[s, 0, 1]),
-                   np.float64(theta[s, 0, 2]), np.float64(theta[s, 1, 0]),
-                   np.float64(theta[s, 1, 1]), np.float64(theta[s, 1, 2]), h, w)
-    for r in prange(n * h):
-        _warp_row(x, y, maps, r // h, r % h, zero)
-
-
-@njit(parallel=True, cache=True)
-def _cpu_augment(x, y, maps, offset, k0, k1, params, zero):
-    """y = warp(x, theta_s) with theta_s drawn for stream sample offset + s (uint64)."""
-    n, h, w = x.shape[0], x.shape[2], x.shape[3]
-    for s in prange(n):
-        t = _random_theta(offset + np.uint64(s), k0, k1, params)
+        if draw:
+            t = _random_theta(offset + np.uint64(s), k0, k1, params)
+        else:
+            t = (np.float64(theta[s, 0, 0]), np.float64(theta[s, 0, 1]),
+                 np.float64(theta[s, 0, 2]), np.float64(theta[s, 1, 0]),
+                 np.float64(theta[s, 1, 1]), np.float64(theta[s, 1, 2]))
         _store_map(maps, s, t[0], t[1], t[2], t[3], t[4], t[5], h, w)
     for r in prange(n * h):
         _warp_row(x, y, maps, r // h, r % h, zero)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _cpu_thetas(n, offset, k0, k1, params):
     """(n, 2, 3) float32: the matrices the CPU kernel draws (for the tests)."""
     out = np.empty((n, 2, 3), dtype=np.float32)
-    for s in prange(n):
+    for s in range(n):
         t = _random_theta(offset + np.uint64(s), k0, k1, params)
         for k in range(6):
             out[s, k // 3, k % 3] = np.float32(t[k])
     return out
 
 
+_NO_PARAMS = np.zeros(9, dtype=np.float64)
+
+
 def _cpu_warp_run(x, theta, y):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    _cpu_affine_warp(x, theta, y, maps, x.dtype.type(0))
+    _cpu_warp(x, y, theta, maps, False, np.uint64(0), np.uint64(0), np.uint64(0), _NO_PARAMS,
+              x.dtype.type(0))
 
 
 def _cpu_augment_run(x, y, seed, offset, params):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    _cpu_augment(x, y, maps, np.uint64(offset), *_stream_key(seed),
-                 np.asarray(params, dtype=np.float64), x.dtype.type(0))
+    _cpu_warp(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
+              *_stream_key(seed), np.asarray(params, dtype=np.float64), x.dtype.type(0))
 
 
 # --- CUDA launcher: kernels/augment.cu --------------------------------------------------------
