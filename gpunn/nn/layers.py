@@ -55,6 +55,13 @@ def _check_input(owner: str, x, expected: str, ok: bool):
                          f"{tuple(x.shape)}")
 
 
+def _grad_of(p, xp):
+    """``p.grad``, created as zeros on first use (a layer outside a packed model)."""
+    if p.grad is None:
+        p.grad = xp.zeros_like(p.data)
+    return p.grad
+
+
 def matmul_into(out, a, b, *, transpose_a=False, transpose_b=False, accumulate=False):
     """out = op(a) @ op(b) (+ out when ``accumulate``), op the transpose where asked; 2-D
     C-contiguous arrays.
@@ -64,6 +71,11 @@ def matmul_into(out, a, b, *, transpose_a=False, transpose_b=False, accumulate=F
     threads that fight over the cores when calls alternate."""
     if isinstance(out, np.ndarray):
         from scipy.linalg import blas
+
+        if out.size == 0 or a.size == 0:  # BLAS refuses empty operands; the sum is empty
+            if not accumulate:
+                out[...] = 0
+            return out
 
         gemm = blas.get_blas_funcs("gemm", (out,))
         # C-order arrays are Fortran-order transposes: out^T = op(b)^T op(a)^T.
@@ -113,9 +125,10 @@ class Linear(Module):
         expected = self._lead + (self.out_features,)
         _check_input(f"{self._name()} backward", dy, str(expected), tuple(dy.shape) == expected)
         dy2 = self.xp.ascontiguousarray(dy.reshape(-1, self.out_features))
-        matmul_into(self.weight.grad, dy2, self._x, transpose_a=True, accumulate=True)
+        matmul_into(_grad_of(self.weight, self.xp), dy2, self._x, transpose_a=True,
+                    accumulate=True)
         if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
+            _grad_of(self.bias, self.xp)[...] += dy2.sum(axis=0)
         if not input_grad:
             return None
         dx = self.xp.empty((dy2.shape[0], self.in_features), dy2.dtype)
@@ -136,7 +149,8 @@ class Flatten(Module):
     def forward(self, x):
         self._shape = x.shape
         start, end = (d % max(x.ndim, 1) for d in (self.start_dim, self.end_dim))
-        return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+        merged = math.prod(x.shape[start:end + 1])  # not -1: an empty batch has no inferable size
+        return x.reshape(x.shape[:start] + (merged,) + x.shape[end + 1:])
 
     def backward(self, dy, input_grad=True):
         return dy.reshape(self._shape) if input_grad else None
@@ -180,8 +194,7 @@ class _BatchNorm(Module):
         has_running = self.running_mean is not None
         momentum, count = self.momentum, None
         if self.training and has_running:
-            self.num_batches_tracked += 1
-            count = int(self.num_batches_tracked)
+            count = int(self.num_batches_tracked) + 1  # counted once the op succeeded
         w = self.weight.data if self.affine else None
         b = self.bias.data if self.affine else None
         forward = ops.batch_norm_relu_forward if relu else ops.batch_norm_forward
@@ -189,6 +202,8 @@ class _BatchNorm(Module):
                                   training=self.training, momentum=momentum, eps=self.eps,
                                   num_batches_tracked=count if momentum is None else None,
                                   backend=self.device)
+        if count is not None:
+            self.num_batches_tracked[...] = count
         self._saved = (x, mean, invstd, self.training or not has_running)
         return y
 
@@ -203,8 +218,8 @@ class _BatchNorm(Module):
             dx, dw, db = ops.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats,
                                                  backend=self.device)
         if self.affine:
-            self.weight.grad += dw
-            self.bias.grad += db
+            _grad_of(self.weight, self.xp)[...] += dw
+            _grad_of(self.bias, self.xp)[...] += db
         return dx if input_grad else None
 
     def forward(self, x):
@@ -258,9 +273,10 @@ class Dropout(Module):
         self._stream = None
         if not self.training or self.p == 0.0:
             return x
-        self._stream = self.offset
+        y = ops.dropout(x, self.p, True, self.seed, self.offset, backend=self.device)
+        self._stream = self.offset  # advanced only once the op succeeded
         self.offset += x.size
-        return ops.dropout(x, self.p, True, self.seed, self._stream, backend=self.device)
+        return y
 
     def backward(self, dy, input_grad=True):
         if not input_grad:

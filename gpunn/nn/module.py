@@ -167,8 +167,15 @@ class Module:
 
     def state_dict(self) -> OrderedDict:
         """Parameters and buffers by torch's dotted names (the arrays themselves, not copies)."""
-        state = OrderedDict((name, p.data) for name, p in self.named_parameters())
-        state.update(self.named_buffers())
+        state = OrderedDict()
+        for path, m in self.named_modules():  # torch's order: each module's parameters, then
+            prefix = f"{path}." if path else ""  # its buffers, module after module
+            for name, p in m._parameters.items():
+                if p is not None:
+                    state[prefix + name] = p.data
+            for name, b in m._buffers.items():
+                if b is not None:
+                    state[prefix + name] = b
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True) -> None:

@@ -15,6 +15,12 @@ from __future__ import annotations
 from ..backend import array_module
 
 
+def _grad_of(p):
+    if p.grad is None:  # a parameter outside a packed model, before its first backward
+        p.grad = array_module(p.data).zeros_like(p.data)
+    return p.grad
+
+
 def _strength(name: str, value) -> float:
     value = float(value)
     if not value >= 0.0:
@@ -29,7 +35,7 @@ def l2_penalty(params, strength: float, *, grad: bool = True) -> float:
     for p in params:
         total += float(array_module(p.data).vdot(p.data.ravel(), p.data.ravel()))
         if grad and strength:
-            p.grad += strength * p.data
+            _grad_of(p)[...] += strength * p.data
     return 0.5 * strength * total
 
 
@@ -41,5 +47,5 @@ def l1_penalty(params, strength: float, *, grad: bool = True) -> float:
         xp = array_module(p.data)
         total += float(xp.abs(p.data).sum(dtype=xp.float64))
         if grad and strength:
-            p.grad += strength * xp.sign(p.data)
+            _grad_of(p)[...] += strength * xp.sign(p.data)
     return strength * total
