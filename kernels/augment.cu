@@ -32,7 +32,8 @@ __device__ __forceinline__ double uniform(unsigned w) {
 }
 
 // The pixel map of theta t (module docstring of gpunn/ops/augment.py, _pixel_map).
-__device__ __forceinline__ void pixel_map(const double t[6], long long h, long long w, double m[6]) {
+__device__ __forceinline__ void pixel_map(const double t[6], long long h, long long w,
+                                          double m[6]) {
   const double fw = static_cast<double>(w), fh = static_cast<double>(h);
   m[0] = t[0];
   m[1] = t[1] * (fw / fh);

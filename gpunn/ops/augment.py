@@ -80,6 +80,9 @@ plus 24 N or 48 N bytes of theta for ``affine_warp``). A tap is re-read by up to
 pixels (more when zooming out), from cache: the input is read about once from memory while
 the scale is near 1. The CUDA kernel runs one thread per output pixel (all channels), so the
 coordinates and weights are computed once per pixel; the CPU kernel one loop per output row.
+Rough CPU figures (2-core Xeon, shared machine, float32, every transformation on): a batch
+of 1365 x 3 x 32 x 32 took 51 ms (torch's affine_grid + grid_sample with the matrices given:
+53 ms; a copy-like kernel: 7 ms), 27 x 3 x 224 x 224 took 67 ms (torch 96 ms).
 """
 
 from __future__ import annotations
