@@ -24,7 +24,7 @@ SEED = 0x0123456789ABCDEF
 OPTIONS = dict(degrees=30.0, translate=(0.1, 0.2), scale=(0.8, 1.25), stretch=0.2, shear=10.0,
                flip_p=0.5)
 SHAPES = [(0, 3, 5, 7), (1, 1, 1, 1), (3, 1, 1, 1), (4, 3, 17, 23), (5, 31, 29), (2, 3, 8, 40),
-          (3, 2, 37, 6), (2, 1, 1, 13), (6, 1, 13)]
+          (3, 2, 37, 6), (2, 1, 1, 13), (6, 1, 13), (2, 2, 9, 300)]
 
 
 def torch_warp(x, theta):
@@ -37,6 +37,18 @@ def torch_warp(x, theta):
     grid = F.affine_grid(tt, list(x4.shape), align_corners=False)
     y = F.grid_sample(x4, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return (y if xt.ndim == 4 else y[:, 0]).numpy()
+
+
+def assert_warp_close(out, ref, dtype, shape):
+    """assert_close, with float32's bound widened for large images: float32 coordinates are
+    rounded to about 2^-24 max(H, W) pixels, which on images of independent values (gradients
+    of order 1) is a relative error of the same order (measured: 1.8e-5 at W = 300 between
+    torch and gpunn, either way of computing the grid)."""
+    bound = TOLERANCE[dtype]
+    if dtype == "float32":
+        bound = max(bound, 2e-7 * max(shape[-2:]))
+    err = rel_err(out, ref)
+    assert err <= bound, f"relative error {err:.3g} > {bound:g} ({dtype}, {shape})"
 
 
 def random_thetas(rng, n, dtype, spread=0.4):
@@ -54,7 +66,7 @@ def test_warp_matches_torch(backend, dtype, shape, rng):
     theta = random_thetas(rng, shape[0], dtype)
     y = affine_warp(x, theta, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert_close(y, torch_warp(x, theta), dtype)
+    assert_warp_close(y, torch_warp(x, theta), dtype, shape)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -408,14 +420,14 @@ def test_cuda_warp_matches_reference_and_torch(dtype, shape, rng):
     assert y.device == x.device and y.dtype == x.dtype and y.shape == x.shape
     ref, ref_torch = _host_reference(x, theta.cpu().numpy().astype(np.float64), dtype)
     got = y.double().cpu().numpy()
-    assert_close(got, ref, dtype)
-    assert_close(got, ref_torch, dtype)
+    assert_warp_close(got, ref, dtype, shape)
+    assert_warp_close(got, ref_torch, dtype, shape)
     # torch's own CUDA grid_sample on the same data (its 16-bit grids are too coarse to compare)
     if shape[0] and len(shape) == 4 and dtype in ("float32", "float64"):
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         y_t = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
                             align_corners=False)
-        assert rel_err(got, y_t.double().cpu().numpy()) <= 4 * TOLERANCE[dtype]
+        assert_warp_close(got, y_t.double().cpu().numpy(), dtype, shape)
 
 
 @pytest.mark.gpu
@@ -453,13 +465,13 @@ def test_cuda_augment_is_warp_of_random_affine(dtype, shape, rng):
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     warped = affine_warp(x, torch.from_numpy(theta).to(tdtype).cuda())
     got = y.double().cpu().numpy()
-    assert_close(got, warped.double().cpu().numpy(), dtype)
+    assert_warp_close(got, warped.double().cpu().numpy(), dtype, shape)
     ref, ref_torch = _host_reference(x, theta.astype(np.float64), dtype)
-    assert_close(got, ref, dtype)
-    assert_close(got, ref_torch, dtype)
+    assert_warp_close(got, ref, dtype, shape)
+    assert_warp_close(got, ref_torch, dtype, shape)
     if dtype in ("float32", "float64") and shape[0] < 1000:  # the CPU kernel's result
         host = augment(x.cpu().numpy(), SEED, offset, backend="cpu", **OPTIONS)
-        assert_close(got, host, dtype)
+        assert_warp_close(got, host, dtype, shape)
     # bit-identical when repeated; the same per sample in a smaller batch
     assert torch.equal(augment(x, SEED, offset, **OPTIONS), y)
     if shape[0] > 5:
