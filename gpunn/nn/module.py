@@ -44,6 +44,8 @@ def array_module_of(device: str):
 
 def to_host(a) -> np.ndarray:
     """A NumPy array from a NumPy/CuPy array or a torch tensor (no copy where none is needed)."""
+    if isinstance(a, np.generic):  # a NumPy scalar (e.g. a counter after arithmetic)
+        return np.asarray(a)
     kind = array_kind(a, "array")
     if kind == "torch":
         a = a.detach().cpu()
@@ -191,7 +193,10 @@ class Module:
         for key, target in own.items():
             if key not in state_dict:
                 continue
-            value = to_host(state_dict[key])
+            try:
+                value = to_host(state_dict[key])
+            except TypeError as e:
+                raise TypeError(f"load_state_dict: {key}: {e}") from None
             if value.shape != tuple(target.shape):
                 raise ShapeError(f"load_state_dict: {key} has shape {value.shape} in the state, "
                                  f"the model's is {tuple(target.shape)} (a checkpoint of "
