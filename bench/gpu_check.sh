@@ -26,7 +26,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG=$OUTDIR/gpu_check.log
 PY=${PYTHON:-python3}
-BENCH_SUITES=${BENCH_SUITES:-"optim:50 batchnorm:50 activations:35 losses:40 dropout:25"}
+BENCH_SUITES=${BENCH_SUITES:-"optim:45 batchnorm:45 activations:35 losses:35 dropout:25 augment:20"}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : >"$LOG"
 

@@ -22,7 +22,7 @@ import gpunn.ops  # noqa: F401  (importing the op modules declares their kernel 
 import gpunn.optim.fused  # noqa: F401
 
 ARCHS = ("sm_80", "sm_90")
-REQUIRED_FAMILIES = ("activations", "batchnorm", "dropout", "losses", "optim", "softmax")
+REQUIRED_FAMILIES = ("activations", "augment", "batchnorm", "dropout", "losses", "optim", "softmax")
 NVRTC_SUCCESS = 0
 
 

@@ -9,6 +9,7 @@ the table and writes the JSON results (see :mod:`gpunn.bench.harness`).
 #: Suite name -> module (imported when the command line is built or the suite is run).
 SUITES = {
     "activations": "gpunn.bench.activations",
+    "augment": "gpunn.bench.augment",
     "batchnorm": "gpunn.bench.batchnorm",
     "dropout": "gpunn.bench.dropout",
     "losses": "gpunn.bench.losses",

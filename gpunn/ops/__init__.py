@@ -7,6 +7,7 @@ in place) and ``backend=`` ("numpy" | "cpu" | "cuda"; see :mod:`gpunn.backend`).
 from .activations import (elu, elu_backward, gelu, gelu_backward, leaky_relu,
                           leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward,
                           silu, silu_backward, tanh, tanh_backward)
+from .augment import affine_warp, augment, random_affine
 from .batchnorm import (batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_relu,
                         batch_norm_relu_backward, batch_norm_relu_forward)
 from .dropout import dropout, dropout_backward, dropout_mask
@@ -15,6 +16,7 @@ from .losses import (cross_entropy, cross_entropy_backward, cross_entropy_forwar
 from .softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 __all__ = [
+    "affine_warp", "augment", "random_affine",
     "batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_norm_relu",
     "batch_norm_relu_backward", "batch_norm_relu_forward",
     "cross_entropy", "cross_entropy_backward", "cross_entropy_forward", "mse_loss",
