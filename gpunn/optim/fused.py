@@ -25,7 +25,7 @@ import operator
 import numpy as np
 
 from .. import cuda
-from ..backend import describe, has_numba, resolve
+from ..backend import describe, has_numba, host_threads, resolve
 from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
 from .functional import Hyper, grad_sumsq, reference_step
 
@@ -144,7 +144,7 @@ class Table:
         ``totals``: returns the new host float (numpy, cpu), or accumulates into the
         device array [sum of squares, inf/NaN count] (cuda: stream-ordered, deterministic)."""
         if self.call.backend == "cpu":
-            with _threads(self):
+            with host_threads(int(self.rows[:, N].sum())):
                 partial = _cpu_grad_sumsq(self.rows, self.chunks, np.empty(0, self.dtype))
             return totals + float(np.sum(partial))
         if self.call.backend == "numpy":
@@ -410,30 +410,8 @@ if has_numba():
         return g
 
 
-#: Below this many elements the CPU step runs on one thread: waking a second one costs more.
-SERIAL_BELOW = 1 << 16
-
-
-class _threads:
-    """Numba threads for one call: one for small tables."""
-
-    def __init__(self, table: Table):
-        import numba
-
-        self.numba, self.n = numba, 1 if int(table.rows[:, N].sum()) < SERIAL_BELOW else None
-
-    def __enter__(self):
-        if self.n is not None:
-            self.saved = self.numba.get_num_threads()
-            self.numba.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.n is not None:
-            self.numba.set_num_threads(self.saved)
-
-
 def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
-    with _threads(table):
+    with host_threads(int(table.rows[:, N].sum())):
         return _cpu_step_run(table, h, grad_scale, found_inf, totals)
 
 
