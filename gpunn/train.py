@@ -289,24 +289,32 @@ def format_metrics(name: str, m: dict, epochs: int) -> str:
 
 
 class _bar:
-    """A rich progress bar over one epoch's batches (nothing when disabled)."""
+    """A rich progress bar over one epoch's batches, on a terminal only (it would leave a
+    line per refresh in a log)."""
 
     def __init__(self, enabled: bool, description: str, total: int):
-        self.enabled, self.description, self.total = enabled, description, total
+        self.description, self.total = description, total
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                           TimeElapsedColumn)
+
+                self.bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=console, transient=True)
 
     def __enter__(self):
-        if not self.enabled:
+        if self.bar is None:
             return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()
         return False
 
@@ -376,6 +384,22 @@ def train(config: TrainConfig, out_dir=None, *, resume: bool = False,
     return result
 
 
+def summary(result: dict) -> str:
+    """The closing lines of ``gpunn train``: accuracy per member and of the ensemble, time."""
+    data = result["data"]
+    lines = [f"data: {data['name'].removesuffix(':train')} ({data['train']} train, {data['test']} test, "
+             f"{data['classes']} classes) on {result['device']}"]
+    members = result["members"]
+    for k, m in enumerate(members):
+        lines.append(f"member {k} (seed {m['seed']}): test accuracy {100 * m['accuracy']:.2f}%")
+    label = f"ensemble of {len(members)}" if len(members) > 1 else "model"
+    lines.append(f"{label}: test accuracy {100 * result['test_accuracy']:.2f}%, "
+                 f"test loss {result['ensemble']['loss']:.4f}")
+    lines.append(f"time: {result['seconds_per_epoch']:.3f} s per epoch (median), "
+                 f"{result['total_seconds']:.1f} s in all")
+    return "\n".join(lines)
+
+
 def _output_folder(path) -> str:
     path = os.fspath(path)
     try:
@@ -403,7 +427,8 @@ def write_report(result: dict, out: str) -> None:
         h = member["history"]
         epochs = [m["epoch"] for m in h]
         label = f" (member {k})" if len(result["members"]) > 1 else ""
-        loss_ax.plot(epochs, [m["train_loss"] for m in h], color=f"C{k}", label="train" + label)
+        loss_ax.plot(epochs, [m["train_loss"] for m in h], color=f"C{k}",
+                     label="train: augmented, smoothed labels" + label)
         loss_ax.plot(epochs, [m["test_loss"] for m in h], color=f"C{k}", linestyle="--",
                      label="test" + label)
         acc_ax.plot(epochs, [100 * m["train_accuracy"] for m in h], color=f"C{k}",
@@ -450,4 +475,4 @@ def find_lr(config: TrainConfig, out_dir=None, *, start_lr=1e-5, end_lr=10.0,
 
 
 __all__ = ["AugmentConfig", "TrainConfig", "Trainer", "best_device", "build", "datasets",
-           "find_lr", "mlp", "scores", "train", "write_report"]
+           "find_lr", "mlp", "scores", "summary", "train", "write_report"]

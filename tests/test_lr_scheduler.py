@@ -445,20 +445,10 @@ def test_range_test_table_and_plot(rng, tmp_path):
     assert [r[0] for r in rows] == [f"1e{int(d):+03d}" for d in decades]
     assert sum(int(r[3]) for r in rows) == len(result.lrs)
     assert f"{result.suggested_lr:.3g}" in text
-    pytest.importorskip("matplotlib")
     path = tmp_path / "lr_range.png"
     fig = result.plot(path)
     assert path.stat().st_size > 1000
     assert fig.axes[0].get_xscale() == "log"
-
-
-def test_plot_without_matplotlib_says_so(monkeypatch):
-    opt = DuckOptimizer()
-    result = lr_range_test(lambda: 1.0, opt, 1e-3, 1.0, 5)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
-        result.plot()
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -396,12 +396,9 @@ class LRRangeTestResult:
 
     def plot(self, path=None):
         """Loss and smoothed loss against lr (log axis), the suggestion marked. Saves to
-        ``path`` when given; returns the matplotlib Figure. Needs matplotlib (optional)."""
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as exc:
-            raise ImportError("LRRangeTestResult.plot needs matplotlib, an optional dependency: "
-                              "pip install matplotlib (or gpunn[plots])") from exc
+        ``path`` when given; returns the matplotlib Figure."""
+        from matplotlib.figure import Figure
+
         fig = Figure(figsize=(6.4, 4.0), layout="constrained")
         ax = fig.add_subplot()
         ax.plot(self.lrs, self.losses, color="0.7", linewidth=1, label="loss")
