@@ -50,14 +50,18 @@ def _dtypes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
+def _positive(kind):
+    """An argparse type: a number of ``kind`` (int or float) that must be > 0."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +81,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "else ./gpunn-bench-results/)")
     parser.add_argument("--no-json", dest="json", action="store_false",
                         help="print the table only")
-    parser.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
                         help="stop starting new cases after this long (the rest are reported "
                              "as skipped)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
@@ -134,18 +138,6 @@ def _bench(args) -> int:
         print(f"results: {path}")
     interrupted = any(r.note == "interrupted" and r.status == "skipped" for r in records)
     return 130 if interrupted else 0
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-    return parse
 
 
 def add_train_parser(commands) -> None:
