@@ -22,7 +22,12 @@ Contenders
           NumPy reference backend, for information), torch and torch fused (torch.nn
           .Sequential of the same layers, CrossEntropyLoss with the same label smoothing,
           torch.optim.AdamW default / fused=True, SequentialLR(LinearLR, CosineAnnealingLR)
-          stepped per batch; torch's own thread pool, set to the usable cores).
+          stepped per batch; torch's own thread pool with as many threads as usable cores,
+          or each count of ``--torch-threads`` as its own pair of contenders, "torch 1t"...).
+          The faster torch contender of a case is the baseline. On a machine that other
+          work keeps busy, torch's multi-threaded regions wait for descheduled threads:
+          measured on a loaded 2-core machine, 8 steps of the tiny model took 400 ms on two
+          torch threads and 20 ms on one (``--torch-threads 1,2`` shows both).
     GPU   gpunn cuda, torch cuda (foreach AdamW, torch's default on CUDA), torch cuda fused;
           the data on the device for both, batches gathered there.
 Augmentation in torch: ``F.affine_grid`` + ``F.grid_sample`` (bilinear, zero padding,
@@ -109,6 +114,7 @@ class Options(harness.Options):
 
     models: list[str] | None = None
     augment: list[str] | None = None
+    torch_threads: list[int] | None = None
 
 
 def add_arguments(parser) -> None:
@@ -119,6 +125,27 @@ def add_arguments(parser) -> None:
                         metavar="MODE[,MODE]",
                         help="augment (the default random affine warp), plain, or both "
                              "(default)")
+    parser.add_argument("--torch-threads", type=_thread_counts, metavar="N[,N...]",
+                        help="torch's intra-op thread counts to time (each a pair of torch "
+                             "contenders; default: the usable cores)")
+
+
+def _thread_counts(text: str) -> list[int]:
+    import argparse
+
+    try:
+        counts = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be integers >= 1, got {text!r}")
+    return counts
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -199,18 +226,21 @@ class TorchEpoch:
     ``trainer.model`` with a copy of its weights, AdamW with its hyperparameters (``fused``),
     the same warm-up + cosine schedule stepped per batch, the same label smoothing, batch
     size, sample order and (when the trainer augments) warp matrices. Calling it runs one
-    epoch and returns the mean training loss (a float: the device is synchronized).
+    epoch and returns the mean training loss (a float: the device is synchronized); with
+    ``threads``, torch's intra-op threads are set to that count first.
 
     ``hook(torch_model)``, if given, runs after the weights are copied (tests use it to
     make a model that differs)."""
 
-    def __init__(self, trainer, device: str = "cpu", fused: bool = False, hook=None):
+    def __init__(self, trainer, device: str = "cpu", fused: bool = False, hook=None,
+                 threads: int | None = None):
         import torch
 
         from ..nn.arena import transfer
         from ..ops.augment import random_affine
 
         self.torch = torch
+        self.threads = threads
         self.dev = torch.device(device)
         self.model = torch_layers(trainer.model, torch)
         state = {k: torch.from_numpy(np.array(transfer(v, np)))
@@ -275,6 +305,8 @@ class TorchEpoch:
         from ..data import order
 
         torch = self.torch
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         idx = torch.from_numpy(order(self.n, shuffle=True, seed=self.seed,
                                      epoch=self.epoch)).to(self.dev)
         model, opt, sched, crit = self.model, self.optimizer, self.scheduler, self.criterion
@@ -305,14 +337,16 @@ class TorchEpoch:
 # --- contenders ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Side:
-    """One contender: gpunn on a backend, or torch (``fused`` AdamW or not) on a device."""
+    """One contender: gpunn on a backend, or torch (``fused`` AdamW or not, on ``threads``
+    intra-op threads where given) on a device."""
 
     name: str
     kind: str  # 'gpunn' | 'torch'
     device: str  # gpunn: cpu | numpy | cuda; torch: cpu | cuda
     fused: bool = False
+    threads: int | None = None
 
     @property
     def role(self) -> str:
@@ -320,11 +354,25 @@ class Side:
             else "baseline"
 
 
-CPU_SIDES = (Side("gpunn cpu", "gpunn", "cpu"), Side("gpunn numpy", "gpunn", "numpy"),
-             Side("torch", "torch", "cpu"), Side("torch fused", "torch", "cpu", True))
 GPU_SIDES = (Side("gpunn cuda", "gpunn", "cuda"), Side("torch cuda", "torch", "cuda"),
              Side("torch cuda fused", "torch", "cuda", True))
-REFERENCE = {"cpu": "torch", "cuda": "torch cuda"}  # the check's reference contender
+
+
+def cpu_sides(torch_threads=None) -> tuple[Side, ...]:
+    """gpunn cpu, gpunn numpy, then torch and torch fused for each thread count (default:
+    the usable cores; names carry the count when there are several)."""
+    counts = list(torch_threads or [usable_cores()])
+    sides = [Side("gpunn cpu", "gpunn", "cpu"), Side("gpunn numpy", "gpunn", "numpy")]
+    for n in counts:
+        suffix = f" {n}t" if len(counts) > 1 else ""
+        sides += [Side(f"torch{suffix}", "torch", "cpu", False, n),
+                  Side(f"torch fused{suffix}", "torch", "cpu", True, n)]
+    return tuple(sides)
+
+
+def reference(sides) -> Side:
+    """The check's reference: the first torch contender (default AdamW)."""
+    return next(s for s in sides if s.kind == "torch")
 
 
 def make_epoch(side: Side, model: Model, train, *, augment: bool, dropout: bool, seed: int,
@@ -337,7 +385,7 @@ def make_epoch(side: Side, model: Model, train, *, augment: bool, dropout: bool,
                             seed=seed)
     if side.kind == "gpunn":
         return lambda: trainer.train_epoch()["train_loss"]
-    return TorchEpoch(trainer, side.device, side.fused, hook)
+    return TorchEpoch(trainer, side.device, side.fused, hook, side.threads)
 
 
 def _warp_error(model: Model, train, device: str, seed: int) -> float:
@@ -370,7 +418,8 @@ def check(model: Model, train, sides, device: str, seed: int, hook=None) -> dict
                                                  dropout=False, seed=seed, hook=hook)())
         except Exception as e:  # noqa: BLE001 - recorded as the contender's error
             losses[side.name] = e
-    ref = losses.get(REFERENCE[device])
+    ref_name = reference(sides).name
+    ref = losses.get(ref_name)
     for name, loss in losses.items():
         if isinstance(loss, Exception):
             out[name] = (None, None, f"error: {harness._short(loss)}")
@@ -381,7 +430,7 @@ def check(model: Model, train, sides, device: str, seed: int, hook=None) -> dict
         rel = abs(loss - ref) / max(abs(ref), 1e-30)
         ok = math.isfinite(loss) and rel <= CHECK_RTOL
         out[name] = (loss, rel, "" if ok else
-                     f"mismatch: epoch loss {loss:.7g} vs {REFERENCE[device]} {ref:.7g} "
+                     f"mismatch: epoch loss {loss:.7g} vs {ref_name} {ref:.7g} "
                      f"(rel {rel:.1e} > {CHECK_RTOL:g})")
     try:
         err = _warp_error(model, train, device, seed)
@@ -397,7 +446,7 @@ def check(model: Model, train, sides, device: str, seed: int, hook=None) -> dict
 
 def _threads(side: Side, torch) -> int | None:
     if side.kind == "torch":
-        return torch.get_num_threads() if side.device == "cpu" else None
+        return side.threads or torch.get_num_threads() if side.device == "cpu" else None
     if side.device == "cuda":
         return None
     if side.device == "numpy":
@@ -427,7 +476,8 @@ def run_model(runner: harness.Runner, device: str, model: Model, hook=None) -> N
     import torch
 
     modes = harness.selected(runner.options, "augment", AUGMENT)
-    sides = CPU_SIDES if device == "cpu" else GPU_SIDES
+    sides = (cpu_sides(harness.option(runner.options, "torch_threads")) if device == "cpu"
+             else GPU_SIDES)
     seed = runner.seed
     train = dataset(model, seed)
     features = int(np.prod(train.sample_shape))
@@ -501,8 +551,6 @@ def _run_cpu(runner: harness.Runner, hook=None) -> None:
     import torch
 
     previous = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
     try:
         for model in _models(runner.options):
             run_model(runner, "cpu", model, hook)
