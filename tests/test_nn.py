@@ -578,6 +578,27 @@ def test_gradients_accumulate_until_zero_grad(rng, device):
     assert not host(model.arena.grad).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_grad_after_optimizer_set_to_none(rng, device):
+    """optimizer.zero_grad(set_to_none=True) drops the gradients; the backward then creates
+    fresh ones, and model.zero_grad() must zero those too (it puts them back in the arena)."""
+    model = mlp("float64").to(device)
+    opt = optim.SGD(model.parameters(), lr=0.0)
+    x, dy = randn(rng, (16, 12), "float64"), randn(rng, (16, 5), "float64")
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+    model(on(x, device))
+    model.backward(on(dy, device))  # grads created outside the arena
+    once = grads_of(model)
+    for _ in range(2):
+        model.zero_grad()
+        model(on(x, device))
+        model.backward(on(dy, device))
+        for name, g in grads_of(model).items():
+            assert_grad_close(name, {name: g}, once, "float64")
+    assert all(p.grad.base is model.arena.grad for p in model.parameters())
+
+
 def _check_arena(model):
     arena = model.arena
     params = model.parameters()

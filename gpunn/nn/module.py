@@ -126,6 +126,9 @@ class Module:
         params = self.parameters()
         if self.arena is not None and self.arena.owns(params):
             self.arena.grad.fill(0)
+            for p, view in zip(params, self.arena._views(self.arena.grad)):
+                if p.grad is None or p.grad.base is not self.arena.grad:
+                    p.grad = view  # dropped (set_to_none) or replaced: back into the arena
             return
         for p in params:
             if p.grad is None:
