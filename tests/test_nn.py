@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from conftest import HOST_BACKENDS, TOLERANCE, assert_close, has_gpu, rel_err
 
@@ -110,6 +112,29 @@ def test_linear_matches_torch(rng, device, dtype, bias, shape, n_in, n_out):
     assert_close(host(dx), dx_ref, dtype)
     assert_grads(layer, grads, dtype)
     assert (layer.bias is None) == (not bias)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lead=st.lists(st.integers(0, 4), min_size=0, max_size=2), n_in=st.integers(1, 9),
+       n_out=st.integers(1, 9), bias=st.booleans(), device=st.sampled_from(HOST_BACKENDS),
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_property_any_shape(lead, n_in, n_out, bias, device, seed):
+    """Any leading shape (none: one sample; zeros: empty) and width, float64, against torch;
+    two backwards accumulate."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(lead) + (n_in,)
+    layer = nn.Linear(n_in, n_out, bias, dtype="float64", generator=rng).to(device)
+    ref = torch_module_from(layer.state_dict(), torch.nn.Linear(n_in, n_out, bias))
+    x, dy = randn(rng, shape, "float64"), randn(rng, shape[:-1] + (n_out,), "float64")
+    y = layer(x)
+    dx = layer.backward(dy)
+    layer.backward(dy, input_grad=False)
+    y_ref, dx_ref, grads = run_torch(ref, x, dy)
+    assert y.shape == tuple(y_ref.shape) and dx.shape == shape
+    assert_close(y, y_ref, "float64")
+    assert_close(dx, dx_ref, "float64")
+    for name, p in layer.named_parameters():
+        assert_close(p.grad, 2 * grads[name], "float64")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,12 +254,15 @@ def test_batchnorm_matches_torch(rng, device, dtype, case, training, kind, shape
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_relu_fused_matches_torch(rng, device, dtype, training):
+@pytest.mark.parametrize("kind, shape", [
+    ("BatchNorm1d", (23, 6)), ("BatchNorm1d", (5, 6, 7)), ("BatchNorm2d", (3, 4, 5, 6)),
+])
+def test_batchnorm_relu_fused_matches_torch(rng, device, dtype, training, kind, shape):
     """forward_relu/backward_relu (what Sequential runs) against torch's BN then ReLU."""
-    layer, ref = _bn_pair("BatchNorm1d", (23, 6), {}, dtype, device, rng)
+    layer, ref = _bn_pair(kind, shape, {}, dtype, device, rng)
     layer.train(training)
     ref.train(training)
-    x, dy = randn(rng, (23, 6), dtype), randn(rng, (23, 6), dtype)
+    x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
     y = layer.forward_relu(on(x, device))
     dx = layer.backward_relu(on(dy, device))
     y_ref, dx_ref, grads = run_torch(torch.nn.Sequential(ref, torch.nn.ReLU()), x, dy)
