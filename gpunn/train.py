@@ -150,7 +150,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_data, self.test_data = train, test
         self.epochs, self.seed, self.augment = epochs, seed, augment
-        self.criterion = CrossEntropyLoss(label_smoothing=label_smoothing)
+        # labels were range-checked when the dataset was made: no per-step check (a GPU sync)
+        self.criterion = CrossEntropyLoss(label_smoothing=label_smoothing, backend=model.device,
+                                          check_labels=False)
         self.xp = model.xp
         self.loader = DataLoader(train, batch_size, shuffle=True, seed=seed, xp=self.xp,
                                  reuse_buffers=True)

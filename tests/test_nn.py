@@ -937,3 +937,30 @@ def test_penalties_create_missing_grads():
     assert layer.weight.grad is None
     nn.l1_penalty([layer.weight], 1.0)
     np.testing.assert_array_equal(layer.weight.grad, np.sign(layer.weight.data))
+
+
+def test_linear_refuses_another_dtype():
+    layer = nn.Linear(3, 2, generator=0)
+    with pytest.raises(TypeError, match=r"Linear\(3 -> 2\).*float64.*float32"):
+        layer(np.ones((4, 3)))
+
+
+def test_losses_run_on_the_backend_asked(monkeypatch):
+    """backend= reaches the ops (a model's device), and check_labels=False skips the check."""
+    seen = []
+    real = ops.cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["backend"], kwargs["check_labels"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_entropy_forward", spy)
+    logits = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 1, 0])
+    reference = nn.CrossEntropyLoss()(logits, labels)
+    loss = nn.CrossEntropyLoss(backend="numpy", check_labels=False)(logits, labels)
+    assert seen == [(None, True), ("numpy", False)]
+    assert abs(float(loss) - float(reference)) <= 1e-6 * abs(float(reference))
+    mse = nn.MSELoss(backend="numpy")
+    assert float(mse(logits, logits + 1)) == pytest.approx(1.0)
+    np.testing.assert_allclose(mse.backward(), -2 / logits.size, rtol=1e-6)

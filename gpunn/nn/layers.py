@@ -7,8 +7,8 @@ Linear, y = x W^T + b (x: (N, in), W: (out, in)):
 
     dW += dy^T x,   db += sum_n dy,   dx = dy W
 
-each one BLAS gemm on the host (beta = 1 adds b, or accumulates dW, in place). Initialisation is torch's:
-W and b uniform in [-1/sqrt(in), 1/sqrt(in)] (Kaiming-uniform with a = sqrt(5)).
+each one BLAS gemm on the host (beta = 1 adds b, or accumulates dW, in place). Initialisation
+is torch's: W and b uniform in [-1/sqrt(in), 1/sqrt(in)] (Kaiming-uniform with a = sqrt(5)).
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ class Linear(Module):
     def forward(self, x):
         _check_input(self._name(), x, f"(N, {self.in_features})",
                      x.ndim >= 1 and x.shape[-1] == self.in_features)
+        if x.dtype != self.weight.data.dtype:
+            raise TypeError(f"{self._name()}: input has dtype {x.dtype}, the weights "
+                            f"{self.weight.data.dtype} (cast one of them)")
         x2 = self.xp.ascontiguousarray(x.reshape(-1, self.in_features))
         self._x, self._lead = x2, x.shape[:-1]
         y = self.xp.empty((x2.shape[0], self.out_features), self.weight.data.dtype)

@@ -8,11 +8,14 @@ from ..backend import array_module
 
 
 class _Loss:
-    def __init__(self, reduction="mean"):
+    """``backend``: where the loss runs (None: follows the data, as the ops do; a model's
+    ``device`` names its backend)."""
+
+    def __init__(self, reduction="mean", backend=None):
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"{type(self).__name__}: reduction must be 'none', 'mean' or "
                              f"'sum', got {reduction!r}")
-        self.reduction = reduction
+        self.reduction, self.backend = reduction, backend
         self._saved = None
 
     def _saved_inputs(self):
@@ -27,18 +30,22 @@ class _Loss:
 class CrossEntropyLoss(_Loss):
     """Softmax cross-entropy of logits (N, C) against class indices (N,)
     (:func:`gpunn.ops.cross_entropy`; the forward keeps each row's log-sum-exp so the backward
-    is one pass)."""
+    is one pass). ``check_labels=False`` skips the range check of the labels (on CUDA it
+    synchronizes every call), for labels already known to be valid."""
 
-    def __init__(self, reduction="mean", label_smoothing=0.0, ignore_index=-100):
-        super().__init__(reduction)
+    def __init__(self, reduction="mean", label_smoothing=0.0, ignore_index=-100, *,
+                 backend=None, check_labels=True):
+        super().__init__(reduction, backend)
         self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
+        self.check_labels = bool(check_labels)
 
     def _options(self):
         return dict(reduction=self.reduction, label_smoothing=self.label_smoothing,
-                    ignore_index=self.ignore_index)
+                    ignore_index=self.ignore_index, backend=self.backend)
 
     def __call__(self, logits, labels):
-        loss, lse = ops.cross_entropy_forward(logits, labels, **self._options())
+        loss, lse = ops.cross_entropy_forward(logits, labels, check_labels=self.check_labels,
+                                              **self._options())
         self._saved = (logits, labels, lse)
         return loss
 
@@ -54,8 +61,9 @@ class MSELoss(_Loss):
     def __call__(self, output, target):
         target = array_module(output).asarray(target, dtype=output.dtype)
         self._saved = (output, target)
-        return ops.mse_loss(output, target, reduction=self.reduction)
+        return ops.mse_loss(output, target, reduction=self.reduction, backend=self.backend)
 
     def backward(self, dloss=1.0):
         output, target = self._saved_inputs()
-        return ops.mse_loss_backward(dloss, output, target, reduction=self.reduction)
+        return ops.mse_loss_backward(dloss, output, target, reduction=self.reduction,
+                                     backend=self.backend)
