@@ -5,11 +5,12 @@
 #   bench/gpu_check.sh [OUTDIR]        OUTDIR defaults to $OUT, else ./gpu-check-<UTC stamp>
 #
 # Steps, each under its own `timeout` so that one hang cannot eat the budget (the limits add
-# up to under 9.5 minutes; an H100 normally needs far less):
+# up to just under 10 minutes; an H100 normally needs far less):
 #   1. nvidia-smi
 #   2. versions of python, numpy, numba, cupy, torch, ml_dtypes and the device CuPy sees
 #   3. python3 -m pytest -m gpu -q tests            (JUnit XML: OUTDIR/gpu-tests.xml)
-#   4. gpunn bench SUITE --device cuda for each suite in BENCH_SUITES
+#   4. gpunn train --backend cuda: the main job on the GPU (OUTDIR/train-cuda/metrics.json)
+#   5. gpunn bench SUITE --device cuda for each suite in BENCH_SUITES
 #      (JSON: OUTDIR/SUITE-cuda-*.json)
 # Everything printed also goes to OUTDIR/gpu_check.log. The exit status is that of the first
 # failing step (0 when all passed). BENCH_SUITES lists suite:seconds pairs; each suite stops
@@ -26,7 +27,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG=$OUTDIR/gpu_check.log
 PY=${PYTHON:-python3}
-BENCH_SUITES=${BENCH_SUITES:-"optim:45 batchnorm:45 activations:35 losses:35 dropout:25 augment:20"}
+BENCH_SUITES=${BENCH_SUITES:-"train:40 optim:35 batchnorm:35 activations:25 losses:25 dropout:15 augment:15"}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : >"$LOG"
 
@@ -72,11 +73,12 @@ try:
 except Exception as e:
     print("torch cuda: FAILED", type(e).__name__, e)
 EOF
-step gpu-tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
+step gpu-tests 170 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
     --junitxml="$OUTDIR/gpu-tests.xml"
+step gpu-train 50 "$PY" -m gpunn.cli train --backend cuda --quiet --out "$OUTDIR/train-cuda"
 for entry in $BENCH_SUITES; do
     suite=${entry%%:*} budget=${entry##*:}
-    step "gpu-bench-$suite" $((budget + 30)) "$PY" -m gpunn.cli bench "$suite" --device cuda \
+    step "gpu-bench-$suite" $((budget + 20)) "$PY" -m gpunn.cli bench "$suite" --device cuda \
         --out "$OUTDIR" --time-budget "$budget"
 done
 

@@ -14,4 +14,5 @@ SUITES = {
     "dropout": "gpunn.bench.dropout",
     "losses": "gpunn.bench.losses",
     "optim": "gpunn.bench.optim",
+    "train": "gpunn.bench.train",
 }
