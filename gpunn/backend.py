@@ -161,19 +161,24 @@ SERIAL_BELOW = 1 << 16
 
 
 @contextlib.contextmanager
-def host_threads(size: int):
-    """Numba threads for a host call over ``size`` elements: one below SERIAL_BELOW."""
-    if size >= SERIAL_BELOW or not has_numba():
+def numba_threads(n: int):
+    """Run the Numba kernels of this block on ``n`` threads (no-op without Numba)."""
+    if not has_numba():
         yield
         return
     import numba
 
     saved = numba.get_num_threads()
-    numba.set_num_threads(1)
+    numba.set_num_threads(n)
     try:
         yield
     finally:
         numba.set_num_threads(saved)
+
+
+def host_threads(size: int):
+    """Numba threads for a host call over ``size`` elements: one below SERIAL_BELOW."""
+    return numba_threads(1) if size < SERIAL_BELOW else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

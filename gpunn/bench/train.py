@@ -158,7 +158,7 @@ class TrainRecord(Record):
     width: int = 0
     depth: int = 0
     steps: int = 0  # batches per epoch
-    threads: int | None = None  # torch's intra-op threads, or Numba's
+    threads: int | None = None  # torch's intra-op threads, or gpunn's BLAS threads
     loss: float | None = None  # the check epoch's mean training loss
     ratio_vs_torch: float | None = None
     speedup_vs_numpy: float | None = None
@@ -449,14 +449,7 @@ def _threads(side: Side, torch) -> int | None:
         return side.threads or torch.get_num_threads() if side.device == "cpu" else None
     if side.device == "cuda":
         return None
-    if side.device == "numpy":
-        return 1  # host_threads: one BLAS thread in the epoch
-    try:
-        import numba
-
-        return numba.config.NUMBA_NUM_THREADS
-    except ImportError:
-        return None
+    return usable_cores()  # BLAS's threads; the Numba kernels run on one (train.host_threads)
 
 
 def _sync(device: str, side: Side):
