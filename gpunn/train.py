@@ -172,14 +172,7 @@ class Trainer:
         with _bar(self.progress, f"{self.name} epoch {e + 1}/{self.epochs}",
                   len(self.loader)) as advance, host_threads(model.device):
             for xb, yb in self.loader.epoch(e):
-                if self.augment is not None:
-                    xb = ops.augment(xb, self.seed, e * n + seen, backend=model.device,
-                                     **self.augment.kwargs())
-                logits = model(xb)
-                loss = self.criterion(logits, yb)
-                model.zero_grad()
-                model.backward(self.criterion.backward(), input_grad=False)
-                self.optimizer.step()
+                logits, loss = self.train_step(xb, yb, e * n + seen)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 total_loss += loss * len(yb)
@@ -196,6 +189,20 @@ class Trainer:
         self.epoch += 1
         self.history.append(metrics)
         return metrics
+
+    def train_step(self, xb, yb, offset: int):
+        """Augment (sample i of the batch draws at ``offset + i``), forward, loss, backward,
+        one optimizer step; returns (logits, loss) on the model's device."""
+        model = self.model
+        if self.augment is not None:
+            xb = ops.augment(xb, self.seed, offset, backend=model.device,
+                             **self.augment.kwargs())
+        logits = model(xb)
+        loss = self.criterion(logits, yb)
+        model.zero_grad()
+        model.backward(self.criterion.backward(), input_grad=False)
+        self.optimizer.step()
+        return logits, loss
 
     def fit(self, checkpoint_path=None) -> list[dict]:
         """Train the remaining epochs, saving a checkpoint after each when a path is given."""
@@ -447,28 +454,26 @@ def write_report(result: dict, out: str) -> None:
 
 def find_lr(config: TrainConfig, out_dir=None, *, start_lr=1e-5, end_lr=10.0,
             num_steps=100):
-    """The log-scale learning-rate range test on the configured model and data (fresh
-    weights; nothing is kept): one batch per lr; prints nothing, returns the result and
-    writes lr-range.png into ``out_dir`` when given."""
+    """The log-scale learning-rate range test on the configured model, data and training step
+    (augmentation included; fresh weights, nothing is kept): one batch per lr. Returns the
+    result and writes lr-range.png into ``out_dir`` when given."""
     train_set, test_set = datasets(config)
     trainer = build(config, train_set, test_set, progress=False)
-    model, criterion = trainer.model, trainer.criterion
 
     def batches():
-        epoch = 0
+        epoch, n = 0, len(train_set)
         while True:
-            yield from trainer.loader.epoch(epoch)
+            seen = 0
+            for xb, yb in trainer.loader.epoch(epoch):
+                yield xb, yb, epoch * n + seen
+                seen += len(yb)
             epoch += 1
 
     stream = batches()
 
     def step():
-        xb, yb = next(stream)
-        loss = criterion(model(xb), yb)
-        model.zero_grad()
-        model.backward(criterion.backward(), input_grad=False)
-        trainer.optimizer.step()
-        return float(loss)
+        with host_threads(trainer.model.device):
+            return float(trainer.train_step(*next(stream))[1])
 
     result = lr_range_test(step, trainer.optimizer, start_lr, end_lr, num_steps)
     if out_dir is not None:

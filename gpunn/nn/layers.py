@@ -195,18 +195,17 @@ class _BatchNorm(Module):
                      self._layout.replace("C", str(self.num_features)),
                      x.ndim in self._ndims and x.shape[1] == self.num_features)
         has_running = self.running_mean is not None
-        momentum, count = self.momentum, None
-        if self.training and has_running:
-            count = int(self.num_batches_tracked) + 1  # counted once the op succeeded
+        momentum, count, counted = self.momentum, None, self.training and has_running
+        if counted and momentum is None:  # the cumulative average needs the count on the host
+            count = int(self.num_batches_tracked) + 1
         w = self.weight.data if self.affine else None
         b = self.bias.data if self.affine else None
         forward = ops.batch_norm_relu_forward if relu else ops.batch_norm_forward
         y, mean, invstd = forward(x, self.running_mean, self.running_var, w, b,
                                   training=self.training, momentum=momentum, eps=self.eps,
-                                  num_batches_tracked=count if momentum is None else None,
-                                  backend=self.device)
-        if count is not None:
-            self.num_batches_tracked[...] = count
+                                  num_batches_tracked=count, backend=self.device)
+        if counted:  # once the op succeeded; on the device, so no synchronization
+            self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, self.training or not has_running)
         return y
 
