@@ -12,6 +12,7 @@ resumed from a checkpoint repeats the uninterrupted run's steps exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -121,7 +122,7 @@ def mlp(in_features: int, num_classes: int, width: int, depth: int, dropout: flo
     return Sequential(*layers)
 
 
-def host_threads(device: str):
+def training_threads(device: str):
     """One Numba thread while a host model trains (a no-op context on the GPU); BLAS keeps
     its threads for the matrix products.
 
@@ -167,12 +168,12 @@ class Trainer:
         model, xp, e = self.model, self.xp, self.epoch
         model.train()
         total_loss, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
-        n, seen = len(self.train_data), 0
+        seen = 0
         start = time.perf_counter()
         with _bar(self.progress, f"{self.name} epoch {e + 1}/{self.epochs}",
-                  len(self.loader)) as advance, host_threads(model.device):
-            for xb, yb in self.loader.epoch(e):
-                logits, loss = self.train_step(xb, yb, e * n + seen)
+                  len(self.loader)) as advance, training_threads(model.device):
+            for xb, yb, offset in self.batches(e):
+                logits, loss = self.train_step(xb, yb, offset)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 total_loss += loss * len(yb)
@@ -189,6 +190,14 @@ class Trainer:
         self.epoch += 1
         self.history.append(metrics)
         return metrics
+
+    def batches(self, epoch: int):
+        """(x, y, offset) of each batch of ``epoch``: offset = epoch * N + the batch's
+        position, the augmentation stream index of its first sample."""
+        offset = epoch * len(self.train_data)
+        for xb, yb in self.loader.epoch(epoch):
+            yield xb, yb, offset
+            offset += len(yb)
 
     def train_step(self, xb, yb, offset: int):
         """Augment (sample i of the batch draws at ``offset + i``), forward, loss, backward,
@@ -220,7 +229,7 @@ class Trainer:
         """Softmax probabilities (N, classes) in eval mode, on the model's device."""
         self.model.eval()
         x = transfer(dataset.x, self.xp)
-        with host_threads(self.model.device):
+        with training_threads(self.model.device):
             probs = [ops.softmax(self.model(x[i:i + EVAL_BATCH]), backend=self.model.device)
                      for i in range(0, len(dataset), EVAL_BATCH)]
         self.model.train()
@@ -232,12 +241,12 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict:
-        """Everything a resumed run needs, as host arrays and plain values."""
-        host = {k: transfer(v, np) for k, v in self.model.state_dict().items()}
+        """Everything a resumed run needs (device arrays are copied to the host by
+        :func:`gpunn.checkpoint.save`)."""
         return {"kind": "gpunn-trainer", "name": self.name, "epoch": self.epoch,
-                "architecture": architecture(self.model), "model": host,
+                "architecture": architecture(self.model), "model": self.model.state_dict(),
                 "model_extra": self.model.extra_state(),
-                "optimizer": _to_host(self.optimizer.state_dict()),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "history": self.history}
 
@@ -264,17 +273,6 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
-
-
-def _to_host(obj):
-    """A nested state with every CuPy array copied to the host."""
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    if type(obj).__module__.startswith("cupy"):
-        return obj.get()
-    return obj
 
 
 def scores(probs, labels) -> dict:
@@ -460,19 +458,10 @@ def find_lr(config: TrainConfig, out_dir=None, *, start_lr=1e-5, end_lr=10.0,
     train_set, test_set = datasets(config)
     trainer = build(config, train_set, test_set, progress=False)
 
-    def batches():
-        epoch, n = 0, len(train_set)
-        while True:
-            seen = 0
-            for xb, yb in trainer.loader.epoch(epoch):
-                yield xb, yb, epoch * n + seen
-                seen += len(yb)
-            epoch += 1
-
-    stream = batches()
+    stream = (batch for epoch in itertools.count() for batch in trainer.batches(epoch))
 
     def step():
-        with host_threads(trainer.model.device):
+        with training_threads(trainer.model.device):
             return float(trainer.train_step(*next(stream))[1])
 
     result = lr_range_test(step, trainer.optimizer, start_lr, end_lr, num_steps)

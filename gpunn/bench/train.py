@@ -449,7 +449,7 @@ def _threads(side: Side, torch) -> int | None:
         return side.threads or torch.get_num_threads() if side.device == "cpu" else None
     if side.device == "cuda":
         return None
-    return usable_cores()  # BLAS's threads; the Numba kernels run on one (train.host_threads)
+    return usable_cores()  # BLAS's threads; the Numba kernels run on one (train.training_threads)
 
 
 def _sync(device: str, side: Side):
