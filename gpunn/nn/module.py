@@ -125,10 +125,13 @@ class Module:
         """Every gradient to zero (one fill of the arena when the model is packed)."""
         params = self.parameters()
         if self.arena is not None and self.arena.owns(params):
-            self.arena.grad.fill(0)
-            for p, view in zip(params, self.arena._views(self.arena.grad)):
-                if p.grad is None or p.grad.base is not self.arena.grad:
-                    p.grad = view  # dropped (set_to_none) or replaced: back into the arena
+            grad = self.arena.grad
+            grad.fill(0)
+            if any(p.grad is None or p.grad.base is not grad for p in params):
+                # dropped (optimizer.zero_grad(set_to_none=True)) or replaced: back into the
+                # arena (views are made only then, not on every step)
+                for p, view in zip(params, self.arena._views(grad)):
+                    p.grad = view
             return
         for p in params:
             if p.grad is None:
