@@ -61,19 +61,41 @@ def test_policy_reps():
     assert harness.QUICK_POLICY.reps(1e-9) == 3
 
 
+class FakeClock:
+    """A host clock that only moves when a timed call says so: timing tests never depend on
+    the machine's speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call_taking(self, seconds: float, calls: list):
+        def fn():
+            calls.append(1)
+            self.now += seconds
+        return fn
+
+
 def test_slow_calls_keep_their_warm_up_as_a_sample():
-    import time
-
     policy = harness.Policy(slow_s=0.01, max_time_s=0.025)
-    calls = []
-
-    def slow():
-        calls.append(1)
-        time.sleep(0.012)
-
-    t = harness.time_cpu(slow, policy)
+    clock, calls = FakeClock(), []
+    t = harness.time_cpu(clock.call_taking(2**-6, calls), policy, clock=clock)  # 15.6 ms
+    assert t.reps == 1 and len(calls) == 1  # the warm-up is the one sample that fits
+    clock, calls = FakeClock(), []
+    policy = harness.Policy(slow_s=0.01, max_time_s=0.04)
+    t = harness.time_cpu(clock.call_taking(2**-6, calls), policy, clock=clock)
     assert t.reps == 2 and len(calls) == 2  # the warm-up counts, then one more
-    assert t.min >= 0.012
+    assert t.min == t.median == 2**-6
+
+
+def test_fast_calls_get_the_target_time_of_repetitions():
+    policy = harness.Policy(target_s=0.25, min_reps=5, max_reps=200, warmup=2, slow_s=0.5)
+    clock, calls = FakeClock(), []
+    t = harness.time_cpu(clock.call_taking(2**-7, calls), policy, clock=clock)  # exact sums
+    assert t.reps == 32 and len(calls) == 2 + 32  # two warm-ups, not counted
+    assert t.median == t.min == 2**-7
 
 
 def test_time_cpu_and_timing_stats():

@@ -166,29 +166,32 @@ class Timing:
                    reps=int(s.size))
 
 
-def time_cpu(fn: Callable[[], Any], policy: Policy = CPU_POLICY) -> Timing:
+def time_cpu(fn: Callable[[], Any], policy: Policy = CPU_POLICY,
+             clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Seconds per call of ``fn`` on the host clock (the caller made one call already)."""
-    result = time_cpu_interleaved([fn], policy)[0]
+    result = time_cpu_interleaved([fn], policy, clock)[0]
     if isinstance(result, Exception):
         raise result
     return result
 
 
-def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLICY
+def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLICY,
+                         clock: Callable[[], float] = time.perf_counter
                          ) -> list[Timing | Exception]:
     """Time several host calls in rounds (A B C A B C ...), so that a change of machine load
     during the case hits every contender alike and their ratios stay meaningful on a shared
     machine. Each call gets its own number of repetitions (``policy.reps`` of its own
-    estimate); one that raises gets its exception in place of a Timing."""
+    estimate); one that raises gets its exception in place of a Timing. ``clock`` returns
+    seconds (tests inject a fake one)."""
     n = len(fns)
     results: list[Timing | Exception | None] = [None] * n
     estimates = [0.0] * n
     for i, fn in enumerate(fns):
         try:
             for k in range(max(1, policy.warmup)):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                estimates[i] = time.perf_counter() - t0
+                estimates[i] = clock() - t0
                 if estimates[i] >= policy.slow_s:
                     break
         except Exception as e:
@@ -205,9 +208,9 @@ def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLI
                 if r >= reps[i] or results[i] is not None:
                     continue
                 try:
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
-                    samples[i].append(time.perf_counter() - t0)
+                    samples[i].append(clock() - t0)
                 except Exception as e:
                     results[i] = e
     finally:
