@@ -68,14 +68,39 @@ def available() -> tuple[str, ...]:
 
 
 def array_kind(a, name: str) -> str:
-    """'numpy', 'cupy' or 'torch'; anything else is a TypeError naming the argument."""
+    """'numpy', 'cupy' or 'torch', for an array gpunn can address directly (plain memory in
+    native byte order); anything else is a TypeError naming the argument."""
     if isinstance(a, np.ndarray):
+        if not a.dtype.isnative:
+            raise TypeError(f"{name} has non-native byte order (dtype {a.dtype.str}); gpunn "
+                            f"computes in native order: pass {name}.astype("
+                            f"{name}.dtype.newbyteorder('='))")
         return "numpy"
     module = type(a).__module__.split(".")[0]
-    if module in ("cupy", "torch"):
+    if module == "cupy":
+        return module
+    if module == "torch":
+        _check_plain_tensor(a, name)
         return module
     raise TypeError(f"{name} must be a NumPy array, a CuPy array or a torch tensor, "
                     f"got {type(a).__name__}")
+
+
+def _check_plain_tensor(t, name: str) -> None:
+    """A torch tensor whose elements are plain strided memory (what a kernel addresses):
+    not a subclass (DTensor, ...), not sparse, quantized or meta. TypeError otherwise."""
+    import torch
+
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"{name} is a {type(t).__name__}, a torch.Tensor subclass whose memory "
+                        "gpunn cannot address directly; pass plain tensors (for a DTensor, "
+                        "its .to_local() shard)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; gpunn takes dense (torch.strided) "
+                        "tensors")
+    if t.is_quantized or t.is_meta:
+        raise TypeError(f"{name} is a {'quantized' if t.is_quantized else 'meta'} tensor; "
+                        "gpunn takes tensors holding plain floating-point data")
 
 
 def array_module(a):
@@ -138,6 +163,47 @@ def _device(a, kind: str, name: str) -> str:
     if a.device.type == "cuda":
         return f"cuda:{a.device.index or 0}"
     raise TypeError(f"{name} is a torch tensor on {a.device}; gpunn runs on cpu and cuda tensors")
+
+
+def check_writable(op: str, name: str, a) -> None:
+    """Before the first write: ``a`` must be writeable memory (a NumPy array with
+    ``flags.writeable``, e.g. not from ``np.frombuffer(bytes)`` or a read-only memmap).
+    ValueError naming the argument otherwise; CuPy arrays and torch tensors are writeable."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        raise ValueError(f"{op}: {name} is read-only (flags.writeable is False) and gpunn "
+                         "would write it; pass a writeable array (e.g. a copy)")
+
+
+def byte_span(a) -> tuple[int, int]:
+    """[first, last) byte addresses a NumPy/CuPy array's elements lie in (any strides)."""
+    if isinstance(a, np.ndarray):
+        lo, hi = np.lib.array_utils.byte_bounds(a)
+        return lo, hi
+    lo = hi = a.data.ptr
+    for size, stride in zip(a.shape, a.strides):
+        if size == 0:
+            return lo, lo
+        (lo, hi) = (lo + (size - 1) * stride, hi) if stride < 0 else (lo, hi + (size - 1) * stride)
+    return lo, hi + a.itemsize
+
+
+def check_no_partial_overlap(op: str, name: str, out, inputs: dict) -> None:
+    """Before the first write: the native array ``out`` is either exactly one of the native
+    ``inputs`` (same memory, shape and strides: in place) or shares no byte with any of
+    them. A partial overlap (an input shifted by a row, say) is a ValueError naming both."""
+    if out.size == 0:
+        return
+    lo, hi = byte_span(out)
+    for other, a in inputs.items():
+        if a is None or a.size == 0:
+            continue
+        a_lo, a_hi = byte_span(a)
+        if a_lo >= hi or lo >= a_hi:
+            continue
+        if (a_lo, a_hi) == (lo, hi) and a.shape == out.shape and a.strides == out.strides:
+            continue
+        raise ValueError(f"{op}: {name} partly overlaps {other}; pass {name}={other} itself "
+                         "(in place) or memory that shares nothing with it")
 
 
 def _requested(backend: str | None) -> str | None:
@@ -222,9 +288,11 @@ class Call:
                 a = cupy.from_dlpack(a)
         return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
 
-    def output(self, out, like, name: str = "out"):
-        """A native array to write the result into: ``out`` checked against ``like``, or new
-        (for torch callers from torch's allocator, so device memory stays in torch's pool)."""
+    def output(self, out, like, name: str = "out", inputs: dict | None = None):
+        """A native array to write the result into: ``out`` checked against ``like`` (shape,
+        dtype, C-contiguous, writeable, no partial overlap with the native ``inputs``), or
+        new (for torch callers from torch's allocator, so device memory stays in torch's
+        pool)."""
         if out is None:
             if self.kind != "torch":
                 return self.xp.empty_like(like)
@@ -240,7 +308,10 @@ class Call:
         contiguous = out.is_contiguous() if self.kind == "torch" else out.flags.c_contiguous
         if not contiguous:
             raise ValueError(f"{self.op}: {name} must be C-contiguous")
-        return self.native(out, name)
+        check_writable(self.op, name, out)
+        native = self.native(out, name)
+        check_no_partial_overlap(self.op, name, native, inputs or {})
+        return native
 
     def wrap(self, a, out=None):
         """Give a native result back in the caller's array type (``out`` itself if given)."""

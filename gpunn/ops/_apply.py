@@ -21,7 +21,7 @@ def apply(op: str, backend: str | None, out, run, **inputs):
             if a.dtype != first.dtype:
                 raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, "
                                 f"expected {dtype_name(first)}")
-        y = call.output(out, first)
+        y = call.output(out, first, inputs=dict(zip(inputs, natives)))
         run(call.backend, *natives, y)
     return call.wrap(y, out)
 
