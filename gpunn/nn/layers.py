@@ -19,7 +19,8 @@ import operator
 import numpy as np
 
 from .. import ops
-from .module import Module, ShapeError
+from ..backend import check_writable
+from .module import Module, ShapeError, check_array
 from .parameter import Parameter
 
 MODEL_DTYPES = ("float32", "float64")
@@ -60,6 +61,19 @@ def _grad_of(p, xp):
     if p.grad is None:
         p.grad = xp.zeros_like(p.data)
     return p.grad
+
+
+def _grads(owner: str, named, xp) -> list:
+    """The gradients a backward accumulates into, for (name, parameter) pairs: existing ones
+    checked (writeable, the parameter's shape and dtype) before any is created or written."""
+    for name, p in named:
+        if p.grad is not None:
+            check_writable(owner, f"{name}.grad", p.grad)
+            if tuple(p.grad.shape) != tuple(p.data.shape) or p.grad.dtype != p.data.dtype:
+                raise ValueError(f"{owner}: {name}.grad has shape {tuple(p.grad.shape)} and "
+                                 f"dtype {p.grad.dtype}; expected {tuple(p.data.shape)} and "
+                                 f"{p.data.dtype} (the parameter's)")
+    return [_grad_of(p, xp) for _, p in named]
 
 
 def matmul_into(out, a, b, *, transpose_a=False, transpose_b=False, accumulate=False):
@@ -110,32 +124,42 @@ class Linear(Module):
         return f"Linear({self.in_features} -> {self.out_features})"
 
     def forward(self, x):
+        check_array(self._name(), "x", x, self.device)
         _check_input(self._name(), x, f"(N, {self.in_features})",
                      x.ndim >= 1 and x.shape[-1] == self.in_features)
         if x.dtype != self.weight.data.dtype:
             raise TypeError(f"{self._name()}: input has dtype {x.dtype}, the weights "
                             f"{self.weight.data.dtype} (cast one of them)")
         x2 = self.xp.ascontiguousarray(x.reshape(-1, self.in_features))
-        self._x, self._lead = x2, x.shape[:-1]
+        lead = x.shape[:-1]
         y = self.xp.empty((x2.shape[0], self.out_features), self.weight.data.dtype)
         if self.bias is not None:
             y[...] = self.bias.data
         matmul_into(y, x2, self.weight.data, transpose_b=True,
                     accumulate=self.bias is not None)
-        return y.reshape(self._lead + (self.out_features,))
+        self._saved = (x2, lead)
+        return y.reshape(lead + (self.out_features,))
 
     def backward(self, dy, input_grad=True):
-        expected = self._lead + (self.out_features,)
-        _check_input(f"{self._name()} backward", dy, str(expected), tuple(dy.shape) == expected)
+        x2, lead = self._forward_state()
+        owner = f"{self._name()} backward"
+        check_array(owner, "dy", dy, self.device)
+        expected = lead + (self.out_features,)
+        _check_input(owner, dy, str(expected), tuple(dy.shape) == expected)
+        if dy.dtype != self.weight.data.dtype:
+            raise TypeError(f"{owner}: dy has dtype {dy.dtype}, expected "
+                            f"{self.weight.data.dtype} (the weights')")
+        named = [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None
+                                              else [])
+        grads = _grads(owner, named, self.xp)
         dy2 = self.xp.ascontiguousarray(dy.reshape(-1, self.out_features))
-        matmul_into(_grad_of(self.weight, self.xp), dy2, self._x, transpose_a=True,
-                    accumulate=True)
+        matmul_into(grads[0], dy2, x2, transpose_a=True, accumulate=True)
         if self.bias is not None:
-            _grad_of(self.bias, self.xp)[...] += dy2.sum(axis=0)
+            grads[1][...] += dy2.sum(axis=0)
         if not input_grad:
             return None
         dx = self.xp.empty((dy2.shape[0], self.in_features), dy2.dtype)
-        return matmul_into(dx, dy2, self.weight.data).reshape(self._lead + (self.in_features,))
+        return matmul_into(dx, dy2, self.weight.data).reshape(lead + (self.in_features,))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -150,13 +174,18 @@ class Flatten(Module):
         self.start_dim, self.end_dim = operator.index(start_dim), operator.index(end_dim)
 
     def forward(self, x):
-        self._shape = x.shape
+        check_array("Flatten", "x", x, self.device)
         start, end = (d % max(x.ndim, 1) for d in (self.start_dim, self.end_dim))
         merged = math.prod(x.shape[start:end + 1])  # not -1: an empty batch has no inferable size
-        return x.reshape(x.shape[:start] + (merged,) + x.shape[end + 1:])
+        y = x.reshape(x.shape[:start] + (merged,) + x.shape[end + 1:])
+        self._saved = (x.shape, y.shape)
+        return y
 
     def backward(self, dy, input_grad=True):
-        return dy.reshape(self._shape) if input_grad else None
+        shape, out_shape = self._forward_state()
+        check_array("Flatten backward", "dy", dy, self.device)
+        _check_input("Flatten backward", dy, str(out_shape), tuple(dy.shape) == out_shape)
+        return dy.reshape(shape) if input_grad else None
 
     def extra_repr(self):
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
@@ -190,12 +219,16 @@ class _BatchNorm(Module):
                              np.zeros((), np.int64) if stats else None)
 
     def _run(self, x, relu):
-        owner = type(self).__name__
-        _check_input(f"{owner}({self.num_features})", x,
-                     self._layout.replace("C", str(self.num_features)),
+        owner = f"{type(self).__name__}({self.num_features})"
+        check_array(owner, "x", x, self.device)
+        _check_input(owner, x, self._layout.replace("C", str(self.num_features)),
                      x.ndim in self._ndims and x.shape[1] == self.num_features)
         has_running = self.running_mean is not None
         momentum, count, counted = self.momentum, None, self.training and has_running
+        if counted:  # everything the forward updates in place, before the op writes any
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                check_array(owner, name, getattr(self, name), self.device)
+                check_writable(owner, name, getattr(self, name))
         if counted and momentum is None:  # the cumulative average needs the count on the host
             count = int(self.num_batches_tracked) + 1
         w = self.weight.data if self.affine else None
@@ -210,7 +243,11 @@ class _BatchNorm(Module):
         return y
 
     def _grad(self, dy, relu, input_grad):
-        x, mean, invstd, batch_stats = self._saved
+        x, mean, invstd, batch_stats = self._forward_state()
+        owner = f"{type(self).__name__}({self.num_features}) backward"
+        check_array(owner, "dy", dy, self.device)
+        if self.affine:
+            grads = _grads(owner, [("weight", self.weight), ("bias", self.bias)], self.xp)
         w = self.weight.data if self.affine else None
         if relu:
             b = self.bias.data if self.affine else None
@@ -220,8 +257,8 @@ class _BatchNorm(Module):
             dx, dw, db = ops.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats,
                                                  backend=self.device)
         if self.affine:
-            _grad_of(self.weight, self.xp)[...] += dw
-            _grad_of(self.bias, self.xp)[...] += db
+            grads[0][...] += dw
+            grads[1][...] += db
         return dx if input_grad else None
 
     def forward(self, x):
@@ -272,26 +309,39 @@ class Dropout(Module):
         self.offset = 0
 
     def forward(self, x):
-        self._stream = None
+        check_array("Dropout", "x", x, self.device)
         if not self.training or self.p == 0.0:
+            self._saved = (None,)
             return x
         y = ops.dropout(x, self.p, True, self.seed, self.offset, backend=self.device)
-        self._stream = self.offset  # advanced only once the op succeeded
+        self._saved = (self.offset,)  # advanced only once the op succeeded
         self.offset += x.size
         return y
 
     def backward(self, dy, input_grad=True):
+        (stream,) = self._forward_state()
+        check_array("Dropout backward", "dy", dy, self.device)
         if not input_grad:
             return None
-        if self._stream is None:
+        if stream is None:
             return dy
-        return ops.dropout_backward(dy, self.p, self.seed, self._stream, backend=self.device)
+        return ops.dropout_backward(dy, self.p, self.seed, stream, backend=self.device)
 
     def _extra_state(self):
         return {"seed": self.seed, "offset": self.offset}
 
+    def _check_extra_state(self, value):
+        if not isinstance(value, dict) or set(value) != {"seed", "offset"}:
+            raise ValueError(f"expected {{'seed': int, 'offset': int}}, got {value!r:.80}")
+        for key in ("seed", "offset"):
+            v = value[key]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) \
+                    or not 0 <= int(v) < 2**64:
+                raise ValueError(f"{key} must be an integer in [0, 2^64), got {v!r:.80}")
+        return {"seed": int(value["seed"]), "offset": int(value["offset"])}
+
     def _load_extra_state(self, value):
-        self.seed, self.offset = int(value["seed"]), int(value["offset"])
+        self.seed, self.offset = value["seed"], value["offset"]
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -308,14 +358,17 @@ class _Activation(Module):
         self.args = args
 
     def forward(self, x):
+        check_array(type(self).__name__, "x", x, self.device)
         y = type(self).forward_op(x, *self.args, backend=self.device)
         self._saved = x if self.saves == "x" else y
         return y
 
     def backward(self, dy, input_grad=True):
+        saved = self._forward_state()
+        check_array(f"{type(self).__name__} backward", "dy", dy, self.device)
         if not input_grad:
             return None
-        return type(self).backward_op(dy, self._saved, *self.args, backend=self.device)
+        return type(self).backward_op(dy, saved, *self.args, backend=self.device)
 
     def extra_repr(self):
         return ", ".join(map(repr, self.args))

@@ -13,11 +13,12 @@ torch's (``"0.weight"``, ``"1.running_mean"``, ...), so weights move both ways.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
 from .. import backend as _backend
-from ..backend import array_kind
+from ..backend import array_kind, check_writable
 from .arena import Arena, transfer
 from .parameter import Parameter
 
@@ -51,6 +52,30 @@ def to_host(a) -> np.ndarray:
         a = a.detach().cpu()
         return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
     return transfer(a, np)
+
+
+def check_array(owner: str, name: str, a, device: str) -> None:
+    """``a`` must be an array of ``device``'s kind (NumPy for cpu/numpy, CuPy for cuda) in
+    native byte order; a TypeError naming ``owner`` and the argument otherwise."""
+    if isinstance(a, np.ndarray):
+        if device != "cuda":
+            try:
+                array_kind(a, name)  # native byte order
+            except TypeError as e:
+                raise TypeError(f"{owner}: {e}") from None
+            return
+        found = "a NumPy array"
+    else:
+        module = type(a).__module__.split(".")[0]
+        if module == "cupy" and device == "cuda":
+            return
+        if module == "torch":
+            raise TypeError(f"{owner}: {name} is a torch tensor; gpunn.nn layers take NumPy or "
+                            f"CuPy arrays (for torch models use gpunn.torch)")
+        found = "a CuPy array" if module == "cupy" else f"a {type(a).__name__}"
+    expected = "CuPy arrays" if device == "cuda" else "NumPy arrays"
+    raise TypeError(f"{owner}: {name} is {found}; the layer is on {device!r} and takes "
+                    f"{expected}")
 
 
 class Module:
@@ -187,8 +212,21 @@ class Module:
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True) -> None:
-        """Copy arrays (NumPy, CuPy or torch) into this model's, by name. Every key and shape
-        is checked before anything is written; ``strict`` refuses missing and unexpected keys."""
+        """Copy arrays (NumPy, CuPy or torch) into this model's, by name (copies: the model
+        never aliases the given arrays, read-only ones included). Every key, shape and dtype
+        is checked, and every value converted, before anything is written; ``strict`` refuses
+        missing and unexpected keys."""
+        values = self.checked_state_dict(state_dict, strict)
+        own = self.state_dict()
+        for key, value in values.items():
+            own[key][...] = value
+
+    def checked_state_dict(self, state_dict, strict: bool = True) -> dict:
+        """{key: value converted to the model's array's dtype and device}: what
+        :meth:`load_state_dict` writes, checked (changes nothing)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict: the state must be a dict of arrays, got "
+                            f"{type(state_dict).__name__}")
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
@@ -199,6 +237,7 @@ class Module:
         for key, target in own.items():
             if key not in state_dict:
                 continue
+            check_writable("load_state_dict", key, target)
             try:
                 value = to_host(state_dict[key])
             except TypeError as e:
@@ -207,10 +246,11 @@ class Module:
                 raise ShapeError(f"load_state_dict: {key} has shape {value.shape} in the state, "
                                  f"the model's is {tuple(target.shape)} (a checkpoint of "
                                  f"another architecture?)")
-            values[key] = value
-        for key, value in values.items():
-            target = own[key]
-            target[...] = transfer(value.astype(target.dtype, copy=False), self.xp)
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"load_state_dict: {key} has dtype {value.dtype} in the state; "
+                                f"expected real numbers (the model's is {target.dtype})")
+            values[key] = transfer(value.astype(target.dtype, copy=False), self.xp)
+        return values
 
     def extra_state(self) -> dict:
         """Non-array state a resumed run needs (dropout streams), by module path."""
@@ -218,18 +258,44 @@ class Module:
                 if m._extra_state() is not None}
 
     def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`; everything is checked before anything changes."""
+        for module, value in self.checked_extra_state(state):
+            module._load_extra_state(value)
+
+    def checked_extra_state(self, state) -> list:
+        """[(module, value)] that :meth:`load_extra_state` applies, checked (changes
+        nothing): ValueError/KeyError naming the module path."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_extra_state: the state must be a dict by module path, got "
+                            f"{type(state).__name__}")
         modules = dict(self.named_modules())
+        checked = []
         for path, value in state.items():
             if path not in modules or modules[path]._extra_state() is None:
                 raise KeyError(f"load_extra_state: no module at {path!r} keeps extra state")
-        for path, value in state.items():
-            modules[path]._load_extra_state(value)
+            try:
+                checked.append((modules[path], modules[path]._check_extra_state(value)))
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"load_extra_state: module {path!r}: {e}") from None
+        return checked
 
     def _extra_state(self):
         return None
 
+    def _check_extra_state(self, value):
+        """``value`` as :meth:`_load_extra_state` takes it, or an error (changes nothing)."""
+        raise NotImplementedError
+
     def _load_extra_state(self, value) -> None:
         raise NotImplementedError
+
+    def _forward_state(self):
+        """What the last forward kept for the backward; RuntimeError before any forward."""
+        saved = getattr(self, "_saved", None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before a forward: "
+                               f"call forward first")
+        return saved
 
     # --- compute ------------------------------------------------------------------------------
 
@@ -291,14 +357,27 @@ class Sequential(Module):
         return len(self.layers)
 
     def forward(self, x):
+        check_array("Sequential", "x", x, self.device)
+        self._saved = None  # until every layer has run: a failed forward has no backward
         for i, layer, fuse in self._plan:
             try:
                 x = layer.forward_relu(x) if fuse else layer.forward(x)
             except ShapeError as e:
                 raise ShapeError(f"Sequential layer {i} ({type(layer).__name__}): {e}") from None
+        self._saved = (tuple(x.shape), x.dtype)
         return x
 
     def backward(self, dy, input_grad: bool = True):
+        """dy is checked against the forward's output (array kind, dtype, shape) before any
+        layer accumulates a gradient."""
+        shape, dtype = self._forward_state()
+        check_array("Sequential backward", "dy", dy, self.device)
+        if tuple(dy.shape) != shape:
+            raise ShapeError(f"Sequential backward: dy has shape {tuple(dy.shape)}, expected "
+                             f"{shape} (the forward's output)")
+        if dy.dtype != dtype:
+            raise TypeError(f"Sequential backward: dy has dtype {dy.dtype}, expected {dtype} "
+                            f"(the forward's output)")
         for i, layer, fuse in reversed(self._plan):
             needed = input_grad or i > self._first_trainable
             if not needed and i < self._first_trainable:
