@@ -11,6 +11,12 @@ Format
     empty too; ml_dtypes' bfloat16 & co. as their bits), NumPy scalars (back as the same
     scalar type) and CuPy arrays (saved from the device, loaded as NumPy).
 
+Bounded reading
+    ``load`` never unpickles and reads no more than the file holds: members must be stored
+    uncompressed (as ``save`` writes them), each member's .npy header must declare exactly the
+    size the zip directory gives it, a member is read once (no tree may reference it twice),
+    and states nest at most :data:`MAX_DEPTH` containers deep (``save`` refuses deeper ones).
+
 Atomic writes
     ``save`` writes a temporary file in the destination folder, flushes and fsyncs it, then
     renames it over ``path`` (``os.replace``, atomic on POSIX and Windows): ``path`` holds the
@@ -19,8 +25,11 @@ Atomic writes
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -30,6 +39,16 @@ import numpy as np
 FORMAT = "gpunn-checkpoint"
 VERSION = 1
 _META = "__gpunn__"
+
+#: the deepest nesting of containers (dicts, lists, tuples) a checkpoint's state may have
+MAX_DEPTH = 64
+#: the JSON nesting that MAX_DEPTH containers need: the metadata object, 3 levels per dict
+#: ({"dict": [[key, value]]}), the node of an array
+_MAX_JSON_DEPTH = 3 * MAX_DEPTH + 2
+#: deflate's largest possible ratio of inflated to compressed bytes
+DEFLATE_MAX_RATIO = 1032
+#: the longest .npy header read (NumPy's own limit)
+_MAX_NPY_HEADER = 10000
 
 
 class _Encoder:
@@ -60,7 +79,7 @@ class _Encoder:
         node[kind] = name
         return node
 
-    def encode(self, value, path: str):
+    def encode(self, value, path: str, depth: int = 0):
         # NumPy first: np.float64 is a float and np.str_ a str, but they come back as themselves
         if isinstance(value, np.ndarray):
             return self.array(value, path, "array")
@@ -77,6 +96,9 @@ class _Encoder:
         if type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "get"):
             return self.array(value.get(), path, "array")
         if isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"checkpoint state {path!r} nests containers more than "
+                                 f"{MAX_DEPTH} deep")
             if id(value) in self._open:
                 raise ValueError(f"checkpoint state {path!r} contains itself")
             self._open.add(id(value))
@@ -88,9 +110,10 @@ class _Encoder:
                             raise TypeError(f"checkpoint state {path!r}: keys must be str or "
                                             f"int; got {key!r} ({type(key).__name__})")
                         key = key if isinstance(key, str) else int(key)
-                        items.append([key, self.encode(v, _join(path, key))])
+                        items.append([key, self.encode(v, _join(path, key), depth + 1)])
                     return {"dict": items}
-                encoded = [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
+                encoded = [self.encode(v, _join(path, i), depth + 1)
+                           for i, v in enumerate(value)]
                 return encoded if isinstance(value, list) else {"tuple": encoded}
             finally:
                 self._open.discard(id(value))
@@ -179,17 +202,107 @@ def _sync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def read_npy_member(archive: zipfile.ZipFile, name: str, file_size: int, *,
+                    compressed: bool = False) -> np.ndarray:
+    """The .npy member ``name`` of ``archive`` (a zip file of ``file_size`` bytes), read
+    within what it declares: stored (or, with ``compressed``, deflated at most
+    :data:`DEFLATE_MAX_RATIO` times) within the file, its .npy header declaring exactly the
+    zip directory's size, no Python objects. A fresh, writeable array; ValueError (or
+    zipfile.BadZipFile) naming the member otherwise, before the data is read."""
+    info = archive.getinfo(name)
+    methods = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) if compressed else (zipfile.ZIP_STORED,)
+    if info.compress_type not in methods:
+        raise ValueError(f"member {name!r} is compressed (method {info.compress_type}); "
+                         + ("only stored or deflated members are read" if compressed else
+                            "checkpoint members are stored uncompressed"))
+    if info.header_offset + info.compress_size > file_size:
+        raise ValueError(f"member {name!r} declares {info.compress_size} bytes at offset "
+                         f"{info.header_offset}, beyond the file's {file_size} bytes")
+    limit = (info.compress_size if info.compress_type == zipfile.ZIP_STORED
+             else DEFLATE_MAX_RATIO * info.compress_size)
+    if info.file_size > limit:
+        raise ValueError(f"member {name!r} declares {info.file_size} bytes, more than its "
+                         f"{info.compress_size} stored bytes can hold")
+    with archive.open(info) as member:
+        header, shape, fortran_order, dtype = _npy_header(member, name)
+        count = 1
+        for d in shape:
+            count *= d
+        if header + count * dtype.itemsize != info.file_size:
+            raise ValueError(f"member {name!r}: its .npy header declares shape {shape} of "
+                             f"{dtype} ({count * dtype.itemsize} bytes of data after {header} of "
+                             f"header), the zip directory {info.file_size} bytes")
+        a = np.empty(count, dtype)
+        if a.nbytes:
+            flat, done = a.view(np.uint8), 0
+            while done < a.nbytes:
+                chunk = member.read(min(a.nbytes - done, 1 << 24))
+                if not chunk:
+                    raise ValueError(f"member {name!r} is truncated")
+                flat[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                done += len(chunk)
+        if member.read(1):  # also reaches the end, where zipfile checks the CRC
+            raise ValueError(f"member {name!r} has bytes after its array")
+    return a.reshape(shape[::-1]).T if fortran_order else a.reshape(shape)
+
+
+def _npy_header(member, name: str):
+    """(header bytes, shape, fortran_order, dtype) from the start of an .npy stream."""
+    start = member.read(8)
+    magic = np.lib.format.MAGIC_PREFIX
+    if len(start) < 8 or start[:6] != magic or start[6] not in (1, 2, 3):
+        raise ValueError(f"member {name!r} is not an .npy array (magic {start[:8]!r})")
+    length_format = "<H" if start[6] == 1 else "<I"
+    size = struct.calcsize(length_format)
+    raw = member.read(size)
+    if len(raw) < size:
+        raise ValueError(f"member {name!r} has a truncated .npy header")
+    (length,) = struct.unpack(length_format, raw)
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f"member {name!r} has a {length}-byte .npy header (at most "
+                         f"{_MAX_NPY_HEADER} are read)")
+    text = member.read(length)
+    try:
+        fields = ast.literal_eval(text.decode("utf-8" if start[6] == 3 else "latin1"))
+        shape, fortran_order = fields["shape"], fields["fortran_order"]
+        dtype = np.lib.format.descr_to_dtype(fields["descr"])
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError,
+            UnicodeDecodeError) as e:
+        raise ValueError(f"member {name!r} has a malformed .npy header: "
+                         f"{type(e).__name__}: {e}") from None
+    if len(text) < length or not isinstance(fields, dict) or set(fields) != {
+            "shape", "fortran_order", "descr"} or not isinstance(fortran_order, bool) \
+            or not isinstance(shape, tuple) \
+            or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"member {name!r} has a malformed .npy header: {text[:200]!r}")
+    if dtype.hasobject:
+        raise ValueError(f"member {name!r} holds Python objects (dtype {dtype}), which are "
+                         f"never unpickled")
+    return 8 + size + length, shape, fortran_order, dtype
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest."""
+    brackets = np.frombuffer(re.sub(rb"[^][{}]", b"", _JSON_STRING.sub(b"", text)), np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max()) if len(steps) else 0
+
+
 class _Decoder:
-    def __init__(self, archive: zipfile.ZipFile, where: str):
+    def __init__(self, archive: zipfile.ZipFile, where: str, file_size: int):
         self.archive = archive
         self.where = where
+        self.file_size = file_size
+        self.used: set[str] = set()
 
     def read(self, name: str) -> np.ndarray:
-        with self.archive.open(name + ".npy") as member:
-            a = np.lib.format.read_array(member, allow_pickle=False)
-            if member.read(1):  # also reaches the end, where zipfile checks the CRC
-                raise ValueError(f"member {name!r} has bytes after its array")
-        return a
+        if not isinstance(name, str) or name in self.used:
+            raise ValueError(f"member {name!r} is referenced twice or is not a name")
+        self.used.add(name)
+        return read_npy_member(self.archive, name + ".npy", self.file_size)
 
     def array(self, node: dict, kind: str):
         a = self.read(node[kind])
@@ -234,8 +347,14 @@ def load(path) -> dict:
                 if _META + ".npy" not in archive.namelist():
                     raise _NotOurs(f"{where} is not a gpunn checkpoint (a zip/npz archive "
                                    f"without the {_META!r} member)")
-                decoder = _Decoder(archive, where)
-                meta = json.loads(decoder.read(_META).tobytes().decode("utf-8"))
+                decoder = _Decoder(archive, where, os.fstat(f.fileno()).st_size)
+                text = decoder.read(_META)
+                if text.dtype != np.uint8 or text.ndim != 1:
+                    raise ValueError(f"its {_META!r} member is not UTF-8 bytes")
+                text = text.tobytes()
+                if _json_depth(text) > _MAX_JSON_DEPTH:
+                    raise ValueError(f"its state nests deeper than {MAX_DEPTH} containers")
+                meta = json.loads(text.decode("utf-8"))
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                     raise _NotOurs(f"{where} is not a gpunn checkpoint (its {_META!r} member "
                                    f"does not name the format {FORMAT!r})")

@@ -7,6 +7,13 @@ Sources
             big-endian data; read as is or gzip-compressed.
     .npz    arrays ``x`` (N, ...) and ``y`` (N,) of integer labels.
 
+Readers bound their work by what the file declares: an IDX header's shape must match the
+file's size (raw) or be at most :data:`~gpunn.checkpoint.DEFLATE_MAX_RATIO` times it (gzip,
+deflate's limit), and the data is inflated as it is read, never beyond the declared size plus
+a little to spot trailing bytes; .npz members are read as in :mod:`gpunn.checkpoint` (sizes
+checked against the zip directory first, deflated or stored, never unpickled). Float samples
+holding NaN or infinity (as float32) are refused, from any source.
+
 Samples are float32 with a leading sample axis; images are (N, C, H, W) (a 3-D image file
 (N, H, W) gets C = 1), feature tables stay (N, F). Labels are int64 in [0, num_classes).
 """
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checkpoint import DEFLATE_MAX_RATIO, read_npy_member
+
 #: IDX type code -> big-endian element dtype.
 IDX_TYPES = {
     0x08: np.dtype(">u1"),
@@ -31,6 +40,8 @@ IDX_TYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+#: trailing bytes counted in an error message (beyond: "more than")
+_TRAILING_COUNTED = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,47 +116,88 @@ def load_digits() -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # IDX (MNIST)
 
-def _read_bytes(path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != _GZIP_MAGIC:
-        # Decided by content, not by name: an IDX file starts with two zero bytes, gzip with
-        # 1f 8b, and a browser may have unpacked a download that kept its ".gz".
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{os.fspath(path)!r}: corrupt or truncated gzip data ({e})") from e
-
-
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (gzip-compressed or not) into a native-endian array of its shape and
     type (uint8, int8, int16, int32, float32 or float64). A malformed file is a ValueError
-    naming the path and the fault."""
-    data = _read_bytes(path)
+    naming the path and the fault, found before more than the declared data is read."""
     where = repr(os.fspath(path))
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    with open(path, "rb") as f:  # a missing file stays a FileNotFoundError
+        size = os.fstat(f.fileno()).st_size
+        # Decided by content, not by name: an IDX file starts with two zero bytes, gzip with
+        # 1f 8b, and a browser may have unpacked a download that kept its ".gz".
+        if f.read(2) != _GZIP_MAGIC:
+            f.seek(0)
+            return _read_idx_stream(f, where, size, None)
+        f.seek(0)
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                return _read_idx_stream(stream, where, None, DEFLATE_MAX_RATIO * size)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{where}: corrupt or truncated gzip data ({e})") from e
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        part = stream.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _read_idx_stream(stream, where: str, size: int | None, most: int | None) -> np.ndarray:
+    """The IDX array of ``stream``: a raw file of ``size`` bytes, or an inflating stream that
+    may declare at most ``most`` bytes of data."""
+    magic = _read_exactly(stream, 4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise ValueError(f"{where} is not an IDX file: the magic number must start with two "
-                         f"zero bytes; got {data[:4].hex(' ') or 'an empty file'}")
-    code, ndim = data[2], data[3]
+                         f"zero bytes; got {magic.hex(' ') or 'an empty file'}")
+    code, ndim = magic[2], magic[3]
     if code not in IDX_TYPES:
         known = ", ".join(f"0x{c:02X}" for c in IDX_TYPES)
         raise ValueError(f"{where}: unknown IDX type code 0x{code:02X} (expected one of {known})")
     header = 4 + 4 * ndim
-    if len(data) < header:
+    dims = _read_exactly(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(f"{where}: truncated header: {ndim} dimensions need {header} bytes, "
-                         f"the file has {len(data)}")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+                         f"the file has {4 + len(dims)}")
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
     dtype = IDX_TYPES[code]
     need = dtype.itemsize * int(np.prod(shape, dtype=object))
-    have = len(data) - header
-    if have < need:
-        raise ValueError(f"{where}: truncated data: shape {shape} of {dtype.name} needs {need} "
-                         f"bytes, the file has {have}")
-    if have > need:
-        raise ValueError(f"{where}: {have - need} trailing bytes after the data of shape {shape}")
-    array = np.frombuffer(data, dtype, need // dtype.itemsize, header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))  # a native-endian, writable copy
+    if size is not None and size - header != need:
+        have = size - header
+        if have < need:
+            raise ValueError(f"{where}: truncated data: shape {shape} of {dtype.name} needs "
+                             f"{need} bytes, the file has {have}")
+        raise ValueError(f"{where}: {have - need} trailing bytes after the data of shape "
+                         f"{shape}")
+    if most is not None and need > most:
+        raise ValueError(f"{where}: its header declares shape {shape} of {dtype.name} "
+                         f"({need} bytes), more than the compressed file can hold "
+                         f"({most} bytes at deflate's largest ratio)")
+    try:
+        raw = np.empty(need, np.uint8)
+        array = raw.view(dtype).reshape(shape)
+    except ValueError as e:
+        raise ValueError(f"{where}: cannot hold shape {shape}: {e}") from None
+    view, have = memoryview(raw), 0
+    while have < need:
+        n = stream.readinto(view[have:])
+        if not n:
+            raise ValueError(f"{where}: truncated data: shape {shape} of {dtype.name} needs "
+                             f"{need} bytes, the file has {have}")
+        have += n
+    trailing = len(stream.read(_TRAILING_COUNTED + 1))
+    if trailing:
+        count = (f"more than {_TRAILING_COUNTED}" if trailing > _TRAILING_COUNTED
+                 else str(trailing))
+        raise ValueError(f"{where}: {count} trailing bytes after the data of shape {shape}")
+    native = dtype.newbyteorder("=")
+    if native != dtype:  # to native order in place: no second copy of the data
+        array.byteswap(inplace=True)
+    return array.view(native)
 
 
 def _labels(y: np.ndarray, what: str) -> np.ndarray:
@@ -161,11 +213,17 @@ def _labels(y: np.ndarray, what: str) -> np.ndarray:
 
 
 def _samples(x: np.ndarray, what: str) -> np.ndarray:
+    """The samples of any source, checked: a sample axis and more, real numbers, finite as
+    float32 (floats come back as float32); (N, H, W) becomes (N, 1, H, W)."""
     if x.ndim < 2:
         raise ValueError(f"{what} must have a sample axis and at least one more; got shape "
                          f"{x.shape}")
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{what} must hold numbers; got dtype {x.dtype}")
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError(f"{what} holds NaN or infinite values (as float32)")
     if x.ndim == 3:  # (N, H, W) grey-scale images -> one channel
         x = x[:, None]
     return x
@@ -217,12 +275,12 @@ def load_npz(path, *, name: str | None = None) -> Dataset:
         raise ValueError(f"{where} is not an .npz archive (no zip signature at its start; "
                          f"got {signature!r})")
     try:
-        archive = np.load(path, allow_pickle=False)
-        with archive:
-            files = archive.files
-            arrays = {key: archive[key] for key in ("x", "y") if key in files}
-    except FileNotFoundError:
-        raise
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            size = os.fstat(f.fileno()).st_size
+            names = archive.namelist()
+            files = [n.removesuffix(".npy") for n in names]
+            arrays = {key: read_npy_member(archive, key + ".npy", size, compressed=True)
+                      for key in ("x", "y") if key + ".npy" in names}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
         raise ValueError(f"{where} is not a readable .npz archive (corrupt or truncated?): "
                          f"{e}") from e
@@ -235,9 +293,7 @@ def load_npz(path, *, name: str | None = None) -> Dataset:
     y = _labels(y, f"{where}['y']")
     if len(x) != len(y):
         raise ValueError(f"{where}: 'x' holds {len(x)} samples but 'y' holds {len(y)} labels")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{where}['x'] holds NaN or infinite values")
+    x = x.astype(np.float32, copy=False)
     stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     return Dataset(x, y, _num_classes(y), stem if name is None else name)
 
