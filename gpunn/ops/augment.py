@@ -97,6 +97,7 @@ from numba import njit, prange
 from .. import cuda
 from .. import philox as ph
 from ..backend import array_module, dtype_name, resolve
+from ._apply import check_disjoint
 from .dropout import _check_stream, _fresh_seed, _philox4
 
 #: Counter word 3 of the augmentation's Philox blocks (dropout's stream has 0 there).
@@ -429,14 +430,13 @@ def _as4(a):
     return a.reshape(a.shape[0], 1, *a.shape[1:]) if a.ndim == 3 else a
 
 
-def _check_no_overlap(op, call, xn, yn):
-    if call.device == "cpu":
-        overlap = np.may_share_memory(xn, yn)
-    else:
-        overlap = xn.data.ptr < yn.data.ptr + yn.nbytes and yn.data.ptr < xn.data.ptr + xn.nbytes
-    if overlap and xn.size:
-        raise ValueError(f"{op}: out must not overlap x (a warp reads other pixels than it "
-                         "writes; it cannot run in place)")
+def _output(op, call, out, xn, **inputs):
+    """The checked output: no partial overlap with the inputs, and not x itself either (a
+    warp reads other pixels than it writes; it cannot run in place)."""
+    yn = call.output(out, xn, inputs={"x": xn, **inputs})
+    check_disjoint(op, "out", yn, {"x": xn}, " (a warp reads other pixels than it writes; it "
+                   "cannot run in place)")
+    return yn
 
 
 def _compute_dtype(xp, xn):
@@ -466,9 +466,8 @@ def affine_warp(x, theta, *, out=None, backend=None):
         if tuple(th.shape) != (xn.shape[0], 2, 3):
             raise ValueError(f"affine_warp: theta must have shape (N, 2, 3) = "
                              f"({xn.shape[0]}, 2, 3), got {tuple(th.shape)}")
+        yn = _output("affine_warp", call, out, xn, theta=th)
         th = call.xp.ascontiguousarray(th, dtype=_compute_dtype(call.xp, xn))
-        yn = call.output(out, xn)
-        _check_no_overlap("affine_warp", call, xn, yn)
         IMPLS[call.backend][0](_as4(xn), th, _as4(yn))
     return call.wrap(yn, out)
 
@@ -514,8 +513,7 @@ def augment(x, seed, offset=0, *, degrees=0.0, translate=(0.0, 0.0), scale=(1.0,
         xn = call.native(x, "x")
         _check_images("augment", xn)
         seed, offset = _check_stream("augment", seed, offset, xn.shape[0], allow_none=True)
-        yn = call.output(out, xn)
-        _check_no_overlap("augment", call, xn, yn)
+        yn = _output("augment", call, out, xn)
         if xn.size:
             if seed is None:
                 seed = _fresh_seed()

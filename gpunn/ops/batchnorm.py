@@ -76,9 +76,10 @@ weight is None).
 
 Errors are raised before anything is written (running statistics included): x with fewer than
 2 dimensions, per-channel arrays of the wrong shape (ValueError; torch raises RuntimeError) or
-dtype (TypeError), only one of running_mean and running_var, a non-contiguous or read-only
-running statistic, training with one value per channel (ValueError with torch's message),
-momentum=None without num_batches_tracked. NaN in x makes its channel's statistics, running
+dtype (TypeError), only one of running_mean and running_var, in training a non-contiguous or
+read-only running statistic or one sharing memory with another argument, out partly
+overlapping an input (out=x is fine), training with one value per channel (ValueError with
+torch's message), momentum=None without num_batches_tracked. NaN in x makes its channel's statistics, running
 statistics and outputs NaN, as in torch; in BN+ReLU's backward a NaN z passes dy, as torch's
 threshold_backward does. An empty batch in training gives NaN mean/invstd and leaves the
 running statistics untouched (torch leaves them too).
@@ -94,7 +95,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .. import cuda
-from ..backend import array_module, dtype_name, resolve
+from ..backend import array_module, check_writable, dtype_name, resolve
+from ._apply import check_disjoint
 
 #: NCHW inputs whose spatial extent B is at least this use the rows reduction on the CPU.
 CPU_ROWS_MIN = 64
@@ -997,17 +999,13 @@ def _check_param_dtypes(op, x_dt: str, params: dict) -> str:
     return next(iter(given.values()), x_dt)
 
 
-def _check_writable(op, call, name, a):
-    if a is None:
-        return
-    if call.kind == "torch":
-        ok, why = a.is_contiguous(), "contiguous"
-    else:
-        ok, why = a.flags.c_contiguous, "contiguous"
-        if ok and call.kind == "numpy" and not a.flags.writeable:
-            ok, why = False, "writable"
-    if not ok:
-        raise ValueError(f"{op}: {name} is updated in place and must be {why}")
+def _check_updated(op, call, name, a):
+    """A running statistic the call updates in place: contiguous (a copy would lose the
+    update) and writeable."""
+    contiguous = a.is_contiguous() if call.kind == "torch" else a.flags.c_contiguous
+    if not contiguous:
+        raise ValueError(f"{op}: {name} is updated in place and must be contiguous")
+    check_writable(op, name, a)
 
 
 def _alloc(call, n: int, dt: str, like=None):
@@ -1058,12 +1056,13 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
     call.check_dtype(x, "x")
     x_dt = dtype_name(x)
     _check_param_dtypes(op, x_dt, params)
-    for name in ("running_mean", "running_var"):
-        _check_writable(op, call, name, params[name])
     eps = _real(op, "eps", eps)
     has_running = running_mean is not None
     use_batch = bool(training) or not has_running
     update = bool(training) and has_running
+    if update:
+        for name in ("running_mean", "running_var"):
+            _check_updated(op, call, name, params[name])
     factor = _factor(op, bool(training), has_running, momentum, num_batches_tracked)
     shape = tuple(x.shape)
     A, _, B = _layout(shape, channels_last)
@@ -1074,7 +1073,11 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
         xn = call.native(x, "x")
         w, b = call.native(weight, "weight"), call.native(bias, "bias")
         rm, rv = call.native(running_mean, "running_mean"), call.native(running_var, "running_var")
-        y = call.output(out, xn)
+        read = {"x": xn, "weight": w, "bias": b}
+        y = call.output(out, xn, inputs={**read, "running_mean": rm, "running_var": rv})
+        if update:  # written after other arrays were read or before they are: no overlap at all
+            check_disjoint(op, "running_mean", rm, {**read, "running_var": rv})
+            check_disjoint(op, "running_var", rv, read)
         cdt = _compute_dtype_name(x_dt)
         mean, invstd = _alloc(call, C, cdt), _alloc(call, C, cdt)
         A, C3, B = _layout(shape, channels_last)
@@ -1111,7 +1114,8 @@ def _backward(op, relu, dy, x, mean, invstd, weight, bias, training, channels_la
         dyn, xn = call.native(dy, "dy"), call.native(x, "x")
         mn, isn = call.native(mean, "mean"), call.native(invstd, "invstd")
         w, b = call.native(weight, "weight"), call.native(bias, "bias")
-        dx = call.output(out, xn)
+        dx = call.output(out, xn, inputs={"dy": dyn, "x": xn, "mean": mn, "invstd": isn,
+                                          "weight": w, "bias": b})
         like = w if w is not None else xn
         dw, db = _alloc(call, C, p_dt, like), _alloc(call, C, p_dt, like)
         A, C3, B = _layout(shape, channels_last)

@@ -444,7 +444,7 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
         identity = not training or p == 0.0
         if identity and out is None:
             return (x, _filled_mask(call, xn.shape, True)) if return_mask else x
-        yn = call.output(out, xn)
+        yn = call.output(out, xn, inputs={"x": xn})
         if identity:
             yn[...] = xn  # a bit copy (NaN payloads too); a no-op copy when out is x
             result = call.wrap(yn, out)
@@ -465,7 +465,7 @@ def dropout_backward(dy, p, seed, offset=0, *, out=None, backend=None):
     with call.context():
         dyn = call.native(dy, "dy")
         seed, offset = _check_stream("dropout_backward", seed, offset, dyn.size)
-        dxn = call.output(out, dyn)
+        dxn = call.output(out, dyn, inputs={"dy": dyn})
         if p == 0.0:
             dxn[...] = dyn
         else:

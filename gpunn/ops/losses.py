@@ -628,23 +628,24 @@ def _new(call, shape, dtype):
 
 
 def _rows_inputs(op, call, x, labels, x_name):
-    """(x as (N, C), labels as (N,), shape of a "none" loss) after the shape checks. The
-    kernels take int64 labels: int32 ones are widened (a copy of N labels costs less than
-    compiling every kernel twice)."""
+    """(x as (N, C), labels as (N,), shape of a "none" loss, the native arrays as given by
+    name, for the overlap check of an output) after the shape checks. The kernels take int64
+    labels: int32 ones are widened (a copy of N labels costs less than compiling every kernel
+    twice)."""
     xn = call.native(x, x_name)
-    ln = _native_labels(call, labels)
-    if call.backend != "numpy":
-        ln = ln.astype(call.xp.int64, copy=False)
+    given = _native_labels(call, labels)
+    read = {x_name: xn, "labels": given}
+    ln = given if call.backend == "numpy" else given.astype(call.xp.int64, copy=False)
     if xn.ndim == 2:
         if ln.shape != (xn.shape[0],):
             raise ValueError(f"{op}: labels has shape {ln.shape}, expected ({xn.shape[0]},) "
                              f"for {x_name} of shape {xn.shape}")
-        return xn, ln, (xn.shape[0],)
+        return xn, ln, (xn.shape[0],), read
     if xn.ndim == 1:
         if ln.shape != ():
             raise ValueError(f"{op}: labels has shape {ln.shape}, expected () for {x_name} of "
                              f"shape {xn.shape}")
-        return xn.reshape(1, -1), ln.reshape(1), ()
+        return xn.reshape(1, -1), ln.reshape(1), (), read
     raise ValueError(f"{op}: {x_name} must have shape (N, C) or (C,), got {xn.shape}")
 
 
@@ -703,6 +704,11 @@ def _finish_host(call, total, count, reduction, out):
     out[...] = total
 
 
+def _dloss_input(g):
+    """{"dloss": g} for an array dloss (native), {} for a number: an output's overlap check."""
+    return {} if isinstance(g, float) else {"dloss": g}
+
+
 def _dloss_arrays(dloss):
     return {} if isinstance(dloss, numbers.Real) and not isinstance(dloss, bool) else {
         "dloss": dloss}
@@ -718,7 +724,7 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, logits=logits, labels=labels)
     with call.context():
-        x, y, none_shape = _rows_inputs(op, call, logits, labels, "logits")
+        x, y, none_shape, _ = _rows_inputs(op, call, logits, labels, "logits")
         rows, n = x.shape
         out = _new(call, none_shape if reduction == "none" else (), x.dtype)
         lse = _new(call, (rows,), np.float64) if want_lse else None
@@ -783,7 +789,7 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
     call = resolve(op, backend, logits=logits, labels=labels, **_dloss_arrays(dloss),
                    **({} if lse is None else {"lse": lse}), out=out)
     with call.context():
-        x, y, none_shape = _rows_inputs(op, call, logits, labels, "logits")
+        x, y, none_shape, read = _rows_inputs(op, call, logits, labels, "logits")
         rows, n = x.shape
         g = _host_dloss(call, dloss, none_shape if reduction == "none" else (), x)
         saved = None
@@ -793,7 +799,8 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
                 raise ValueError(f"{op}: lse must be the float64 array of shape ({rows},) that "
                                  f"cross_entropy_forward returns, got {dtype_name(saved)} "
                                  f"{saved.shape}")
-        dx = call.output(out, x.reshape(none_shape + (n,)))
+        dx = call.output(out, x.reshape(none_shape + (n,)),
+                         inputs={**read, **_dloss_input(g), "lse": saved})
         dx2 = dx.reshape(rows, n)
         if call.backend == "cuda":
             _cuda_ce_backward(op, g, x, y, eps, ignore, reduction, saved, dx2, check_labels)
@@ -821,7 +828,7 @@ def nll_loss(log_probs, labels, reduction="mean", ignore_index=-100, backend=Non
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, log_probs=log_probs, labels=labels)
     with call.context():
-        v, y, none_shape = _rows_inputs(op, call, log_probs, labels, "log_probs")
+        v, y, none_shape, _ = _rows_inputs(op, call, log_probs, labels, "log_probs")
         rows, n = v.shape
         out = _new(call, none_shape if reduction == "none" else (), v.dtype)
         if call.backend == "cuda":
@@ -851,10 +858,10 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
     call = resolve(op, backend, log_probs=log_probs, labels=labels, **_dloss_arrays(dloss),
                    out=out)
     with call.context():
-        v, y, none_shape = _rows_inputs(op, call, log_probs, labels, "log_probs")
+        v, y, none_shape, read = _rows_inputs(op, call, log_probs, labels, "log_probs")
         rows, n = v.shape
         g = _host_dloss(call, dloss, none_shape if reduction == "none" else (), v)
-        dx = call.output(out, v.reshape(none_shape + (n,)))
+        dx = call.output(out, v.reshape(none_shape + (n,)), inputs={**read, **_dloss_input(g)})
         dx2 = dx.reshape(rows, n)
         if call.backend == "cuda":
             _cuda_nll_backward(op, g, y, ignore, reduction, dx2, check_labels)
@@ -914,7 +921,7 @@ def mse_loss_backward(dloss, input, target, reduction="mean", out=None, backend=
         x, t = _mse_inputs(op, call, input, target)
         g = _host_dloss(call, dloss, x.shape if reduction == "none" else (), x)
         norm = 2.0 / x.size if reduction == "mean" and x.size else 2.0
-        dx = call.output(out, x)
+        dx = call.output(out, x, inputs={"input": x, "target": t, **_dloss_input(g)})
         if call.backend == "cuda":
             _cuda_mse_backward(g, x.reshape(-1), t.reshape(-1), norm, dx.reshape(-1))
         elif call.backend == "numpy":
