@@ -52,14 +52,23 @@ def _dtypes(text: str) -> list[str]:
 
 def _positive(kind):
     """An argparse type: a number of ``kind`` (int or float) that must be > 0."""
+    return _bounded(kind, 0, strict=True)
 
+
+def _nonnegative(kind):
+    """An argparse type: a number of ``kind`` (int or float) that must be >= 0."""
+    return _bounded(kind, 0, strict=False)
+
+
+def _bounded(kind, low, strict: bool):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not (value > low if strict else value >= low):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got "
+                                             f"{text!r}")
         return value
     return parse
 
@@ -84,7 +93,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
                         help="stop starting new cases after this long (the rest are reported "
                              "as skipped)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument("--seed", type=_nonnegative(int), default=0,
+                        help="random seed of the inputs")
     parser.add_argument("--quiet", dest="progress", action="store_false",
                         help="no progress lines on stderr")
 
@@ -157,17 +167,19 @@ def add_train_parser(commands) -> None:
     train.add_argument("--epochs", type=_positive(int), default=d.epochs)
     train.add_argument("--batch-size", type=_positive(int), default=d.batch_size)
     train.add_argument("--lr", type=_positive(float), default=d.lr, help="peak learning rate")
-    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    train.add_argument("--weight-decay", type=_nonnegative(float), default=d.weight_decay)
     train.add_argument("--width", type=_positive(int), default=d.width, help="hidden units")
-    train.add_argument("--depth", type=int, default=d.depth, help="hidden layers")
+    train.add_argument("--depth", type=_nonnegative(int), default=d.depth,
+                       help="hidden layers")
     train.add_argument("--dropout", type=float, default=d.dropout)
-    train.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    train.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    train.add_argument("--label-smoothing", type=_nonnegative(float),
+                       default=d.label_smoothing)
+    train.add_argument("--warmup-epochs", type=_nonnegative(float), default=d.warmup_epochs)
     train.add_argument("--no-augment", dest="augment", action="store_false",
                        help=f"no random affine warp (default: rotation +-{a.degrees:g} deg, "
                             f"shift +-{a.translate:g}, zoom +-{a.scale:g}, stretch "
                             f"+-{a.stretch:g}, shear +-{a.shear:g} deg)")
-    train.add_argument("--seed", type=int, default=d.seed,
+    train.add_argument("--seed", type=_nonnegative(int), default=d.seed,
                        help="weights, batch order, dropout and augmentation draws")
     train.add_argument("--ensemble", type=_positive(int), default=d.ensemble,
                        help="train K members (seeds seed..seed+K-1) and average their softmax")

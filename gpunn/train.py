@@ -12,6 +12,7 @@ resumed from a checkpoint repeats the uninterrupted run's steps exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -76,7 +77,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1), ("depth", 0),
-                          ("ensemble", 1)):
+                          ("ensemble", 1), ("seed", 0), ("split_seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -255,24 +256,65 @@ class Trainer:
         checkpoint.save(path, self.state())
 
     def load(self, path) -> None:
-        """Continue from a checkpoint of this same architecture (checked before anything
-        changes: ValueError naming the first difference)."""
+        """Continue from a checkpoint of this same architecture. Every field is checked first,
+        the model's, optimizer's and scheduler's states by their own loaders on trial copies:
+        a bad checkpoint is a ValueError naming the field and changes nothing."""
         state = checkpoint.load(path)
         if state.get("kind") != "gpunn-trainer":
             raise ValueError(f"{path}: not a gpunn training checkpoint")
-        saved = [[name, list(shape)] for name, shape in state["architecture"]]
+        missing = [key for key in ("epoch", "architecture", "model", "model_extra",
+                                   "optimizer", "scheduler", "history") if key not in state]
+        if missing:
+            raise ValueError(f"{path}: the training checkpoint lacks {missing}")
+        try:
+            saved = [[name, list(shape)] for name, shape in state["architecture"]]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: checkpoint field 'architecture' must be a list of "
+                             f"[name, shape] pairs") from None
         ours = architecture(self.model)
         if saved != ours:
             diff = next(((a, b) for a, b in zip(saved, ours) if a != b),
                         (saved[len(ours):] or None, ours[len(saved):] or None))
             raise ValueError(f"{path}: checkpoint of another architecture: it has {diff[0]}, "
                              f"this model {diff[1]}")
+        epoch, history = state["epoch"], state["history"]
+        if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)) \
+                or epoch < 0:
+            raise ValueError(f"{path}: checkpoint field 'epoch' must be an integer >= 0, got "
+                             f"{epoch!r:.80}")
+        if not isinstance(history, list) or len(history) != epoch \
+                or not all(isinstance(h, dict) for h in history):
+            raise ValueError(f"{path}: checkpoint field 'history' must be a list of {epoch} "
+                             f"dicts (one per epoch done), got {history!r:.80}")
+        checks = {"model": lambda: self.model.checked_state_dict(state["model"]),
+                  "model_extra": lambda: self.model.checked_extra_state(state["model_extra"]),
+                  "optimizer": lambda: _trial(self.optimizer).load_state_dict(
+                      state["optimizer"])}
+        if self.scheduler is not None and state["scheduler"] is not None:
+            checks["scheduler"] = lambda: _trial(self.scheduler).load_state_dict(
+                state["scheduler"])
+        for field, check in checks.items():
+            try:
+                check()
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                raise ValueError(f"{path}: checkpoint field {field!r}: {e}") from None
+        # everything passed: the same loads, now for real
         self.model.load_state_dict(state["model"])
         self.model.load_extra_state(state["model_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
+        if "scheduler" in checks:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.epoch, self.history = int(epoch), list(history)
+
+
+def _trial(obj):
+    """A copy of ``obj`` sharing its arrays but not its lists and dicts: loading a state into
+    it runs every check of the real load and leaves ``obj`` untouched."""
+    trial = copy.copy(obj)
+    for name, value in list(vars(trial).items()):
+        if isinstance(value, (list, dict)):
+            setattr(trial, name, copy.copy(value))
+    return trial
 
 
 def scores(probs, labels) -> dict:
