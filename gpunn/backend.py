@@ -138,8 +138,67 @@ def describe(a, name: str) -> tuple:
         return (kind, f"cuda:{a.device.id}", _dtype_name(a.dtype), a.shape,
                 "C" if a.flags.c_contiguous else None, a.data.ptr)
     shape = tuple(a.shape)
-    return (kind, _device(a, kind, name), _dtype_name(a.dtype), shape,
-            "C" if a.is_contiguous() else _dense_strides(shape, a.stride()), a.data_ptr())
+    layout = "C" if a.is_contiguous() else _dense_strides(shape, a.stride())
+    if layout is not None and a.numel() and (a.storage_offset() + a.numel()) * a.element_size() \
+            > a.untyped_storage().nbytes():
+        raise ValueError(f"{name}: its storage ({a.untyped_storage().nbytes()} bytes) no longer "
+                         f"holds its {a.numel()} elements (freed or resized storage)")
+    return (kind, _device(a, kind, name), _dtype_name(a.dtype), shape, layout, a.data_ptr())
+
+
+def array_signatures(arrays, owned: bool = False) -> list | None:
+    """What a kernel handed these arrays' addresses relies on, cheaply, to be compared with
+    the signatures taken when the addresses were recorded (None entries stay None; None for
+    the whole list if one is not an array gpunn addresses):
+
+    - torch tensors: (address, shape, strides, dtype); ``.data`` can swap the memory, the
+      shape or the strides under the same tensor object. With ``owned`` (arrays the caller
+      made and holds, such as optimizer states) the address alone: a tensor's storage never
+      shrinks in place (a storage resize reallocates), so the memory at an unchanged address
+      still holds every element;
+    - NumPy/CuPy arrays: (object id, shape, strides, dtype, writeable); an array's memory
+      moves only with its shape (``resize``), and the caller keeps the objects alive so that
+      their ids stay theirs."""
+    table = _OWNED_SIGNATURE if owned else _SIGNATURE
+    try:
+        return [None if a is None else table.get(type(a), _signature_of_new_type)(a, owned)
+                for a in arrays]
+    except (TypeError, RuntimeError):  # no storage (sparse), or not an array
+        return None
+
+
+def _host_signature(a, owned=False):
+    return (id(a), a.shape, a.strides, a.dtype, a.flags.writeable)
+
+
+def _device_signature(a, owned=False):
+    return (id(a), a.shape, a.strides, a.dtype)
+
+
+def _tensor_signature(t, owned=False):
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def _tensor_address(t, owned=True):
+    return t.data_ptr()
+
+
+def _signature_of_new_type(a, owned):
+    """Register the signature functions of a type seen for the first time (kept out of the
+    import: torch and CuPy are imported by the caller's data, not by gpunn)."""
+    kind = array_kind(a, "array")
+    if kind == "torch":
+        import torch
+
+        for plain in (torch.Tensor, torch.nn.Parameter):
+            _SIGNATURE[plain], _OWNED_SIGNATURE[plain] = _tensor_signature, _tensor_address
+    elif kind == "cupy":
+        _SIGNATURE[type(a)] = _OWNED_SIGNATURE[type(a)] = _device_signature
+    return (_OWNED_SIGNATURE if owned else _SIGNATURE)[type(a)](a, owned)
+
+
+_SIGNATURE = {np.ndarray: _host_signature}
+_OWNED_SIGNATURE = {np.ndarray: _host_signature}
 
 
 def _dense_strides(shape, strides):

@@ -40,7 +40,9 @@ __device__ void finish(const long long* table, long long rows, double sumsq, boo
   __shared__ bool skip_shared;
   if (threadIdx.x == 0) {
     const double scale = grad_scale_ptr ? double(*grad_scale_ptr) : grad_scale;
-    const bool skip = nonfinite || (found_inf_ptr && *found_inf_ptr != 0.0f);
+    // a device scale that is inf, NaN or <= 0 skips (host numbers are checked on the host)
+    const bool skip = nonfinite || (found_inf_ptr && *found_inf_ptr != 0.0f) ||
+                      !(scale > 0.0 && isfinite(scale));
     double gmul = 1.0 / scale;
     if (max_norm > 0.0 && !skip) gmul *= fmin(1.0, max_norm / (sqrt(sumsq) / scale + 1e-6));
     control[0] = gmul;

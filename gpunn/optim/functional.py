@@ -127,7 +127,10 @@ def hyper(algorithm: str, group: dict) -> Hyper:
             ("grad_avg",) if g["centered"] else ())
         return Hyper("rmsprop", beta1=momentum, beta2=alpha, eps=_nonneg("eps", g["eps"]),
                      flags=flags, skip_nonfinite=skip, slots=slots, **common)
-    beta1, beta2 = g["betas"]
+    betas = tuple(g["betas"])
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {g['betas']!r}")
+    beta1, beta2 = betas
     flags |= (AMSGRAD if g["amsgrad"] else 0) | (DECOUPLED if algorithm == "adamw" else 0)
     return Hyper("adam", beta1=_unit("betas[0]", beta1), beta2=_unit("betas[1]", beta2),
                  eps=_nonneg("eps", g["eps"]), flags=flags, skip_nonfinite=skip,
@@ -138,27 +141,72 @@ def hyper(algorithm: str, group: dict) -> Hyper:
 # --- The NumPy reference: the spec, one tensor at a time -----------------------------------
 
 
-def grad_sumsq(xp, grads) -> float:
-    """The sum of squares of all gradients, in float64 (inf or NaN if any gradient is)."""
-    return sum(float(xp.sum(xp.square(g.astype(xp.float64)))) for g in grads)
+def grad_norm(xp, grads) -> tuple[float, bool]:
+    """(||G||, any inf/NaN): the L2 norm of all gradients in float64, and whether one holds
+    inf or NaN. Finite gradients never give an infinite norm: when the sum of squares
+    overflows (float64 gradients beyond ~1e154), the norm is m ||G / m|| with m = max |g|."""
+    grads = [g.astype(xp.float64) for g in grads if g.size]
+    bad = any(not bool(xp.isfinite(g).all()) for g in grads)
+    sumsq = sum(float(xp.sum(xp.square(g))) for g in grads)
+    if bad or math.isfinite(sumsq):
+        return math.sqrt(sumsq), bad
+    m = max(float(xp.max(xp.abs(g))) for g in grads)
+    return m * math.sqrt(sum(float(xp.sum(xp.square(g / m))) for g in grads)), False
 
 
-def reference_prologue(xp, grads, h: Hyper, grad_scale=None, found_inf=None, sumsq=None):
-    """(gmul, skip): the factor every gradient is multiplied by, and whether to skip.
-    ``sumsq``: the sum of squares of all gradients of the step (every group), when the
-    caller has it; else this list's own."""
-    from .fused import host_scalar
+def host_scalar(value, name) -> float | None:
+    """A number, or the value of a one-element array (read from the device if need be)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if getattr(value, "size", None) == 1 or (callable(getattr(value, "numel", None))
+                                              and value.numel() == 1):
+        return float(value.reshape(()).item() if hasattr(value, "reshape") else value.item())
+    raise TypeError(f"{name} must be a number or a one-element array, got {value!r}")
 
-    scale = 1.0 if grad_scale is None else host_scalar(grad_scale, "grad_scale")
+
+def host_scale(grad_scale, found_inf) -> tuple[float, bool]:
+    """(scale, skip) of a host step. A number ``grad_scale`` must be finite and > 0
+    (ValueError); a one-element array holding inf or NaN skips the step (a loss scaler's
+    overflow), one holding a value <= 0 is refused. A nonzero ``found_inf`` skips."""
+    scale = host_scalar(grad_scale, "grad_scale")
     skip = found_inf is not None and host_scalar(found_inf, "found_inf") != 0.0
-    if sumsq is None and (h.max_grad_norm is not None or h.skip_nonfinite
-                          or (grad_scale is not None and found_inf is None)):
-        sumsq = grad_sumsq(xp, grads)
-    if sumsq is not None:
-        skip = skip or not math.isfinite(sumsq)
+    if scale is None:
+        return 1.0, skip
+    if isinstance(grad_scale, (int, float)) and not math.isfinite(scale):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {scale}")
+    if math.isnan(scale) or math.isinf(scale):
+        return 1.0, True
+    if not scale > 0.0:
+        raise ValueError(f"grad_scale must be > 0, got {scale}")
+    return scale, skip
+
+
+def check_step_counts(counts) -> None:
+    """Step counts (host floats, before advancing) must be whole numbers >= 0."""
+    for i, t in enumerate(counts):
+        if not (t >= 0.0 and t == math.floor(t) and math.isfinite(t)):
+            raise ValueError(f"state_steps[{i}] is {t}; step counts are whole numbers >= 0")
+
+
+def needs_grad_pass(h: Hyper, grad_scale, found_inf) -> bool:
+    """Whether the prologue reads the gradients: clipping, skip_nonfinite, or grad_scale
+    without a found_inf (GradScaler passes the one it computed: no second check)."""
+    return (h.max_grad_norm is not None or h.skip_nonfinite
+            or (grad_scale is not None and found_inf is None))
+
+
+def prologue(h: Hyper, grad_scale, found_inf, totals, norm) -> tuple[float, bool]:
+    """(gmul, skip) of a host step: the factor every gradient is multiplied by, and whether
+    to skip. ``totals``: (norm, any inf/NaN) of all gradients of the step (every group) when
+    the caller has it; else ``norm()`` gives this step's own, called only when needed."""
+    scale, skip = host_scale(grad_scale, found_inf)
+    if totals is None and not skip and needs_grad_pass(h, grad_scale, found_inf):
+        totals = norm()
+    if totals is not None and not skip:
+        norm_value, skip = totals
     gmul = 1.0 / scale
     if h.max_grad_norm is not None and not skip:
-        gmul *= min(1.0, h.max_grad_norm / (math.sqrt(sumsq) / scale + 1e-6))
+        gmul *= min(1.0, h.max_grad_norm / (norm_value / scale + 1e-6))
     return gmul, skip
 
 
@@ -213,9 +261,10 @@ def reference_update(xp, p, g, s: dict, t: float, h: Hyper, gmul: float):
 
 
 def reference_step(xp, params, grads, states, steps, masters, h: Hyper, grad_scale=None,
-                   found_inf=None, sumsq=None) -> bool:
+                   found_inf=None, totals=None) -> bool:
     """The whole step over lists (native arrays); returns True when it was skipped."""
-    gmul, skip = reference_prologue(xp, grads, h, grad_scale, found_inf, sumsq)
+    check_step_counts([float(t) for t in steps])
+    gmul, skip = prologue(h, grad_scale, found_inf, totals, lambda: grad_norm(xp, grads))
     if skip:
         return True
     for i, (p, g) in enumerate(zip(params, grads)):

@@ -12,22 +12,27 @@ One step is then two launches whatever the number of tensors:
 
 Nothing is synchronised with the host on the GPU: the skip decision stays on the device
 (``Table.run`` returns it as a 0-d array) and a skipped step writes nothing.
-Building a table checks every array (device, dtype, shape, contiguity) before anything runs,
-so a bad call changes nothing; optimizers keep their table between steps and only rebind
-the gradients (:meth:`Table.bind_grads`).
+Building a table checks every array before anything runs, so a bad call changes nothing:
+kind, device, dtype, shape, a dense layout shared with the parameter, native byte order,
+memory that holds every element; what the step writes (parameters, states, step counts,
+master copies) must be writeable and no two of those may share memory; gradients must not
+share memory with them. Optimizers keep their table between steps: :meth:`Table.matches`
+says whether it still addresses exactly the arrays a step would see (address, shape,
+strides, dtype and writeability of each, from :func:`backend.array_signatures`), and
+:meth:`Table.bind_grads` re-checks the gradients whenever theirs change.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 
 from .. import cuda
-from ..backend import describe, has_numba, host_threads, resolve
+from ..backend import (array_signatures, check_writable, describe, has_numba, host_threads,
+                       resolve)
 from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
-from .functional import Hyper, grad_sumsq, reference_step
+from .functional import Hyper, grad_norm, host_scale, needs_grad_pass, prologue, reference_step
 
 #: Row layout (kernels/optim.cu: enum Column).
 P, G, S0, S1, S2, MASTER, STEP, N = range(8)
@@ -80,33 +85,62 @@ class Table:
 
         self.rows = rows = np.zeros((n, COLUMNS), np.int64)
         self.shapes, self.layouts = [], []
+        written = []  # (name, address, bytes) of everything the step writes
         for i, p in enumerate(params):
-            info = self._check(p, f"params[{i}]", self.dtype, None, layout=None)
+            info = self._check(p, f"params[{i}]", self.dtype, None, layout=None, write=True)
             shape, layout = info[3], info[4]
             self.shapes.append(shape)
             self.layouts.append(layout)
             rows[i, P], rows[i, N] = info[5], math.prod(shape)
+            written.append((f"params[{i}]", info[5], rows[i, N] * _ITEMSIZE[self.dtype]))
+            state_bytes = rows[i, N] * _ITEMSIZE[self.state_dtype]
             for slot in h.slots:
                 column = S0 + ALGORITHMS[h.algorithm][1].index(slot)
                 rows[i, column] = self._check(states[slot][i], f"{slot}[{i}]", self.state_dtype,
-                                              shape, layout=layout)[5]
+                                              shape, layout=layout, write=True)[5]
+                written.append((f"{slot}[{i}]", rows[i, column], state_bytes))
             rows[i, STEP] = self._check(steps[i], f"state_steps[{i}]", "float32", None, 1,
-                                        layout=None)[5]
+                                        layout=None, write=True)[5]
+            written.append((f"state_steps[{i}]", rows[i, STEP], 4))
             if masters is not None and masters[i] is not None:
                 if self.state_dtype == self.dtype:
                     raise ValueError(f"{op}: master_params are for float16/bfloat16 parameters, "
                                      f"params[{i}] is {self.dtype}")
                 rows[i, MASTER] = self._check(masters[i], f"master_params[{i}]", "float32",
-                                              shape, layout=layout)[5]
+                                              shape, layout=layout, write=True)[5]
+                written.append((f"master_params[{i}]", rows[i, MASTER], state_bytes))
+        self.written = _Spans(op, written)
         self.chunks = chunk_list(rows[:, N])
         self.natives = (params, states, steps, masters)  # for the numpy backend
+        # what the rows address, to revalidate at every step (the arrays are kept alive)
+        self.signature = self._signature(params, states, steps, masters)
         self._device_rows = None
-        self.grads = None
+        self.grads = self.grad_signature = None
         self._scratch = None  # cuda: the norm pass's partials and last-block counter
 
-    def _check(self, a, name, dtype, shape, size=None, layout="C"):
+    def matches(self, params, states, steps, masters=None) -> bool:
+        """Whether the rows still address exactly these arrays (the same lists the table was
+        built from, as the caller sees them now): nothing swapped, moved, resized or made
+        read-only since."""
+        signature = self._signature(params, states, steps, masters)
+        return signature is not None and signature == self.signature
+
+    def _signature(self, params, states, steps, masters):
+        """The parameters' full signatures, the states' (owned by the optimizer) addresses."""
+        owned = list(steps)
+        for slot in self.slots:
+            owned += states[slot]
+        if masters is not None:
+            owned += masters
+        full, addresses = array_signatures(params), array_signatures(owned, owned=True)
+        return None if full is None or addresses is None else (full, addresses)
+
+    def _check(self, a, name, dtype, shape, size=None, layout="C", write=False):
         """describe(a), after checking it against the parameters (kind, device, dtype, shape,
-        and the layout: the parameter's own, which grads and states must share)."""
+        and the layout: the parameter's own, which grads and states must share), and that it
+        is writeable if the step writes it."""
+        if write:
+            check_writable(self.op, name, a)
         info = describe(a, name)
         kind, device, dt, sh, a_layout, _ = info
         if kind != self.kind:
@@ -128,27 +162,31 @@ class Table:
         """Check the gradients (one per parameter, same shape, dtype and device) and record them."""
         if len(grads) != len(self.shapes):
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
-        if self.kind != "torch" and self.grads is not None and all(
-                map(operator.is_, grads, self.grads)):
-            return self  # the same NumPy/CuPy arrays as last step: shape, dtype, memory fixed
+        signature = array_signatures(grads)
+        if signature is not None and signature == self.grad_signature:
+            self.grads = list(grads)
+            return self  # the same memory, shapes and layouts as the rows hold
         addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i],
                                  layout=self.layouts[i])[5] for i, g in enumerate(grads)]
+        self.written.check_disjoint(
+            "grads", addresses, self.rows[:, N] * _ITEMSIZE[self.dtype])
         if self._device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
             self._device_rows = None
         self.rows[:, G] = addresses
-        self.grads = list(grads)
+        self.grads, self.grad_signature = list(grads), signature
         return self
 
-    def add_grad_sumsq(self, totals):
-        """Add this table's gradients' sum of squares (float64; inf/NaN if any is) to
-        ``totals``: returns the new host float (numpy, cpu), or accumulates into the
-        device array [sum of squares, inf/NaN count] (cuda: stream-ordered, deterministic)."""
-        if self.call.backend == "cpu":
-            with host_threads(int(self.rows[:, N].sum())):
-                partial = _cpu_grad_sumsq(self.rows, self.chunks, np.empty(0, self.dtype))
-            return totals + float(np.sum(partial))
+    def grad_norm(self) -> tuple[float, bool]:
+        """(L2 norm, any inf/NaN) of this table's gradients, on the host (numpy, cpu); the
+        norm of finite gradients never overflows (see :func:`functional.grad_norm`)."""
         if self.call.backend == "numpy":
-            return totals + grad_sumsq(self.call.xp, [_view(g) for g in self.grads])
+            return grad_norm(self.call.xp, [_view(g) for g in self.grads])
+        with host_threads(int(self.rows[:, N].sum())):
+            return _cpu_grad_norm(self.rows, self.chunks, np.empty(0, self.dtype))
+
+    def add_grad_sumsq(self, totals):
+        """cuda: accumulate this table's gradients' sum of squares and inf/NaN count into
+        the device array ``totals`` (stream-ordered, deterministic)."""
         with self.call.context():
             _cuda_grad_norm(self, -1.0, 1.0, 0, 0, None, totals)
         return totals
@@ -163,7 +201,7 @@ class Table:
 
     def run(self, h: Hyper, grad_scale=None, found_inf=None, totals=None):
         """One step; returns a 0-d float64 array on the data's device, 1 if the step was
-        skipped. ``totals``: the step's gradient sum of squares over every table (from
+        skipped. ``totals``: the step's gradient norm and inf/NaN flag over every table (from
         :func:`grad_totals`), used instead of this table's own for clipping and the check."""
         call = self.call
         with call.context():
@@ -183,14 +221,13 @@ class Table:
 
 
 def grad_totals(tables: list[Table]):
-    """The sum of squares of the gradients of every table of a step (one device): a host
-    float (numpy, cpu) or a device array [sum of squares, inf/NaN count] (cuda). With it,
-    clipping uses the norm over all parameter groups and one inf/NaN skips every group."""
+    """The gradients of every table of a step (one device): (norm, any inf/NaN) on the host
+    (numpy, cpu; norms combined by ``math.hypot``, which does not overflow), or a device
+    array [sum of squares, inf/NaN count] (cuda). With it, clipping uses the norm over all
+    parameter groups and one inf/NaN skips every group."""
     if tables[0].call.backend != "cuda":
-        total = 0.0
-        for t in tables:
-            total = t.add_grad_sumsq(total)
-        return total
+        parts = [t.grad_norm() for t in tables]
+        return math.hypot(*(norm for norm, _ in parts)), any(bad for _, bad in parts)
     import cupy
 
     with tables[0].call.context():
@@ -212,28 +249,46 @@ def _view(a):
     return cupy.from_dlpack(a)
 
 
+#: bytes per element of the dtypes a table holds.
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+class _Spans:
+    """The memory a step writes, as sorted [start, stop) byte ranges; refuses overlaps (a
+    parameter listed twice, a state aliasing a parameter) when built."""
+
+    def __init__(self, op: str, spans: list):
+        self.op = op
+        spans = sorted((addr, addr + size, name) for name, addr, size in spans if size > 0)
+        for (_, stop, name), (start, _, other) in zip(spans, spans[1:]):
+            if start < stop:
+                raise ValueError(f"{op}: {name} and {other} share memory; every parameter, "
+                                 "state and step count the step writes must have its own "
+                                 "(is a parameter listed twice?)")
+        self.starts = np.array([a for a, _, _ in spans], np.int64)
+        self.stops = np.array([b for _, b, _ in spans], np.int64)
+        self.names = [name for _, _, name in spans]
+
+    def check_disjoint(self, what: str, addresses, sizes) -> None:
+        """Refuse arrays (``what``[i] at addresses[i], sizes[i] bytes) that share a byte with
+        anything the step writes."""
+        starts = np.asarray(addresses, np.int64)
+        stops = starts + np.asarray(sizes, np.int64)
+        # the last written range starting before each array's end must end before its start
+        k = np.searchsorted(self.starts, stops, side="left") - 1
+        hit = (k >= 0) & (stops > starts)
+        hit[hit] = self.stops[k[hit]] > starts[hit]
+        if hit.any():
+            i = int(np.argmax(hit))
+            raise ValueError(f"{self.op}: {what}[{i}] shares memory with {self.names[k[i]]}, "
+                             "which the step writes")
+
+
 def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=None,
                found_inf=None, backend=None):
     """The functional step over lists: build, check and run a table."""
     return Table(f"{h.algorithm} step", h, params, states, steps, masters, backend) \
         .bind_grads(grads).run(h, grad_scale, found_inf)
-
-
-def needs_grad_pass(h: Hyper, grad_scale, found_inf) -> bool:
-    """Whether the prologue reads the gradients: clipping, skip_nonfinite, or grad_scale
-    without a found_inf (GradScaler passes the one it computed: no second check)."""
-    return (h.max_grad_norm is not None or h.skip_nonfinite
-            or (grad_scale is not None and found_inf is None))
-
-
-def host_scalar(value, name) -> float | None:
-    """A number, or the value of a one-element array (read from the device if need be)."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    if getattr(value, "size", None) == 1 or (callable(getattr(value, "numel", None))
-                                              and value.numel() == 1):
-        return float(value.reshape(()).item() if hasattr(value, "reshape") else value.item())
-    raise TypeError(f"{name} must be a number or a one-element array, got {value!r}")
 
 
 # --- CPU: Numba kernels over the table ---------------------------------------------------------
@@ -255,21 +310,40 @@ if has_numba():
         return pointer(address, like), codegen
 
     @njit(parallel=True, cache=True)
-    def _cpu_grad_sumsq(rows, chunks, like):
-        """Per-chunk sums of squares of the gradients, in float64."""
-        partial = np.zeros(chunks.shape[0])
+    def _cpu_grad_sumsq(rows, chunks, like, scale):
+        """Per-chunk (sum of (scale g)^2 in float64, inf/NaN count, max |g|)."""
+        partial = np.zeros((chunks.shape[0], 3))
         for c in prange(chunks.shape[0]):
             g = _chunk(rows, chunks, c, G, like)
-            acc = 0.0
+            acc, bad, big = 0.0, 0.0, 0.0
             for i in range(g.size):
-                acc += float(g[i]) * float(g[i])
-            partial[c] = acc
+                v = np.float64(g[i])  # float() would keep float32 and overflow at 1.8e19
+                acc += (v * scale) * (v * scale)
+                bad += 0.0 if math.isfinite(v) else 1.0
+                big = max(big, abs(v))
+            partial[c, 0], partial[c, 1], partial[c, 2] = acc, bad, big
         return partial
+
+    def _cpu_grad_norm(rows, chunks, like) -> tuple[float, bool]:
+        """(norm, any inf/NaN) of a table's gradients (functional.grad_norm's rule)."""
+        partial = _cpu_grad_sumsq(rows, chunks, like, 1.0)
+        sumsq, bad = float(np.sum(partial[:, 0])), bool(np.any(partial[:, 1]))
+        if bad or math.isfinite(sumsq):
+            return math.sqrt(sumsq), bad
+        m = float(np.max(partial[:, 2]))
+        return m * math.sqrt(float(np.sum(_cpu_grad_sumsq(rows, chunks, like, 1.0 / m)[:, 0]))), False
 
     @njit(cache=True)
     def _cpu_advance(rows, step_like):
+        """Advance every step count; first, without writing, return the first row whose count
+        is not a whole number >= 0 (-1 if none)."""
+        for r in range(rows.shape[0]):
+            t = carray(_pointer(rows[r, STEP], step_like), 1)[0]
+            if not (t >= 0 and t == math.floor(t)):
+                return r
         for r in range(rows.shape[0]):
             carray(_pointer(rows[r, STEP], step_like), 1)[0] += np.float32(1.0)
+        return -1
 
     # One kernel per algorithm (kernels/optim.cu: step, the same math). ``k`` holds the
     # scalars in the compute type: (gmul, sign, weight_decay, l1, lr, beta1, beta2,
@@ -415,20 +489,17 @@ def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
         return _cpu_step_run(table, h, grad_scale, found_inf, totals)
 
 
-def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, sumsq):
-    scale = host_scalar(grad_scale, "grad_scale")
-    skip = bool(host_scalar(found_inf, "found_inf"))
-    gmul = 1.0 / (1.0 if scale is None else scale)
+def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, totals):
     like = np.empty(0, table.dtype)
-    if not skip and (sumsq is not None or needs_grad_pass(h, grad_scale, found_inf)):
-        if sumsq is None:
-            sumsq = float(np.sum(_cpu_grad_sumsq(table.rows, table.chunks, like)))
-        skip = not math.isfinite(sumsq)
-        if h.max_grad_norm is not None and not skip:
-            gmul *= min(1.0, h.max_grad_norm / (math.sqrt(sumsq) * gmul + 1e-6))
+    gmul, skip = prologue(h, grad_scale, found_inf, totals,
+                          lambda: _cpu_grad_norm(table.rows, table.chunks, like))
     if not skip:
         step_like = np.empty(0, np.float32)
-        _cpu_advance(table.rows, step_like)
+        bad = _cpu_advance(table.rows, step_like)
+        if bad >= 0:
+            value = float(table.natives[2][bad])
+            raise ValueError(f"{table.op}: state_steps[{bad}] is {value}; step counts are "
+                             "whole numbers >= 0")
         f = like.dtype.type
         decoupled = bool(h.flags & DECOUPLED)
         k = tuple(map(f, (gmul, -1.0 if h.flags & MAXIMIZE else 1.0,
@@ -496,6 +567,8 @@ def _cuda_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
 
     scale, scale_ptr = _device_scalar(grad_scale, "grad_scale", table.device)
     found, found_ptr = _device_scalar(found_inf, "found_inf", table.device)
+    if scale is not None:
+        host_scale(scale, None)  # a number must be finite and > 0 (a device one skips if not)
     control = cupy.empty(2, np.float64)
     if found:  # a host-side found_inf: nothing to launch
         control.fill(1.0)

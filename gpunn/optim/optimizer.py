@@ -19,7 +19,8 @@ import operator
 import numpy as np
 
 from ..backend import array_kind, array_module, dtype_name
-from .fused import Table, grad_totals, needs_grad_pass, state_dtype
+from .fused import Table, grad_totals, state_dtype
+from .functional import needs_grad_pass
 from .functional import hyper
 
 
@@ -110,17 +111,24 @@ class FusedStep:
                                                    "state 'master_param'")
         return state
 
-    def _table(self, index, group, h, params):
-        """(table, new states): the cached table of (group, dtype) ``index`` while its parameters' memory and
-        states are the ones it addresses; else a new one and the states it needs (committed
-        by the caller once every group's gradients have passed the checks)."""
-        key = (index, h.algorithm, h.slots, bool(group.get("master_weights")),
-               tuple(map(id, params)), tuple(_memory_key(self._array(p)) for p in params))
+    def _table(self, key, group, h, params):
+        """(table, new states): the cached table of ``key`` (group index, dtype) while it
+        addresses exactly what this step would (same parameters, their current memory, the
+        current state arrays: :meth:`Table.matches`); else a new one, fully checked, and the
+        states it needs (committed by the caller once every group's gradients have passed
+        the checks)."""
         table = self._tables.get(key)
-        if (table is not None
-                and all(map(operator.is_, map(self.state.get, params), table.state_dicts))
-                and all(d.get(k) is a for d, k, a in table.state_arrays)):
-            return table, None
+        master = bool(group.get("master_weights"))
+        if (table is not None and table.options == (h.algorithm, h.slots, master)
+                and len(table.params) == len(params)
+                and all(map(operator.is_, params, table.params))):
+            states = [self.state.get(p) or {} for p in params]
+            if table.matches([self._array(p) for p in params],
+                             {slot: [s.get(slot) for s in states] for slot in h.slots},
+                             [s.get("step") for s in states],
+                             None if table.natives[3] is None else
+                             [s.get("master_param") for s in states]):
+                return table, None
         states = [self._prepared_state(p, group, h) for p in params]
         masters = [s.get("master_param") for s in states]
         table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
@@ -128,10 +136,8 @@ class FusedStep:
                       [s["step"] for s in states],
                       masters if any(m is not None for m in masters) else None,
                       group.get("backend"))
-        table.state_dicts = states
-        table.state_arrays = [(s, k, s[k]) for s in states
-                              for k in (*h.slots, "step", "master_param") if k in s]
-        return table, (key, index, dict(zip(params, states)))
+        table.options, table.params = (h.algorithm, h.slots, master), list(params)
+        return table, (key, dict(zip(params, states)))
 
     def fused_step(self, grad_scale=None, found_inf=None):
         """Update every parameter that has a gradient: one table and two launches per group
@@ -152,9 +158,8 @@ class FusedStep:
                 ready.append((table.bind_grads([p.grad for p in params]), h))
                 if new is not None:
                     pending.append((table, new))
-        for table, (key, index, states) in pending:  # all checks passed: commit new states
+        for table, (key, states) in pending:  # all checks passed: commit new states
             self.state.update(states)
-            self._tables = {k: v for k, v in self._tables.items() if k[0] != index}
             self._tables[key] = table
         totals = None
         if len(ready) > 1 and any(needs_grad_pass(h, grad_scale, found_inf) for _, h in ready):
@@ -167,12 +172,6 @@ class FusedStep:
     def last_step_skipped(self) -> bool:
         """Whether the last step skipped a group for inf/NaN gradients (reads the device)."""
         return any(float(f) != 0.0 for f in getattr(self, "skip_flags", []))
-
-
-def _memory_key(a):
-    """What identifies a parameter's memory: a torch tensor's address (``.data`` can be
-    swapped under the same tensor), else the array object (the table keeps it alive)."""
-    return a.data_ptr() if hasattr(a, "data_ptr") else id(a)
 
 
 def _same_place(a, b) -> bool:
