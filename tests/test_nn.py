@@ -964,3 +964,160 @@ def test_losses_run_on_the_backend_asked(monkeypatch):
     mse = nn.MSELoss(backend="numpy")
     assert float(mse(logits, logits + 1)) == pytest.approx(1.0)
     np.testing.assert_allclose(mse.backward(), -2 / logits.size, rtol=1e-6)
+
+
+# --- errors change nothing --------------------------------------------------------------------
+
+
+def _grads(model):
+    return [host(p.grad) for p in model.parameters()]
+
+
+def test_sequential_backward_checks_dy_before_any_gradient(rng):
+    model = mlp("float32", seed=5)
+    x = randn(rng, (6, 12), "float32")
+    y = model(x)
+    model.zero_grad()
+    model.arena.grad[...] = rng.standard_normal(model.arena.grad.size)  # accumulated into
+    before, state = _grads(model), _snapshot(model)
+    dy = randn(rng, y.shape, "float32")
+    cases = [(dy.astype(np.float64), TypeError, r"Sequential backward: dy has dtype float64, "
+                                                r"expected float32"),
+             (dy[:, :4], nn.ShapeError, r"dy has shape \(6, 4\), expected \(6, 5\)"),
+             (torch.from_numpy(dy), TypeError, r"dy is a torch tensor; gpunn.nn layers take "
+                                               r"NumPy or CuPy arrays.*gpunn.torch"),
+             (dy.tolist(), TypeError, r"dy is a list"),
+             (dy.astype(">f4"), TypeError, r"dy has non-native byte order")]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            model.backward(bad)
+        for g, b in zip(_grads(model), before):
+            np.testing.assert_array_equal(g, b)
+    _assert_unchanged(model, state)
+    # each layer on its own checks its dy too
+    last = model[6]
+    with pytest.raises(TypeError, match=r"Linear\(10 -> 5\) backward: dy has dtype float64"):
+        last.backward(dy.astype(np.float64))
+    bn = model[4]
+    with pytest.raises(TypeError, match=r"BatchNorm1d\(10\) backward: dy is a torch tensor"):
+        bn.backward_relu(torch.zeros(6, 10))
+    for g, b in zip(_grads(model), before):
+        np.testing.assert_array_equal(g, b)
+    model.backward(dy)  # the good dy still works after the refusals
+    assert any(not np.array_equal(g, b) for g, b in zip(_grads(model), before))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(3, 2), lambda: nn.Flatten(), lambda: nn.BatchNorm1d(3),
+    lambda: nn.Dropout(0.5), lambda: nn.ReLU(), lambda: nn.Softmax(),
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.ReLU())])
+def test_backward_before_forward_says_so(make):
+    layer = make()
+    with pytest.raises(RuntimeError, match="backward called before a forward: call forward "
+                                           "first"):
+        layer.backward(np.ones((4, 3), np.float32))
+
+
+def test_backward_after_a_failed_forward_says_so(rng):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2))
+    with pytest.raises(nn.ShapeError):
+        model(np.ones((2, 3), np.float32))  # layers 0 and 1 ran, layer 2 refused
+    with pytest.raises(RuntimeError, match="call forward first"):
+        model.backward(np.ones((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(3, 2), (4, 3)), (lambda: nn.Flatten(), (4, 3)),
+    (lambda: nn.BatchNorm1d(3), (4, 3)), (lambda: nn.Dropout(0.5), (4, 3)),
+    (lambda: nn.GELU(), (4, 3)), (lambda: nn.Sequential(nn.Linear(3, 2)), (4, 3))])
+def test_layers_refuse_torch_tensors_naming_the_argument(make, shape):
+    layer = make()
+    before = {k: host(v) for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match=r"x is a torch tensor; gpunn.nn layers take NumPy or "
+                                        r"CuPy arrays \(for torch models use gpunn.torch\)"):
+        layer(torch.ones(shape))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(host(v), before[k], err_msg=k)
+    if isinstance(layer, nn.Dropout):
+        assert layer.offset == 0
+
+
+def test_layer_checks_its_gradients_before_accumulating(rng):
+    layer = nn.Linear(3, 2, generator=0)
+    layer(randn(rng, (4, 3), "float32"))
+    read_only = np.zeros((2, 3), np.float32)
+    read_only.flags.writeable = False
+    layer.weight.grad = read_only
+    layer.bias.grad = bias = randn(rng, 2, "float32")
+    before = bias.copy()
+    with pytest.raises(ValueError, match=r"Linear\(3 -> 2\) backward: weight.grad is read-only"):
+        layer.backward(randn(rng, (4, 2), "float32"))
+    np.testing.assert_array_equal(bias, before)
+    layer.weight.grad = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"weight.grad has shape \(3, 2\).*expected \(2, 3\)"):
+        layer.backward(randn(rng, (4, 2), "float32"))
+    np.testing.assert_array_equal(bias, before)
+
+
+def test_batchnorm_checks_its_counter_before_updating_running_stats(rng):
+    bn = nn.BatchNorm1d(3)
+    counter = np.zeros((), np.int64)
+    counter.flags.writeable = False
+    bn.num_batches_tracked = counter
+    before = {k: host(v) for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): num_batches_tracked is read-only"):
+        bn(randn(rng, (5, 3), "float32"))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(host(v), before[k], err_msg=k)
+
+
+def _read_only(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def test_load_state_dict_from_read_only_arrays_copies_them(rng):
+    model = mlp("float32", seed=6)
+    source = {k: _read_only(v + 1) for k, v in _snapshot(model).items()}
+    model.load_state_dict(source)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, source[k], err_msg=k)
+        assert v.flags.writeable and not np.shares_memory(v, source[k]), k
+    # a training step writes every parameter, gradient and running statistic
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    y = model(randn(rng, (8, 12), "float32"))
+    model.zero_grad()
+    model.backward(np.ones_like(y))
+    opt.step()
+    assert int(model[1].num_batches_tracked) == int(source["1.num_batches_tracked"]) + 1
+    assert not np.array_equal(model[1].running_mean, source["1.running_mean"])
+    assert not np.array_equal(model[0].weight.data, source["0.weight"])
+
+
+def test_load_state_dict_into_a_read_only_array_is_refused_first():
+    model = mlp("float32", seed=7)
+    model[4].running_var = _read_only(model[4].running_var)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"load_state_dict: 4.running_var is read-only"):
+        model.load_state_dict({k: v + 1 for k, v in before.items()})
+    _assert_unchanged(model, before)
+    bad = {k: v + 1 for k, v in before.items()}
+    bad["6.bias"] = np.array(["a"] * 5)
+    model = mlp("float32", seed=7)
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=r"6.bias has dtype <U1.*expected real numbers"):
+        model.load_state_dict(bad)
+    _assert_unchanged(model, before)
+
+
+def test_load_extra_state_checks_every_module_first():
+    g = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(4, 4, generator=g), nn.Dropout(0.5, generator=g),
+                          nn.Dropout(0.5, generator=g))
+    before = model.extra_state()
+    for bad in ({"seed": 1, "offset": "x"}, {"seed": -1, "offset": 0}, {"seed": 1},
+                {"seed": 1.5, "offset": 0}, [1, 2]):
+        with pytest.raises(ValueError, match=r"load_extra_state: module '2'"):
+            model.load_extra_state({"1": {"seed": 9, "offset": 9}, "2": bad})
+        assert model.extra_state() == before
