@@ -82,3 +82,27 @@ def test_cuda_without_a_gpu_is_an_argument_error(capsys):
         cli.main(["bench", "activations", "--device", "cuda", *TINY])
     assert e.value.code == 2
     assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "1.5"], "--seed"),
+    (["--depth", "-1"], "--depth"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--label-smoothing", "nan"], "--label-smoothing"),
+    (["--warmup-epochs", "x"], "--warmup-epochs"),
+    (["--epochs", "0"], "--epochs"),
+])
+def test_train_bad_arguments_exit_2_naming_the_option(args, name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *args, "--out", str(tmp_path / "run"), "--quiet"])
+    assert e.value.code == 2
+    assert f"argument {name}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_bench_negative_seed_names_the_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "activations", "--seed", "-1", *TINY])
+    assert e.value.code == 2
+    assert "argument --seed: must be >= 0" in capsys.readouterr().err

@@ -66,6 +66,90 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         trainer.load(tmp_path / "other.npz")
 
 
+def _trainer_state(trainer) -> dict:
+    """Everything Trainer.load may change, as bytes (bit-identical comparisons)."""
+    def raw(a):
+        a = np.asarray(a)
+        return (a.dtype.str, a.shape, a.tobytes())
+
+    opt = trainer.optimizer.state_dict()
+    return {"model": {k: raw(v) for k, v in trainer.model.state_dict().items()},
+            "extra": trainer.model.extra_state(),
+            "optimizer": {i: {k: raw(v) for k, v in s.items()} for i, s in opt["state"].items()},
+            "groups": [dict(g) for g in opt["param_groups"]],
+            "scheduler": trainer.scheduler.state_dict(),
+            "epoch": trainer.epoch, "history": [dict(h) for h in trainer.history]}
+
+
+def _bad(state, field):
+    """A copy of a training checkpoint's state with one field made invalid (nested
+    containers copied, arrays shared)."""
+    import copy
+
+    state = {**state, "optimizer": copy.deepcopy(state["optimizer"]),
+             "scheduler": dict(state["scheduler"]), "model": dict(state["model"]),
+             "model_extra": copy.deepcopy(state["model_extra"])}
+    group = state["optimizer"]["param_groups"][0]
+    path, value = field
+    if path == "optimizer.lr":
+        group["lr"] = -1.0
+    elif path == "optimizer.betas":
+        group["betas"] = (1.5, 0.999)
+    elif path == "optimizer.exp_avg":
+        state["optimizer"]["state"][3]["exp_avg"] = np.zeros(7, np.float32)
+    elif path == "optimizer.groups":
+        state["optimizer"]["param_groups"] = [group, group]
+    elif path == "scheduler.last_epoch":
+        state["scheduler"]["last_epoch"] = -3
+    elif path == "scheduler.base_lrs":
+        state["scheduler"]["base_lrs"] = [0.1, 0.2]
+    elif path == "model_extra":
+        state["model_extra"]["8"]["offset"] = "far"
+    elif path == "model":
+        state["model"]["9.bias"] = np.array(["x"] * len(state["model"]["9.bias"]))
+    elif path == "missing":
+        del state["scheduler"]
+    else:
+        state[path] = value
+    return state
+
+
+BAD_FIELDS = [("epoch", -1), ("epoch", 1.5), ("epoch", "1"), ("epoch", True),
+              ("history", "none"), ("history", [1]), ("history", []),
+              ("architecture", 7), ("optimizer.lr", None), ("optimizer.betas", None),
+              ("optimizer.exp_avg", None), ("optimizer.groups", None), ("optimizer", [1]),
+              ("scheduler.last_epoch", None), ("scheduler.base_lrs", None),
+              ("scheduler", "x"), ("model_extra", None), ("model", None), ("missing", None)]
+FIELD_NAMES = {"optimizer.lr": "optimizer", "optimizer.betas": "optimizer",
+               "optimizer.exp_avg": "optimizer", "optimizer.groups": "optimizer",
+               "scheduler.last_epoch": "scheduler", "scheduler.base_lrs": "scheduler",
+               "missing": "lacks"}
+
+
+def test_bad_checkpoint_fields_change_nothing(tmp_path):
+    """Each bad field is refused naming it, and the model's weights and running stats, the
+    dropout streams, the optimizer's and scheduler's state and the counters stay
+    bit-identical (the checkpoint's model differs from the trainer's: another seed)."""
+    config = TrainConfig(**SMALL, device="cpu")
+    train_set, test_set = datasets(config)
+    saved = build(config, train_set, test_set, progress=False)
+    saved.train_epoch()
+    saved.save(tmp_path / "good.npz")
+    state = checkpoint.load(tmp_path / "good.npz")
+    trainer = build(config, train_set, test_set, member=1, progress=False)
+    trainer.train_epoch()
+    trainer.train_epoch()
+    before = _trainer_state(trainer)
+    for k, field in enumerate(BAD_FIELDS):
+        checkpoint.save(tmp_path / f"bad{k}.npz", _bad(state, field))
+        name = FIELD_NAMES.get(field[0], field[0])
+        with pytest.raises(ValueError, match=f"bad{k}.npz.*{name}"):
+            trainer.load(tmp_path / f"bad{k}.npz")
+        assert _trainer_state(trainer) == before, field
+    trainer.load(tmp_path / "good.npz")
+    assert _trainer_state(trainer) == _trainer_state(saved)
+
+
 def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     config = TrainConfig(**SMALL, device="cpu")
     train_set, test_set = datasets(config)
@@ -209,4 +293,6 @@ def test_config_validation_names_the_field():
         TrainConfig(test_fraction=1.0)
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        TrainConfig(seed=-1)
     assert AugmentConfig().kwargs()["scale"] == (0.9, 1.1)
