@@ -49,6 +49,8 @@ _MAX_JSON_DEPTH = 3 * MAX_DEPTH + 2
 DEFLATE_MAX_RATIO = 1032
 #: the longest .npy header read (NumPy's own limit)
 _MAX_NPY_HEADER = 10000
+#: bytes read (and inflated) at a time into an array
+READ_CHUNK = 1 << 18
 
 
 class _Encoder:
@@ -236,7 +238,7 @@ def read_npy_member(archive: zipfile.ZipFile, name: str, file_size: int, *,
         if a.nbytes:
             flat, done = a.view(np.uint8), 0
             while done < a.nbytes:
-                chunk = member.read(min(a.nbytes - done, 1 << 24))
+                chunk = member.read(min(a.nbytes - done, READ_CHUNK))
                 if not chunk:
                     raise ValueError(f"member {name!r} is truncated")
                 flat[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import DEFLATE_MAX_RATIO, read_npy_member
+from ..checkpoint import DEFLATE_MAX_RATIO, READ_CHUNK, read_npy_member
 
 #: IDX type code -> big-endian element dtype.
 IDX_TYPES = {
@@ -184,7 +184,7 @@ def _read_idx_stream(stream, where: str, size: int | None, most: int | None) -> 
         raise ValueError(f"{where}: cannot hold shape {shape}: {e}") from None
     view, have = memoryview(raw), 0
     while have < need:
-        n = stream.readinto(view[have:])
+        n = stream.readinto(view[have:have + READ_CHUNK])
         if not n:
             raise ValueError(f"{where}: truncated data: shape {shape} of {dtype.name} needs "
                              f"{need} bytes, the file has {have}")
