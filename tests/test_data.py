@@ -166,6 +166,30 @@ def test_load_idx_checks(tmp_path, rng):
         data.load_idx(tmp_path / "img1d", tmp_path / "lab3")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])  # 1e39: inf as float32
+@pytest.mark.parametrize("source", ["idx float32", "idx float64", "npz", "idx folder"])
+def test_non_finite_samples_refused_alike(tmp_path, rng, source, bad):
+    images = rng.standard_normal((4, 2, 3))
+    images[2, 1, 0] = bad
+    labels = np.array([0, 1, 1, 0], np.uint8)
+    if source == "npz":
+        np.savez(tmp_path / "d.npz", x=images, y=labels)
+        call, where = (lambda: data.load_npz(tmp_path / "d.npz")), "d.npz"
+    else:
+        code = 0x0D if source == "idx float32" and abs(bad) != 1e39 else 0x0E
+        write(tmp_path / "train-images-idx3-ubyte", idx_bytes(images, code))
+        write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels, 0x08))
+        if source == "idx folder":
+            call = lambda: data.load(str(tmp_path))
+        else:
+            call = lambda: data.load_idx(tmp_path / "train-images-idx3-ubyte",
+                                         tmp_path / "train-labels-idx1-ubyte")
+        where = "train-images-idx3-ubyte"
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values \(as float32\)") as info:
+        call()
+    assert where in str(info.value)
+
+
 def test_load_idx_other_types_not_scaled(tmp_path, rng):
     images = rng.standard_normal((3, 2, 2)).astype(np.float64)
     write(tmp_path / "img", idx_bytes(images, 0x0E))

@@ -221,7 +221,8 @@ def _samples(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{what} must hold numbers; got dtype {x.dtype}")
     if x.dtype.kind == "f":
-        x = x.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+            x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise ValueError(f"{what} holds NaN or infinite values (as float32)")
     if x.ndim == 3:  # (N, H, W) grey-scale images -> one channel
