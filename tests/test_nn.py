@@ -1121,3 +1121,32 @@ def test_load_extra_state_checks_every_module_first():
         with pytest.raises(ValueError, match=r"load_extra_state: module '2'"):
             model.load_extra_state({"1": {"seed": 9, "offset": 9}, "2": bad})
         assert model.extra_state() == before
+
+
+def test_penalties_and_zero_grad_check_every_gradient_first(rng):
+    layers = [nn.Linear(3, 2, generator=0), nn.Linear(2, 2, generator=1)]
+    first = randn(rng, (2, 3), "float32")
+    layers[0].weight.grad = first
+    layers[1].weight.grad = _read_only(np.ones((2, 2), np.float32))
+    before = first.copy()
+    weights = [layer.weight for layer in layers]
+    for penalty in (nn.l1_penalty, nn.l2_penalty):
+        with pytest.raises(ValueError, match=rf"{penalty.__name__}: params\[1\].grad is read-only"):
+            penalty(weights, 0.5)
+        np.testing.assert_array_equal(first, before)
+    model = nn.Sequential(nn.ReLU(), layers[0], nn.ReLU(), layers[1])
+    model.arena = None  # a model whose parameters are not packed (packing rebinds gradients)
+    layers[0].weight.grad = first
+    layers[1].weight.grad = _read_only(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"zero_grad: 3.weight.grad is read-only"):
+        model.zero_grad()
+    np.testing.assert_array_equal(first, before)
+
+
+def test_mse_loss_keeps_nothing_from_a_refused_call(rng):
+    loss = nn.MSELoss()
+    out = randn(rng, (4, 3), "float32")
+    loss(out, out + 1)
+    with pytest.raises((TypeError, ValueError)):
+        loss(randn(rng, (4, 3), "float32").astype(np.int32), np.zeros((4, 3)))
+    np.testing.assert_allclose(loss.backward(), -2 / out.size, rtol=1e-6)

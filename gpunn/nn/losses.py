@@ -60,8 +60,9 @@ class MSELoss(_Loss):
 
     def __call__(self, output, target):
         target = array_module(output).asarray(target, dtype=output.dtype)
-        self._saved = (output, target)
-        return ops.mse_loss(output, target, reduction=self.reduction, backend=self.backend)
+        loss = ops.mse_loss(output, target, reduction=self.reduction, backend=self.backend)
+        self._saved = (output, target)  # once the op accepted them
+        return loss
 
     def backward(self, dloss=1.0):
         output, target = self._saved_inputs()

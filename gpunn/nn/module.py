@@ -158,6 +158,9 @@ class Module:
                 for p, view in zip(params, self.arena._views(grad)):
                     p.grad = view
             return
+        for name, p in self.named_parameters():
+            if p.grad is not None:
+                check_writable("zero_grad", f"{name}.grad", p.grad)
         for p in params:
             if p.grad is None:
                 p.grad = array_module_of(self.device).zeros_like(p.data)
