@@ -34,6 +34,7 @@ Bytes per parameter of a fused Adam step, float32: read p, g, m, v (16), write p
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from ..ops._apply import compute_dtype
@@ -74,45 +75,100 @@ class Hyper:
 
 # --- Hyperparameters: checked once, in one place -------------------------------------------
 
+#: The options a parameter group must hold, by algorithm (torch's __setstate__ fills in the
+#: others, such as nesterov, centered, amsgrad and maximize, with their defaults).
+REQUIRED = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay"),
+    "adagrad": ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value"),
+    "rmsprop": ("lr", "alpha", "eps", "weight_decay"),
+    "adam": ("lr", "betas", "eps", "weight_decay"),
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+}
+
+
+def _elements(value) -> int | None:
+    """The element count of an array or Tensor option (torch allows a Tensor lr); None for
+    anything else."""
+    if callable(getattr(value, "numel", None)):
+        return int(value.numel())
+    size = getattr(value, "size", None)
+    return None if isinstance(value, numbers.Number) or not isinstance(size, int) else size
+
+
+def _number(name, value) -> float:
+    """A number, or the value of a one-element array or Tensor, as torch takes them."""
+    count = _elements(value)
+    if count is not None and count != 1:
+        raise ValueError(f"Tensor {name} must be 1-element, got {count} elements")
+    return float(host_scalar(value, name))
+
 
 def _nonneg(name, value):
-    value = float(value)
+    value = _number(name, value)
     if not value >= 0.0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
 def _unit(name, value):
-    value = float(value)
+    value = _number(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
 
 
 def _common(lr, weight_decay, l1, max_grad_norm):
-    if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+    if max_grad_norm is not None and not _number("max_grad_norm", max_grad_norm) > 0.0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
     return dict(lr=_nonneg("lr", lr), weight_decay=_nonneg("weight_decay", weight_decay),
                 l1=_nonneg("l1", l1),
                 max_grad_norm=None if max_grad_norm is None else float(max_grad_norm))
 
 
+def _adam_betas(g) -> tuple[float, float]:
+    """betas as torch takes them: a pair of numbers or of one-element Tensors, and with
+    foreach=True (and capturable=False) neither they nor lr may be Tensors."""
+    try:
+        betas = tuple(g["betas"])
+    except TypeError:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {g['betas']!r}") from None
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {g['betas']!r}")
+    tensors = [_elements(b) is not None for b in betas]
+    if tensors[0] != tensors[1]:
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+    if g.get("foreach") and not g.get("capturable"):
+        for name, value in (("lr", g["lr"]), ("betas[0]", betas[0]), ("betas[1]", betas[1])):
+            if _elements(value) is not None:
+                raise ValueError(f"{name} as a Tensor is not supported for capturable=False "
+                                 "and foreach=True")
+    return _unit("betas[0]", betas[0]), _unit("betas[1]", betas[1])
+
+
 def hyper(algorithm: str, group: dict) -> Hyper:
-    """Check a parameter group's options (torch's names) and turn them into a :class:`Hyper`;
-    raises ValueError naming the option."""
-    if algorithm not in ALGORITHMS and algorithm != "adamw":
-        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS) + ['adamw']}, "
-                         f"got {algorithm!r}")
+    """Check a parameter group's options (torch's names; numbers or one-element Tensors) and
+    turn them into a :class:`Hyper`; raises ValueError (TypeError for a value of the wrong
+    type) naming the option. torch's ``foreach`` and ``fused`` change nothing (the step is
+    always fused); ``capturable`` and ``differentiable`` are not supported."""
+    if algorithm not in REQUIRED:
+        raise ValueError(f"algorithm must be one of {sorted(REQUIRED)}, got {algorithm!r}")
     g = group
-    common = _common(g["lr"], g.get("weight_decay", 0.0), g.get("l1", 0.0),
-                     g.get("max_grad_norm"))
+    missing = [key for key in REQUIRED[algorithm] if key not in g]
+    if missing:
+        raise ValueError(f"the parameter group lacks {missing}, which {algorithm} needs")
+    for name in ("capturable", "differentiable"):
+        if g.get(name):
+            raise ValueError(f"{name}=True is not supported: gpunn's fused step is neither "
+                             "capturable nor differentiable")
+    common = _common(g["lr"], g["weight_decay"], g.get("l1", 0.0), g.get("max_grad_norm"))
     flags = MAXIMIZE if g.get("maximize", False) else 0
     skip = bool(g.get("skip_nonfinite", False))
     if algorithm == "sgd":
-        momentum, dampening = _nonneg("momentum", g["momentum"]), float(g["dampening"])
-        if g["nesterov"] and (momentum <= 0.0 or dampening != 0.0):
+        momentum = _nonneg("momentum", g["momentum"])
+        dampening, nesterov = _number("dampening", g["dampening"]), g.get("nesterov", False)
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
             raise ValueError("nesterov needs momentum > 0 and dampening == 0")
-        flags |= (NESTEROV if g["nesterov"] else 0) | (MOMENTUM if momentum != 0.0 else 0)
+        flags |= (NESTEROV if nesterov else 0) | (MOMENTUM if momentum != 0.0 else 0)
         return Hyper("sgd", beta1=momentum, beta2=dampening, flags=flags, skip_nonfinite=skip,
                      slots=("momentum_buffer",) if momentum != 0.0 else (), **common)
     if algorithm == "adagrad":
@@ -121,20 +177,21 @@ def hyper(algorithm: str, group: dict) -> Hyper:
                      eps=_nonneg("eps", g["eps"]), flags=flags, skip_nonfinite=skip,
                      slots=("sum",), **common)
     if algorithm == "rmsprop":
-        momentum, alpha = _nonneg("momentum", g["momentum"]), _nonneg("alpha", g["alpha"])
-        flags |= (CENTERED if g["centered"] else 0) | (MOMENTUM if momentum > 0.0 else 0)
+        momentum, alpha = _nonneg("momentum", g.get("momentum", 0)), _nonneg("alpha", g["alpha"])
+        centered = g.get("centered", False)
+        flags |= (CENTERED if centered else 0) | (MOMENTUM if momentum > 0.0 else 0)
         slots = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ()) + (
-            ("grad_avg",) if g["centered"] else ())
+            ("grad_avg",) if centered else ())
         return Hyper("rmsprop", beta1=momentum, beta2=alpha, eps=_nonneg("eps", g["eps"]),
                      flags=flags, skip_nonfinite=skip, slots=slots, **common)
-    betas = tuple(g["betas"])
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {g['betas']!r}")
-    beta1, beta2 = betas
-    flags |= (AMSGRAD if g["amsgrad"] else 0) | (DECOUPLED if algorithm == "adamw" else 0)
-    return Hyper("adam", beta1=_unit("betas[0]", beta1), beta2=_unit("betas[1]", beta2),
-                 eps=_nonneg("eps", g["eps"]), flags=flags, skip_nonfinite=skip,
-                 slots=("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ()),
+    beta1, beta2 = _adam_betas(g)
+    amsgrad = g.get("amsgrad", False)
+    # torch's Adam reads decoupled_weight_decay from the group (AdamW sets it True)
+    decoupled = g.get("decoupled_weight_decay", algorithm == "adamw")
+    flags |= (AMSGRAD if amsgrad else 0) | (DECOUPLED if decoupled else 0)
+    return Hyper("adam", beta1=beta1, beta2=beta2, eps=_nonneg("eps", g["eps"]), flags=flags,
+                 skip_nonfinite=skip,
+                 slots=("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()),
                  **common)
 
 
@@ -147,7 +204,8 @@ def grad_norm(xp, grads) -> tuple[float, bool]:
     overflows (float64 gradients beyond ~1e154), the norm is m ||G / m|| with m = max |g|."""
     grads = [g.astype(xp.float64) for g in grads if g.size]
     bad = any(not bool(xp.isfinite(g).all()) for g in grads)
-    sumsq = sum(float(xp.sum(xp.square(g))) for g in grads)
+    with np.errstate(over="ignore"):  # an overflow is handled below
+        sumsq = sum(float(xp.sum(xp.square(g))) for g in grads)
     if bad or math.isfinite(sumsq):
         return math.sqrt(sumsq), bad
     m = max(float(xp.max(xp.abs(g))) for g in grads)

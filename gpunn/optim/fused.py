@@ -59,7 +59,14 @@ def chunk_list(sizes: np.ndarray) -> np.ndarray:
 
 
 class Table:
-    """The tensors of one optimizer step (one dtype, one device), checked and addressed."""
+    """The tensors of one optimizer step (one dtype, one device), checked and addressed.
+
+    The kernels walk dense arrays of one compute dtype. A parameter they cannot address
+    directly is staged: a non-dense one (a strided view), and a float16/bfloat16 one on
+    the host backends (float32 math there), is updated through a dense work copy (its
+    float32 master copy when it has one), copied in before the step and back after it.
+    A gradient that is staged, non-dense or laid out unlike its parameter is copied into a
+    buffer shaped like the parameter's row first."""
 
     def __init__(self, op: str, h: Hyper, params, states: dict, steps, masters=None,
                  backend=None):
@@ -68,12 +75,15 @@ class Table:
         self.op, self.slots = op, h.slots
         self.call = call = resolve(op, backend, **{"params[0]": params[0]})
         first = describe(params[0], "params[0]")
-        self.kind, self.dtype, self.device = first[0], first[2], first[1]
+        self.kind, self.param_dtype, self.device = first[0], first[2], first[1]
+        host_16bit = call.backend != "cuda" and self.param_dtype in ("float16", "bfloat16")
+        #: what the kernels compute on: float32 for 16-bit parameters on the host
+        self.dtype = "float32" if host_16bit else self.param_dtype
         if self.dtype not in PARAM_DTYPES[call.backend]:
-            raise TypeError(f"{op}: params[0] has dtype {self.dtype}, which the {call.backend!r} "
-                            f"backend does not support (supported: "
-                            f"{', '.join(PARAM_DTYPES[call.backend])})")
-        self.state_dtype = state_dtype(self.dtype)
+            raise TypeError(f"{op}: params[0] has dtype {self.param_dtype}, which the "
+                            f"{call.backend!r} backend does not support (supported: "
+                            f"{', '.join(sorted({*PARAM_DTYPES[call.backend], *_HALF}))})")
+        self.state_dtype = state_dtype(self.param_dtype)
         n = len(params)
         for slot in h.slots:
             if states.get(slot) is None or len(states[slot]) != n:
@@ -84,16 +94,31 @@ class Table:
             raise ValueError(f"{op}: master_params needs one array per parameter ({n})")
 
         self.rows = rows = np.zeros((n, COLUMNS), np.int64)
-        self.shapes, self.layouts = [], []
+        self.shapes, self.layouts, self.stages = [], [], []
+        kernel_params, kernel_masters = list(params), None if host_16bit else masters
         written = []  # (name, address, bytes) of everything the step writes
         for i, p in enumerate(params):
-            info = self._check(p, f"params[{i}]", self.dtype, None, layout=None, write=True)
+            info = self._check(p, f"params[{i}]", self.param_dtype, None, layout=None,
+                               write=True, dense=False)
             shape, layout = info[3], info[4]
+            count = math.prod(shape)
+            master = None if masters is None else masters[i]
+            if master is not None:
+                if self.state_dtype == self.param_dtype:
+                    raise ValueError(f"{op}: master_params are for float16/bfloat16 parameters, "
+                                     f"params[{i}] is {self.param_dtype}")
+                self._check(master, f"master_params[{i}]", "float32", shape, write=True)
+            if layout is None or host_16bit:  # staged: the kernel updates a dense copy
+                work = master if host_16bit and master is not None else self._empty(
+                    p, self.dtype, dense=True)
+                self.stages.append((p, work, work is not master))
+                kernel_params[i], layout = work, "C"
+            else:
+                written.append((f"params[{i}]", info[5], count * _ITEMSIZE[self.dtype]))
             self.shapes.append(shape)
             self.layouts.append(layout)
-            rows[i, P], rows[i, N] = info[5], math.prod(shape)
-            written.append((f"params[{i}]", info[5], rows[i, N] * _ITEMSIZE[self.dtype]))
-            state_bytes = rows[i, N] * _ITEMSIZE[self.state_dtype]
+            rows[i, P], rows[i, N] = describe(kernel_params[i], f"params[{i}]")[5], count
+            state_bytes = count * _ITEMSIZE[self.state_dtype]
             for slot in h.slots:
                 column = S0 + ALGORITHMS[h.algorithm][1].index(slot)
                 rows[i, column] = self._check(states[slot][i], f"{slot}[{i}]", self.state_dtype,
@@ -102,20 +127,19 @@ class Table:
             rows[i, STEP] = self._check(steps[i], f"state_steps[{i}]", "float32", None, 1,
                                         layout=None, write=True)[5]
             written.append((f"state_steps[{i}]", rows[i, STEP], 4))
-            if masters is not None and masters[i] is not None:
-                if self.state_dtype == self.dtype:
-                    raise ValueError(f"{op}: master_params are for float16/bfloat16 parameters, "
-                                     f"params[{i}] is {self.dtype}")
-                rows[i, MASTER] = self._check(masters[i], f"master_params[{i}]", "float32",
-                                              shape, layout=layout, write=True)[5]
-                written.append((f"master_params[{i}]", rows[i, MASTER], state_bytes))
+            if master is not None:
+                address = describe(master, f"master_params[{i}]")[5]
+                written.append((f"master_params[{i}]", address, state_bytes))
+                if kernel_masters is not None:
+                    rows[i, MASTER] = address
         self.written = _Spans(op, written)
         self.chunks = chunk_list(rows[:, N])
-        self.natives = (params, states, steps, masters)  # for the numpy backend
+        self.natives = (kernel_params, states, steps, kernel_masters)  # the numpy backend's
         # what the rows address, to revalidate at every step (the arrays are kept alive)
         self.signature = self._signature(params, states, steps, masters)
         self._device_rows = None
-        self.grads = self.grad_signature = None
+        self.grads = self.grad_refs = self.grad_signature = None
+        self.grad_stages = []  # (row, buffer) of gradients copied before each step
         self._scratch = None  # cuda: the norm pass's partials and last-block counter
 
     def matches(self, params, states, steps, masters=None) -> bool:
@@ -135,10 +159,10 @@ class Table:
         full, addresses = array_signatures(params), array_signatures(owned, owned=True)
         return None if full is None or addresses is None else (full, addresses)
 
-    def _check(self, a, name, dtype, shape, size=None, layout="C", write=False):
+    def _check(self, a, name, dtype, shape, size=None, layout="C", write=False, dense=True):
         """describe(a), after checking it against the parameters (kind, device, dtype, shape,
-        and the layout: the parameter's own, which grads and states must share), and that it
-        is writeable if the step writes it."""
+        and, with ``dense``, the layout: the parameter's own, which states share), and that
+        it is writeable if the step writes it."""
         if write:
             check_writable(self.op, name, a)
         info = describe(a, name)
@@ -153,28 +177,62 @@ class Table:
             raise ValueError(f"{self.op}: {name} has shape {tuple(sh)}, expected {tuple(shape)}")
         if size is not None and math.prod(sh) != size:
             raise ValueError(f"{self.op}: {name} must hold {size} element(s), has shape {tuple(sh)}")
-        if a_layout is None or (layout is not None and a_layout != layout and math.prod(sh) > 1):
+        if dense and (a_layout is None or (layout is not None and a_layout != layout
+                                           and math.prod(sh) > 1)):
             raise ValueError(f"{self.op}: {name} must be dense with the parameter's layout "
                              f"({'C-contiguous' if layout in ('C', None) else f'strides {layout}'})")
         return info
 
+    def _empty(self, like, dtype: str, dense: bool = False):
+        """A new array of ``like``'s kind, device and shape in ``dtype``: C-contiguous with
+        ``dense``, else (torch) with ``like``'s dense layout."""
+        if self.kind != "torch":
+            return self.call.xp.empty(like.shape, dtype)
+        import torch
+
+        if dense:
+            return torch.empty(like.shape, dtype=getattr(torch, dtype), device=like.device)
+        return torch.empty_like(like, dtype=getattr(torch, dtype))
+
     def bind_grads(self, grads) -> "Table":
-        """Check the gradients (one per parameter, same shape, dtype and device) and record them."""
+        """Check the gradients (one per parameter, same shape, dtype and device) and record
+        them; a gradient the kernel cannot read in place is copied into a buffer laid out
+        like its row."""
         if len(grads) != len(self.shapes):
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
         signature = array_signatures(grads)
-        if signature is not None and signature == self.grad_signature:
-            self.grads = list(grads)
-            return self  # the same memory, shapes and layouts as the rows hold
-        addresses = [self._check(g, f"grads[{i}]", self.dtype, self.shapes[i],
-                                 layout=self.layouts[i])[5] for i, g in enumerate(grads)]
-        self.written.check_disjoint(
-            "grads", addresses, self.rows[:, N] * _ITEMSIZE[self.dtype])
+        if signature is None or signature != self.grad_signature:
+            self._bind_new_grads(grads)
+            self.grad_signature = signature
+        self.grad_refs = list(grads)  # keeps NumPy ids (in the signature) theirs
+        kernel_grads = list(grads)
+        for i, buffer in self.grad_stages:
+            _copy(buffer, grads[i])
+            kernel_grads[i] = buffer
+        self.grads = kernel_grads
+        return self
+
+    def _bind_new_grads(self, grads) -> None:
+        stages, rows, direct = [], [], []
+        addresses = self.rows[:, G].copy()
+        kernel_params = self.natives[0]
+        for i, g in enumerate(grads):
+            info = self._check(g, f"grads[{i}]", self.param_dtype, self.shapes[i], dense=False)
+            if (info[2] != self.dtype or info[4] is None
+                    or (info[4] != self.layouts[i] and math.prod(self.shapes[i]) > 1)):
+                buffer = self._empty(kernel_params[i], self.dtype)
+                stages.append((i, buffer))
+                addresses[i] = describe(buffer, f"grads[{i}]")[5]
+            else:
+                rows.append(i)
+                direct.append(info[5])
+                addresses[i] = info[5]
+        self.written.check_disjoint("grads", direct, self.rows[rows, N] * _ITEMSIZE[self.dtype],
+                                    rows)
         if self._device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
             self._device_rows = None
         self.rows[:, G] = addresses
-        self.grads, self.grad_signature = list(grads), signature
-        return self
+        self.grad_stages = stages
 
     def grad_norm(self) -> tuple[float, bool]:
         """(L2 norm, any inf/NaN) of this table's gradients, on the host (numpy, cpu); the
@@ -205,19 +263,26 @@ class Table:
         :func:`grad_totals`), used instead of this table's own for clipping and the check."""
         call = self.call
         with call.context():
+            for p, work, copy_in in self.stages:
+                if copy_in:
+                    _copy(work, p)
             if call.backend == "numpy":
                 xp = call.xp
                 params, states, steps, masters = self.natives
                 views = lambda arrays: [_view(a) for a in arrays]
-                skipped = reference_step(
+                skipped = xp.asarray(float(reference_step(
                     xp, views(params), views(self.grads),
                     {k: views(v) for k, v in states.items() if k in self.slots}, views(steps),
                     [None if m is None else _view(m) for m in masters] if masters else None,
-                    h, grad_scale, found_inf, totals)
-                return xp.asarray(float(skipped))
-            if call.backend == "cpu":
-                return _cpu_run(self, h, grad_scale, found_inf, totals)
-            return _cuda_run(self, h, grad_scale, found_inf, totals)
+                    h, grad_scale, found_inf, totals)))
+            elif call.backend == "cpu":
+                skipped = _cpu_run(self, h, grad_scale, found_inf, totals)
+            else:
+                skipped = _cuda_run(self, h, grad_scale, found_inf, totals)
+            if self.stages and (call.backend == "cuda" or not float(skipped)):
+                for p, work, _ in self.stages:  # a skipped cuda step left work == p
+                    _copy(p, work)
+            return skipped
 
 
 def grad_totals(tables: list[Table]):
@@ -251,6 +316,15 @@ def _view(a):
 
 #: bytes per element of the dtypes a table holds.
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+_HALF = ("float16", "bfloat16")
+
+
+def _copy(dst, src) -> None:
+    """dst[...] = src for arrays of one kind (the array library casts and follows strides)."""
+    if hasattr(dst, "copy_"):
+        dst.detach().copy_(src)
+    else:
+        dst[...] = src
 
 
 class _Spans:
@@ -269,9 +343,9 @@ class _Spans:
         self.stops = np.array([b for _, b, _ in spans], np.int64)
         self.names = [name for _, _, name in spans]
 
-    def check_disjoint(self, what: str, addresses, sizes) -> None:
-        """Refuse arrays (``what``[i] at addresses[i], sizes[i] bytes) that share a byte with
-        anything the step writes."""
+    def check_disjoint(self, what: str, addresses, sizes, index) -> None:
+        """Refuse arrays (``what``[index[i]] at addresses[i], sizes[i] bytes) that share a
+        byte with anything the step writes."""
         starts = np.asarray(addresses, np.int64)
         stops = starts + np.asarray(sizes, np.int64)
         # the last written range starting before each array's end must end before its start
@@ -280,8 +354,8 @@ class _Spans:
         hit[hit] = self.stops[k[hit]] > starts[hit]
         if hit.any():
             i = int(np.argmax(hit))
-            raise ValueError(f"{self.op}: {what}[{i}] shares memory with {self.names[k[i]]}, "
-                             "which the step writes")
+            raise ValueError(f"{self.op}: {what}[{index[i]}] shares memory with "
+                             f"{self.names[k[i]]}, which the step writes")
 
 
 def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=None,

@@ -14,14 +14,16 @@ device), so state dicts move between gpunn, gpunn.torch and torch.optim (:func:`
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
 
-from ..backend import array_kind, array_module, dtype_name
+from ..backend import array_kind, array_module, describe, dtype_name
 from .fused import Table, grad_totals, state_dtype
 from .functional import needs_grad_pass
 from .functional import hyper
+from .functional import ALGORITHMS, REQUIRED
 
 
 # --- Arrays of any kind: the few constructors the state needs ----------------------------------
@@ -41,9 +43,15 @@ def _full(like, shape, dtype: str, value: float):
 
 
 def _converted(value, like, shape, dtype: str, name: str):
-    """A fresh copy of ``value`` (any array type, e.g. from a torch checkpoint) as ``like``'s
-    kind, device and (for its shape) layout, with ``dtype``; ValueError if the shape differs."""
+    """A fresh copy of ``value`` (any array type, e.g. from a torch checkpoint, or a number)
+    as ``like``'s kind, device and (for its shape) layout, with ``dtype``; ValueError if the
+    shape differs, TypeError for a value that is not real (complex, bool, object...)."""
+    if isinstance(value, (int, float, np.generic)):  # e.g. an old checkpoint's step
+        value = np.asarray(value)
     kind = array_kind(value, name)
+    if not dtype_name(value).startswith(("float", "bfloat", "int", "uint")):
+        raise TypeError(f"{name} has dtype {dtype_name(value)}; optimizer states are real "
+                        "numbers")
     if kind == "torch":
         value = value.detach()
         if tuple(value.shape) != tuple(shape):
@@ -95,7 +103,8 @@ class FusedStep:
             value = state.get(slot)
             if value is None:
                 state[slot] = _full(data, shape, sdt, self._init_value(slot, group))
-            elif dtype_name(value) != sdt or not _same_place(value, data):
+            elif (dtype_name(value) != sdt or not _same_place(value, data)
+                  or not _same_layout(value, data)):
                 state[slot] = _converted(value, data, shape, sdt, f"state {slot!r}")
         step = state.get("step")
         if step is None:  # a torch SGD checkpoint has no step: its buffer means t >= 1
@@ -106,7 +115,8 @@ class FusedStep:
             master = state.get("master_param")
             if master is None:
                 state["master_param"] = _converted(data, data, shape, "float32", "param")
-            elif dtype_name(master) != "float32" or not _same_place(master, data):
+            elif (dtype_name(master) != "float32" or not _same_place(master, data)
+                  or not _same_layout(master, data)):
                 state["master_param"] = _converted(master, data, shape, "float32",
                                                    "state 'master_param'")
         return state
@@ -174,6 +184,19 @@ class FusedStep:
         return any(float(f) != 0.0 for f in getattr(self, "skip_flags", []))
 
 
+def _same_layout(state, param) -> bool:
+    """Whether a state is laid out as the step needs it: with the parameter's strides (a
+    parameter moved to channels_last, or transposed, after some steps gets its states
+    re-laid once); C-contiguous for a parameter that is not dense (its update is staged)."""
+    if tuple(state.shape) != tuple(param.shape) or math.prod(param.shape) <= 1:
+        return True  # a shape mismatch is the step's error to report
+    if array_kind(param, "param") != "torch":
+        return bool(state.flags.c_contiguous)
+    if describe(param, "param")[4] is None:
+        return state.is_contiguous()
+    return state.stride() == param.stride()
+
+
 def _same_place(a, b) -> bool:
     """Same array kind and device (states loaded from a checkpoint may be elsewhere)."""
     ka, kb = array_kind(a, "state"), array_kind(b, "param")
@@ -184,6 +207,78 @@ def _same_place(a, b) -> bool:
     if ka == "cupy":
         return a.device.id == b.device.id
     return True
+
+
+def check_new_params(params: list, groups: list, array, names=None) -> None:
+    """A new group's parameters: each listed once (torch.optim would warn and step a repeated
+    one twice) and in none of ``groups``; ValueError naming the repeated one."""
+    first: dict[int, int] = {}
+    for i, p in enumerate(params):
+        j = first.setdefault(id(p), i)
+        if j != i:
+            shape = getattr(array(p), "shape", None)
+            raise ValueError(
+                f"params[{i}]{f' {names[i]!r}' if names and names[i] else ''}"
+                f"{'' if shape is None else f' (shape {tuple(shape)})'} is params[{j}] listed "
+                "again; list each parameter once")
+    if any(id(p) in first for g in groups for p in g["params"]):
+        raise ValueError("some parameters appear in more than one parameter group")
+
+
+def checked_load(opt, state_dict) -> tuple[list, dict]:
+    """(param groups, state by parameter) that loading ``state_dict`` (gpunn's, gpunn.torch's
+    or torch.optim's layout) into ``opt`` gives, every check done before ``opt`` changes:
+    group and parameter counts; each saved group holds the options the algorithm needs, and
+    they are valid (saved options win; others, e.g. gpunn's own, stay as they are); state
+    keys the algorithm uses; shapes; real dtypes. States are fresh copies on each
+    parameter's device (float32 for 16-bit parameters, as the step keeps them)."""
+    cls = type(opt).__name__
+    try:
+        groups, states = state_dict["param_groups"], state_dict["state"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{cls}.load_state_dict: state_dict must be a dict with 'state' and "
+                         "'param_groups'") from None
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
+                         f"has {len(opt.param_groups)}")
+    for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"state_dict's parameter group {i} has {len(saved['params'])} "
+                             f"parameters, the optimizer's has {len(group['params'])}")
+    new_groups = []
+    for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        missing = [key for key in REQUIRED[opt.algorithm] if key not in saved]
+        if missing:
+            raise ValueError(f"state_dict's param_groups[{i}] lacks {missing}, which {cls} "
+                             "needs (is it another optimizer's state dict?)")
+        new = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        if opt.algorithm == "adamw":
+            new["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
+        try:
+            opt._hyper(new)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"state_dict's param_groups[{i}]: {e}") from None
+        new_groups.append(new)
+    known = {"step", "master_param",
+             *ALGORITHMS["adam" if opt.algorithm == "adamw" else opt.algorithm][1]}
+    new_state = {}
+    for saved, group in zip(groups, opt.param_groups):
+        for index, p in zip(saved["params"], group["params"]):
+            entry = states.get(index)
+            if entry is None:
+                continue
+            unknown = [key for key in entry if key not in known]
+            if unknown:
+                raise ValueError(f"state_dict's state[{index}] has {unknown}, which {cls} "
+                                 "does not use (is it another optimizer's state dict?)")
+            data = opt._array(p)
+            sdt = state_dtype(dtype_name(data))
+            new_state[p] = {
+                key: _converted(v, data, () if key == "step" else data.shape,
+                                "float32" if key in ("step", "master_param") else sdt,
+                                f"state[{index}][{key!r}]")
+                for key, v in entry.items() if v is not None}
+    return new_groups, new_state
 
 
 class Optimizer(FusedStep):
@@ -200,6 +295,15 @@ class Optimizer(FusedStep):
         for group in params if isinstance(params[0], dict) else [{"params": params}]:
             self.add_param_group(group)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the cached step tables (they address this
+        optimizer's arrays); the copy builds its own at its first step."""
+        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tables = {}
+
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (a dict with 'params' and any options overriding the defaults)."""
         group = dict(param_group)
@@ -209,10 +313,7 @@ class Optimizer(FusedStep):
             if not (hasattr(p, "data") and hasattr(p, "grad")):
                 raise TypeError(f"params[{i}] must have .data and .grad (a gpunn.nn.Parameter), "
                                 f"got {type(p).__name__}")
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
-        if any(id(p) in seen for p in group["params"]) or len(
-                {id(p) for p in group["params"]}) != len(group["params"]):
-            raise ValueError("some parameters appear in more than one parameter group")
+        check_new_params(group["params"], self.param_groups, self._array)
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._hyper(group)  # checks the options
@@ -251,36 +352,11 @@ class Optimizer(FusedStep):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this optimizer, of gpunn.torch's or of torch.optim's (torch
-        tensors are copied onto the parameters' device). Checked fully before anything
-        changes: group and parameter counts, state shapes, options."""
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
-                             f"has {len(self.param_groups)}")
-        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict's parameter group {i} has {len(saved['params'])} "
-                                 f"parameters, the optimizer's has {len(group['params'])}")
-        new_groups = []
-        for saved, group in zip(groups, self.param_groups):
-            new = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            self._hyper(new)
-            new_groups.append(new)
-        new_state = {}
-        for saved, group in zip(groups, self.param_groups):
-            for index, p in zip(saved["params"], group["params"]):
-                entry = state_dict["state"].get(index)
-                if entry is None:
-                    continue
-                data = self._array(p)
-                sdt = state_dtype(dtype_name(data))
-                new_state[p] = {
-                    key: _converted(v, data, () if key == "step" else data.shape,
-                                    "float32" if key in ("step", "master_param") else sdt,
-                                    f"state[{index}][{key!r}]")
-                    for key, v in entry.items() if v is not None}
-        self.param_groups[:] = new_groups
-        self.state = new_state
+        tensors are copied onto the parameters' device), checked fully before anything
+        changes (:func:`checked_load`)."""
+        groups, state = checked_load(self, state_dict)
+        self.param_groups[:] = groups
+        self.state = state
         self._tables = {}
 
 
@@ -301,64 +377,93 @@ def to_torch(state_dict: dict) -> dict:
 
 
 # --- The algorithms: options named once, for gpunn.optim and gpunn.torch alike --------------------
+#
+# Each signature is torch 2.13's (positions, keyword-only options, defaults) followed by
+# gpunn's keyword-only options; param groups hold torch's keys in torch's order, then gpunn's.
+
+
+def _gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend) -> dict:
+    return dict(l1=l1, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                master_weights=master_weights, backend=backend)
 
 
 class SGDOptions:
     algorithm = "sgd"
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, l1=0.0, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, backend=None):
-        self._setup(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                                 l1=l1, max_grad_norm=max_grad_norm,
-                                 skip_nonfinite=skip_nonfinite, master_weights=master_weights,
-                                 backend=backend))
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, l1=0.0, max_grad_norm=None, skip_nonfinite=False,
+                 master_weights=False, backend=None):
+        self._setup(params, dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused, **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights,
+                                          backend)))
 
 
 class AdagradOptions:
     algorithm = "adagrad"
 
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, l1=0.0,
-                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, backend=None):
-        self._setup(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                 initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                 maximize=maximize, l1=l1, max_grad_norm=max_grad_norm,
-                                 skip_nonfinite=skip_nonfinite, master_weights=master_weights,
-                                 backend=backend))
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 l1=0.0, max_grad_norm=None, skip_nonfinite=False, master_weights=False,
+                 backend=None):
+        self._setup(params, dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused,
+            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
+        for group in self.param_groups:  # as torch's Adagrad: every state made now
+            for p in group["params"]:
+                data = self._array(p)
+                self.state[p] = {"step": _full(data, (), "float32", 0.0),
+                                 "sum": _full(data, data.shape, state_dtype(dtype_name(data)),
+                                              self._init_value("sum", group))}
 
 
 class RMSpropOptions:
     algorithm = "rmsprop"
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, l1=0.0, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, backend=None):
-        self._setup(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                 momentum=momentum, centered=centered, maximize=maximize, l1=l1,
-                                 max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                                 master_weights=master_weights, backend=backend))
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, l1=0.0, max_grad_norm=None, skip_nonfinite=False,
+                 master_weights=False, backend=None):
+        self._setup(params, dict(
+            lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+            weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+            maximize=maximize, differentiable=differentiable,
+            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
 
 
 class AdamOptions:
     algorithm = "adam"
-    default_weight_decay = 0.0
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=None,
-                 amsgrad=False, *, maximize=False, l1=0.0, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, backend=None):
-        if weight_decay is None:
-            weight_decay = self.default_weight_decay
-        self._setup(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                 amsgrad=amsgrad, maximize=maximize, l1=l1,
-                                 max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                                 master_weights=master_weights, backend=backend))
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False, l1=0.0,
+                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, backend=None):
+        self._setup(params, dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
 
 
 class AdamWOptions(AdamOptions):
+    """Adam with decoupled_weight_decay=True (as torch's AdamW, an Adam subclass)."""
+
     algorithm = "adamw"
-    default_weight_decay = 1e-2
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, l1=0.0, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, l1=l1,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights, backend=backend)
 
 
 class SGD(SGDOptions, Optimizer):
@@ -374,9 +479,10 @@ class RMSprop(RMSpropOptions, Optimizer):
 
 
 class Adam(AdamOptions, Optimizer):
-    """Adam with L2 weight decay into the gradient and amsgrad (torch.optim.Adam)."""
+    """Adam with L2 weight decay into the gradient (decoupled with
+    ``decoupled_weight_decay=True``, as AdamW) and amsgrad (torch.optim.Adam)."""
 
 
-class AdamW(AdamWOptions, Optimizer):
+class AdamW(AdamWOptions, Adam):
     """Adam with decoupled weight decay, default 1e-2 (torch.optim.AdamW)."""
 
