@@ -280,7 +280,8 @@ def _npy_header(member, name: str):
     if dtype.hasobject:
         raise ValueError(f"member {name!r} holds Python objects (dtype {dtype}), which are "
                          f"never unpickled")
-    return 8 + size + length, shape, fortran_order, dtype
+    # what an array of it holds: NumPy makes 'S0'/'U0' one character wide
+    return 8 + size + length, shape, fortran_order, np.empty(0, dtype).dtype
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')

@@ -248,3 +248,13 @@ def test_compressed_npz_dataset_still_loads(tmp_path, rng):
     ds = data.load_npz(tmp_path / "ok.npz")
     np.testing.assert_array_equal(ds.x[:, 0], x)
     np.testing.assert_array_equal(ds.y, y)
+
+
+def test_zero_width_dtype_cannot_declare_elements_for_free(tmp_path):
+    """NumPy gives 'S0' one byte per element: a header of 2^40 of them and no data is refused
+    before that terabyte is allocated."""
+    path = tmp_path / "s0.ck"
+    _checkpoint_with(path, {"dict": [["w", {"array": "w"}]]},
+                     {"w.npy": npy_header((1 << 40,), "|S0")})
+    refused_within(MB, lambda: checkpoint.load(path),
+                   match=r"declares shape \(1099511627776,\) of \|S1 \(1099511627776 bytes")
