@@ -1,12 +1,15 @@
 """PyTorch adapter: gpunn's fused optimizers as ``torch.optim.Optimizer`` subclasses.
 
 ``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise SGD, Adagrad, RMSprop, AdamW)
-takes torch's options and defaults plus gpunn's (``l1``, ``max_grad_norm``,
-``skip_nonfinite``, ``master_weights``), and works with ``torch.optim.lr_scheduler`` and
+takes torch 2.13's signature (positions, keyword-only options, defaults; ``foreach`` and
+``fused`` are accepted and change nothing, ``capturable``/``differentiable`` must be False)
+plus gpunn's keyword-only options (``l1``, ``max_grad_norm``, ``skip_nonfinite``,
+``master_weights``, ``backend``), and works with ``torch.optim.lr_scheduler`` and
 ``torch.amp.GradScaler`` unchanged: the scaler hands its scale and found-inf flag to the step
 (``_step_supports_amp_scaling``), which unscales and skips on the device, without a host
-sync. CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels. State and state dicts
-are torch's own (same keys), so checkpoints move to and from ``torch.optim``.
+sync. CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels. Param groups, state
+and state dicts hold torch's keys, so checkpoints move to and from ``torch.optim``; the
+optimizers deep-copy, pickle and ``torch.save`` as torch's do.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
-                              RMSpropOptions, SGDOptions)
+                              RMSpropOptions, SGDOptions, check_new_params, checked_load)
 
 
 class Optimizer(FusedStep, torch.optim.Optimizer):
@@ -26,11 +29,24 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
         self._tables = {}
         torch.optim.Optimizer.__init__(self, params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling, deepcopy and load_state_dict: torch's ``__getstate__`` keeps only
+        defaults, state and param_groups; the cached step tables start empty."""
+        super().__setstate__(state)
+        self._tables = {}
+
     @staticmethod
     def _array(p):
         return p
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, but a parameter listed twice is refused (torch warns and steps it twice)
+        and so is a group whose options the step would refuse: nothing is added."""
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+            param_group["params"] = params = list(params)
+            check_new_params([p[1] if isinstance(p, tuple) else p for p in params], [],
+                             self._array, [p[0] if isinstance(p, tuple) else None for p in params])
         super().add_param_group(param_group)
         try:
             self._hyper(self.param_groups[-1])  # checks the new group's options
@@ -53,51 +69,67 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, except that float32 states (and master copies) of float16/bfloat16
-        parameters stay float32: torch would round them to the parameter's dtype."""
+        """torch's load (its hooks, param_names), checked fully first (ValueError/TypeError,
+        nothing changed: :func:`gpunn.optim.optimizer.checked_load`); gpunn's options absent
+        from a torch state dict keep their values, and float32 states (and master copies) of
+        float16/bfloat16 parameters stay float32 where torch would round them."""
+        groups, states = checked_load(self, state_dict)
         super().load_state_dict(state_dict)
+        for group, checked in zip(self.param_groups, groups):
+            group.update(checked)
+        for p, entry in states.items():
+            self.state[p] = entry
         self._tables = {}
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            for index, p in zip(saved["params"], group["params"]):
-                entry = state_dict["state"].get(index, {})
-                if p.dtype not in (torch.float16, torch.bfloat16):
-                    continue
-                for key, value in entry.items():
-                    if (key != "step" and isinstance(value, torch.Tensor)
-                            and value.dtype == torch.float32):
-                        self.state[p][key] = torch.empty_like(p, dtype=torch.float32).copy_(value)
 
 
-class TorchOptions:
-    """torch's implementation switches, accepted so that code written for torch.optim runs
-    unchanged: ``foreach`` and ``fused`` change nothing (the step is always fused);
-    ``capturable`` and ``differentiable`` are not supported."""
+class SGD(SGDOptions, Optimizer):
+    """torch.optim.SGD, fused. torch's SGD state has no 'step', nor has this one's: the
+    kernels' step counts (momentum's first step copies the gradient) are set aside between
+    steps, and without them a momentum buffer means the first step is behind it."""
 
-    def __init__(self, params, *args, foreach=None, fused=None, capturable=False,
-                 differentiable=False, **kwargs):
-        for name, value in (("capturable", capturable), ("differentiable", differentiable)):
-            if value:
-                raise ValueError(f"{type(self).__name__}: {name}=True is not supported")
-        super().__init__(params, *args, **kwargs)
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._steps = {}
+
+    def fused_step(self, grad_scale=None, found_inf=None):
+        steps = getattr(self, "_steps", {})
+        for group in self.param_groups:  # the counts back where the step looks for them
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p in steps and (not group["momentum"] or "momentum_buffer" in (state or ())):
+                    self.state.setdefault(p, {})["step"] = steps[p]
+        try:
+            return super().fused_step(grad_scale, found_inf)
+        finally:
+            self._hide_steps()
+
+    def _hide_steps(self) -> None:
+        self._steps = {}
+        for p, state in list(self.state.items()):
+            step = state.pop("step", None)
+            if step is not None:
+                self._steps[p] = step
+            if not state:
+                del self.state[p]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._hide_steps()
 
 
-class SGD(TorchOptions, SGDOptions, Optimizer):
-    """torch.optim.SGD, fused."""
-
-
-class Adagrad(TorchOptions, AdagradOptions, Optimizer):
+class Adagrad(AdagradOptions, Optimizer):
     """torch.optim.Adagrad, fused."""
 
 
-class RMSprop(TorchOptions, RMSpropOptions, Optimizer):
+class RMSprop(RMSpropOptions, Optimizer):
     """torch.optim.RMSprop, fused."""
 
 
-class Adam(TorchOptions, AdamOptions, Optimizer):
-    """torch.optim.Adam, fused."""
+class Adam(AdamOptions, Optimizer):
+    """torch.optim.Adam, fused (``decoupled_weight_decay=True`` is AdamW)."""
 
 
-class AdamW(TorchOptions, AdamWOptions, Optimizer):
+class AdamW(AdamWOptions, Adam):
     """torch.optim.AdamW, fused."""
 
 

@@ -222,7 +222,10 @@ def test_trajectory_matches_torch(algo, options, runner, dtype, rng):
     out = trajectory(runner, algo, options, init, grads)
     assert_trajectories_match(out, ref, dtype)
     for i in range(len(SMALL)):  # steps counted per parameter, only where it had a gradient
-        assert float(out[1][i]["step"]) == expected_steps(grads, i)
+        if algo == "sgd" and runner == "gpunn.torch":  # as torch's, its state has no step
+            assert "step" not in out[1][i]
+        else:
+            assert float(out[1][i]["step"]) == expected_steps(grads, i)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -805,7 +808,8 @@ def test_missing_gradient_leaves_that_parameter_alone(algo, runner, rng):
     after = _snapshot(run)
     for i in range(len(SMALL)):
         if i in (2, 5):
-            assert float(run.result()[1][i]["step"]) == 3.0
+            assert algo == "sgd" and runner == "gpunn.torch" or \
+                float(run.result()[1][i]["step"]) == 3.0
             assert after[0][i] != before[0][i] or SMALL[i] == (0,)
         else:
             assert after[0][i] == before[0][i] and after[1][i] == before[1][i]

@@ -37,6 +37,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..ops._apply import compute_dtype
 
 #: Algorithm -> (kernel id, the state slots it may use, in kernel order).
