@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 
@@ -79,9 +80,10 @@ def array_kind(a, name: str) -> str:
     module = type(a).__module__.split(".")[0]
     if module == "cupy":
         return module
-    if module == "torch":
+    torch = sys.modules.get("torch")
+    if module == "torch" or (torch is not None and isinstance(a, torch.Tensor)):
         _check_plain_tensor(a, name)
-        return module
+        return "torch"
     raise TypeError(f"{name} must be a NumPy array, a CuPy array or a torch tensor, "
                     f"got {type(a).__name__}")
 
