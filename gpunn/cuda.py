@@ -12,7 +12,9 @@ and sm_90 without a GPU (tests/test_cuda_compile.py).
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -69,7 +71,11 @@ class Family:
         FAMILIES[name] = self
 
     def function(self, expression: str):
-        """The compiled kernel for one of this family's name expressions, on the current device."""
+        """The compiled kernel for one of this family's name expressions, on the current device
+        (on the CUDA simulator when it is enabled: :mod:`gpunn.cuda_sim`)."""
+        sim = simulator()
+        if sim is not None:
+            return sim.function(self, expression)
         import cupy
 
         return _module(self, cupy.cuda.Device().id).get_function(expression)
@@ -81,6 +87,12 @@ def _module(family: Family, device_id: int):
 
     return cupy.RawModule(code=source(family.name), options=NVRTC_OPTIONS,
                           name_expressions=family.expressions)
+
+
+def simulator():
+    """The :mod:`gpunn.cuda_sim` module when the CUDA simulator is enabled, else None."""
+    sim = sys.modules.get("gpunn.cuda_sim")
+    return sim if sim is not None and sim.enabled() else None
 
 
 def grid_for(n_items: int, block: int, kernel) -> int:
@@ -106,3 +118,9 @@ def _blocks_per_sm(device_id: int, regs_per_thread: int, block: int) -> int:
     by_regs = attributes["MaxRegistersPerMultiprocessor"] // (regs_per_warp * (block // 32))
     by_threads = attributes["MaxThreadsPerMultiProcessor"] // block
     return max(1, min(by_regs, by_threads, attributes["MaxBlocksPerMultiprocessor"]))
+
+
+if os.environ.get("GPUNN_CUDA_SIM", "") not in ("", "0"):  # GPUNN_CUDA_SIM=1: no GPU needed
+    from . import cuda_sim
+
+    cuda_sim.enable()

@@ -40,9 +40,20 @@ __device__ __forceinline__ float to_compute(float v) { return v; }
 __device__ __forceinline__ double to_compute(double v) { return v; }
 
 __device__ __forceinline__ float to_compute(half v) {
+#ifdef GPUNN_CUDA_SIM  // the host version of the CUDA simulator (gpunn/cuda_sim): exact
+  const unsigned sign = (static_cast<unsigned>(v.bits) & 0x8000u) << 16;
+  const unsigned exponent = (v.bits >> 10) & 0x1fu, mantissa = v.bits & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return __uint_as_float(__float_as_uint(magnitude) | sign);
+  }
+  if (exponent == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
+  return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));  // exact
   return f;
+#endif
 }
 
 __device__ __forceinline__ float to_compute(bfloat16 v) {
@@ -58,7 +69,24 @@ template <> __device__ __forceinline__ double from_compute<double>(double c) { r
 
 template <> __device__ __forceinline__ half from_compute<half>(float c) {
   half h;
+#ifdef GPUNN_CUDA_SIM  // the host version of the CUDA simulator: ties to even, NaN stays NaN
+  const unsigned u = __float_as_uint(c), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) {
+    h.bits = static_cast<unsigned short>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // quiet NaN
+  } else if (a >= 0x477ff000u) {  // 65520 and above round to inf
+    h.bits = static_cast<unsigned short>(sign | 0x7c00u);
+  } else if (a >= 0x38800000u) {  // a normal half: drop 13 bits, ties to even (carries are fine)
+    unsigned bits = ((a >> 23) - 112u) << 10 | ((a & 0x7fffffu) >> 13);
+    const unsigned rest = a & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (bits & 1u))) bits += 1u;
+    h.bits = static_cast<unsigned short>(sign | bits);
+  } else {  // subnormal or zero: units of 2^-24, rounded to nearest even by nearbyintf
+    const float units = __uint_as_float(a) * 16777216.0f;
+    h.bits = static_cast<unsigned short>(sign | static_cast<unsigned>(nearbyintf(units)));
+  }
+#else
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(c));
+#endif
   return h;
 }
 

@@ -1,8 +1,9 @@
 """Shared test tools: error measure and tolerances (DESIGN.md), backends, the gpu marker."""
 
-import zlib
-
+import inspect
 import os
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -48,16 +49,78 @@ def assert_close(out, ref, dtype):
 
 
 def has_gpu() -> bool:
-    return backend.cuda_device_count() > 0
+    return backend.cuda_device_count() > 0 and not simulated()
+
+
+def simulated() -> bool:
+    """The cuda backend runs on gpunn's CUDA simulator (GPUNN_CUDA_SIM=1): the gpu tests run
+    on it, except those that need CUDA torch tensors."""
+    from gpunn import cuda
+
+    return cuda.simulator() is not None
+
+
+#: What a test needs CUDA torch tensors for (the simulator has none).
+_TORCH_CUDA = re.compile(r"""device\s*=\s*["']cuda|\.cuda\(|torch\.cuda\.|\.to\(["']cuda""")
+
+
+def _needs_torch_cuda(item) -> bool:
+    try:
+        return bool(_TORCH_CUDA.search(inspect.getsource(item.function)))
+    except (OSError, TypeError, AttributeError):
+        return False
 
 
 def pytest_collection_modifyitems(config, items):
+    if simulated():
+        skip = pytest.mark.skip(reason="needs CUDA torch tensors (the CUDA simulator has none)")
+        for item in items:
+            if "gpu" in item.keywords and _needs_torch_cuda(item):
+                item.add_marker(skip)
+        return
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="no CUDA device visible to CuPy")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    if simulated():  # compile every kernel family in the background while tests run
+        from gpunn import cuda_sim, ops, optim  # noqa: F401  (declares the families)
+        import gpunn.optim.fused  # noqa: F401
+
+        cuda_sim.prefetch()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under the simulator: every declared kernel instantiation must have been launched when
+    GPUNN_CUDA_SIM_COVERAGE=1 (CI's full gpu run)."""
+    if not simulated() or os.environ.get("GPUNN_CUDA_SIM_COVERAGE", "") in ("", "0"):
+        return
+    from gpunn import cuda_sim
+
+    if any(missing for _, _, missing in cuda_sim.coverage().values()):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not simulated():
+        return
+    from gpunn import cuda_sim
+
+    report = cuda_sim.coverage()
+    launched = sum(cuda_sim.LAUNCHES.values())
+    covered = sum(c for c, _, _ in report.values())
+    total = sum(t for _, t, _ in report.values())
+    write = terminalreporter.write_line
+    terminalreporter.section("CUDA simulator: kernel instantiations launched")
+    for name, (count, declared, missing) in report.items():
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        write(f"{name:12s} {count:3d} / {declared:3d}" + (f"  never launched: {shown}" if missing else ""))
+    write(f"{'all':12s} {covered:3d} / {total:3d}  ({launched} launches; settings: "
+          f"{cuda_sim.SETTINGS})")
 
 
 @pytest.fixture
