@@ -111,7 +111,7 @@ ROW_BLOCK = 32
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
 # Arrays are (A, C, B) views; per-channel arrays broadcast as [:, None]. Statistics in float64,
 # elementwise math in the compute dtype (float32 for 16-bit input), the same formulas as the
-# kernels: y = (x - mean) * (invstd * w) + b and dx = k1 * g + k2 * (x - mean) + k3.
+# kernels: y = (x - mean) * (invstd * w) + b and dx = k1 * (g + k2 * (x - mean) + k3).
 
 
 def _compute(xp, a):
@@ -159,10 +159,10 @@ def _numpy_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
     dw[...] = sum_gx * inv
     k1 = (w.astype(xp.float64) if w is not None else 1.0) * inv
     if training:
-        k2 = -k1 * inv * inv * sum_gx / n
-        k3 = -k1 * sum_g / n
-        dx3[...] = (k1.astype(cd)[:, None] * gc + k2.astype(cd)[:, None] * xmu
-                    + k3.astype(cd)[:, None])
+        k2 = -inv * inv * sum_gx / n
+        k3 = -sum_g / n
+        dx3[...] = k1.astype(cd)[:, None] * (gc + k2.astype(cd)[:, None] * xmu
+                                             + k3.astype(cd)[:, None])
     else:
         dx3[...] = k1.astype(cd)[:, None] * gc
 
@@ -172,6 +172,15 @@ def _numpy_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
 # (softmax.py measured the same). Only the pure sums carry fastmath (reassoc): the ReLU mask and
 # every normalized value are computed without it, so the forward, the backward and the NumPy
 # reference round z alike and agree on its sign.
+#
+# Numba's float() keeps a float32 a float32: np.float64() widens.
+#
+# Overflow: a block's sums are in the data's dtype, and for float32 data of magnitude ~1e18 and
+# beyond its squares (or its products g * (x - mean)) overflow. A block whose float32 sums
+# come out inf or NaN is summed again in float64 (a check per block, not per value: finite
+# sums mean no value overflowed); so the statistics of any finite data are finite, and data
+# holding inf or NaN still gives NaN. The dx coefficients keep (x - mean) * invstd^2 from
+# underflowing: dx = k1 * (g + k2 (x - mean) + k3), k2 = -invstd^2 sum(g (x - mean)) / n ~ 1/std.
 
 
 @njit(inline="always", cache=True)
@@ -190,7 +199,8 @@ def _merge(n, mu, m2, nb, mub, m2b):
 @njit(fastmath={"reassoc", "nsz"}, cache=True, error_model="numpy")
 def _block_moments(seg):
     """(n, mean, M2) of a short block in float64, by two passes over it in its dtype: its
-    rounded mean m, then the sums of e = x - m and e^2, corrected by (sum e)^2 / n."""
+    rounded mean m, then the sums of e = x - m and e^2, corrected by (sum e)^2 / n. M2 is
+    inf or NaN where a float32 sum overflowed (see _block_moments64)."""
     s = type(seg[0])(0)
     for i in range(seg.size):
         s += seg[i]
@@ -202,9 +212,32 @@ def _block_moments(seg):
         d += e
         q += e * e
     nf = float(seg.size)
-    dd = float(d)
-    m2 = float(q) - dd * dd / nf
-    return nf, float(m) + dd / nf, m2 if m2 > 0.0 else m2 * 0.0  # keeps NaN, drops -0 rounding
+    dd = np.float64(d)
+    m2 = np.float64(q) - dd * dd / nf
+    return nf, np.float64(m) + dd / nf, m2 if m2 > 0.0 else m2 * 0.0  # keeps NaN, drops -0 rounding
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True, error_model="numpy")
+def _block_moments64(seg):
+    """_block_moments with every sum in float64: for a block whose float32 sums overflowed."""
+    s = 0.0
+    for i in range(seg.size):
+        s += np.float64(seg[i])
+    m = s / seg.size
+    q = 0.0
+    for i in range(seg.size):
+        e = np.float64(seg[i]) - m
+        q += e * e
+    return float(seg.size), m, q
+
+
+@njit(cache=True, error_model="numpy")
+def _count_nonfinite(a):
+    """How many values of a are inf or NaN (a - a is exactly 0 for the others; vectorizes)."""
+    n = 0
+    for i in range(a.size):
+        n += (a[i] - a[i]) != 0
+    return n
 
 
 # Where each parallel piece works (the same split for the statistics, the gradient sums and the
@@ -267,7 +300,10 @@ def _stats_rows(x3, S, pmu, pm2):
             a, b0, b1 = _row_segment(j, j1, B)
             row = x3[a, c]
             for k in range(b0, b1, BLOCK):
-                bn, bmu, bm2 = _block_moments(row[k:min(k + BLOCK, b1)])
+                seg = row[k:min(k + BLOCK, b1)]
+                bn, bmu, bm2 = _block_moments(seg)
+                if not math.isfinite(bm2):
+                    bn, bmu, bm2 = _block_moments64(seg)
                 n, mu, m2 = _merge(n, mu, m2, bn, bmu, bm2)
             j += b1 - b0
         pmu[t] = mu
@@ -283,7 +319,7 @@ def _stats_rows(x3, S, pmu, pm2):
 @njit(cache=True, error_model="numpy")
 def _cols_shifted(d, q, xs, shift, K):
     """d[i] += e, q[i] += e^2 with e = xs[r*K + i] - shift[i], over the rows r of the block xs
-    (xs ends at the last row's d.size-th value)."""
+    (xs ends at the last row's d.size-th value); in float64 when shift is float64."""
     w = d.size
     for r in range((xs.size - w) // K + 1):
         row = xs[r * K:r * K + w]
@@ -312,9 +348,9 @@ def _merge_columns(n, mu, m2, g, bm, bd, bq):
     wb = g / (n + g)
     nwb = n * wb
     for i in range(mu.size):
-        dd = float(bd[i])
-        gm = float(bm[i]) + dd * inv_g
-        gq = float(bq[i]) - dd * dd * inv_g
+        dd = np.float64(bd[i])
+        gm = np.float64(bm[i]) + dd * inv_g
+        gq = np.float64(bq[i]) - dd * dd * inv_g
         delta = gm - mu[i]
         mu[i] += delta * wb
         m2[i] += gq + delta * delta * nwb
@@ -348,7 +384,14 @@ def _stats_cols(x2, S, pmu, pm2):
             bd[:] = 0
             bq[:] = 0
             _cols_shifted(bd, bq, block, shift, K)
-            _merge_columns(n, mu, m2, float(ae - ab), shift, bd, bq)
+            if _count_nonfinite(bq) == 0:
+                _merge_columns(n, mu, m2, float(ae - ab), shift, bd, bq)
+            else:  # a float32 sum overflowed (or x holds inf/NaN): the block again in float64
+                shift64 = block[:k1 - k0].astype(np.float64) if ab == a0 else mu.copy()
+                bd64 = np.zeros(k1 - k0)
+                bq64 = np.zeros(k1 - k0)
+                _cols_shifted(bd64, bq64, block, shift64, K)
+                _merge_columns(n, mu, m2, float(ae - ab), shift64, bd64, bq64)
             n += ae - ab
         pmu[s, k0:k1] = mu
         pm2[s, k0:k1] = m2
@@ -473,7 +516,18 @@ def _block_grad_sums(gs, xs, m):
     for i in range(xs.size):
         sa += gs[i]
         sb += gs[i] * (xs[i] - m)
-    return float(sa), float(sb)
+    return np.float64(sa), np.float64(sb)
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True, error_model="numpy")
+def _block_grad_sums64(gs, xs, m):
+    """_block_grad_sums in float64: for a block whose float32 sums overflowed."""
+    sa = 0.0
+    sb = 0.0
+    for i in range(xs.size):
+        sa += np.float64(gs[i])
+        sb += np.float64(gs[i]) * (np.float64(xs[i]) - np.float64(m))
+    return sa, sb
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -493,9 +547,11 @@ def _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb):
                 if relu:
                     gk = g[:k1 - k]
                     _seg_mask(gr[k:k1], xr[k:k1], m, sc, be, gk)
-                    ba, bb = _block_grad_sums(gk, xr[k:k1], m)
                 else:
-                    ba, bb = _block_grad_sums(gr[k:k1], xr[k:k1], m)
+                    gk = gr[k:k1]
+                ba, bb = _block_grad_sums(gk, xr[k:k1], m)
+                if not (math.isfinite(ba) and math.isfinite(bb)):
+                    ba, bb = _block_grad_sums64(gk, xr[k:k1], m)
                 sa += ba
                 sb += bb
             j += b1 - b0
@@ -506,9 +562,10 @@ def _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb):
 @njit(cache=True, error_model="numpy")
 def _cols_grad(sa, sb, gs, xs, m, sc, be, K, relu):
     """sa[i] += g, sb[i] += g * (x - m[i]) over the rows of the block (as _cols_shifted); g = dy,
-    or 0 where the recomputed z <= 0 (BN + ReLU)."""
+    or 0 where the recomputed z <= 0 (BN + ReLU). The sums and products are in sa's dtype."""
     w = sa.size
     zero = type(m[0])(0)
+    S = type(sa[0])
     if relu:
         for r in range((xs.size - w) // K + 1):
             xr, gr = xs[r * K:r * K + w], gs[r * K:r * K + w]
@@ -517,13 +574,13 @@ def _cols_grad(sa, sb, gs, xs, m, sc, be, K, relu):
                 z = xm * sc[i] + be[i]
                 g = zero if z <= zero else gr[i]
                 sa[i] += g
-                sb[i] += g * xm
+                sb[i] += S(g) * xm
     else:
         for r in range((xs.size - w) // K + 1):
             xr, gr = xs[r * K:r * K + w], gs[r * K:r * K + w]
             for i in range(w):
                 sa[i] += gr[i]
-                sb[i] += gr[i] * (xr[i] - m[i])
+                sb[i] += S(gr[i]) * (xr[i] - m[i])
 
 
 @njit(cache=True, error_model="numpy")
@@ -553,8 +610,11 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
             ba[:] = 0
             bb[:] = 0
             _cols_grad(ba, bb, gf[lo:hi], xf[lo:hi], m, sc, be, K, relu)
-            _add_float64(ta, ba)
-            _add_float64(tb, bb)
+            if _count_nonfinite(ba) + _count_nonfinite(bb) == 0:
+                _add_float64(ta, ba)
+                _add_float64(tb, bb)
+            else:  # a float32 sum overflowed (or the data holds inf/NaN): again in float64
+                _cols_grad(ta, tb, gf[lo:hi], xf[lo:hi], m, sc, be, K, relu)
         pa[s, k0:k1] = ta
         pb[s, k0:k1] = tb
 
@@ -562,7 +622,7 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
 @njit(cache=True, error_model="numpy")
 def _finalize_backward(pa, pb, sp, S, Bc, count, invstd, w, training, dw, db, k1, k2, k3):
     """Per channel: the sums over its S*Bc partials (index c*sp[0] + s*sp[1] + j*sp[2]),
-    dbias, dweight and the dx coefficients dx = k1 g + k2 (x - mean) + k3."""
+    dbias, dweight and the dx coefficients dx = k1 (g + k2 (x - mean) + k3)."""
     for c in range(invstd.size):
         sa, sb = 0.0, 0.0
         for s in range(S):
@@ -570,13 +630,13 @@ def _finalize_backward(pa, pb, sp, S, Bc, count, invstd, w, training, dw, db, k1
                 i = c * sp[0] + s * sp[1] + j * sp[2]
                 sa += pa[i]
                 sb += pb[i]
-        istd = float(invstd[c])
+        istd = np.float64(invstd[c])
         db[c] = sa
         dw[c] = sb * istd
-        kk = (float(w[c]) if w.size > 0 else 1.0) * istd
+        kk = (np.float64(w[c]) if w.size > 0 else 1.0) * istd
         k1[c] = kk
-        k2[c] = -kk * istd * istd * sb / count if training else 0.0
-        k3[c] = -kk * sa / count if training else 0.0
+        k2[c] = -istd * istd * sb / count if training else 0.0
+        k3[c] = -sa / count if training else 0.0
 
 
 @njit(cache=True, error_model="numpy")
@@ -587,10 +647,10 @@ def _seg_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
             xm = xs[i] - m
             z = xm * sc + be
             g = zero if z <= zero else gs[i]
-            dxs[i] = a1 * g + a2 * xm + a3
+            dxs[i] = a1 * (g + a2 * xm + a3)
     else:
         for i in range(xs.size):
-            dxs[i] = a1 * gs[i] + a2 * (xs[i] - m) + a3
+            dxs[i] = a1 * (gs[i] + a2 * (xs[i] - m) + a3)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -604,7 +664,7 @@ def _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3, NB):
 
 @njit(cache=True, error_model="numpy")
 def _block_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
-    """Whole rows of C = m.size channels: dx = a1 g + a2 (x - m) + a3."""
+    """Whole rows of C = m.size channels: dx = a1 (g + a2 (x - m) + a3)."""
     C = m.size
     zero = type(m[0])(0)
     if relu:
@@ -614,12 +674,12 @@ def _block_dx(gs, xs, dxs, m, sc, be, a1, a2, a3, relu):
                 xm = xs[o + i] - m[i]
                 z = xm * sc[i] + be[i]
                 g = zero if z <= zero else gs[o + i]
-                dxs[o + i] = a1[i] * g + a2[i] * xm + a3[i]
+                dxs[o + i] = a1[i] * (g + a2[i] * xm + a3[i])
     else:
         for r in range(xs.size // C):
             o = r * C
             for i in range(C):
-                dxs[o + i] = a1[i] * gs[o + i] + a2[i] * (xs[o + i] - m[i]) + a3[i]
+                dxs[o + i] = a1[i] * (gs[o + i] + a2[i] * (xs[o + i] - m[i]) + a3[i])
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -745,6 +805,8 @@ _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): n
 
 def _cpu_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps, relu):
     e = _EMPTY[x3.dtype]
+    if not update and rm is not None and not (rm.flags.writeable and rv.flags.writeable):
+        rm, rv = rm.copy(), rv.copy()  # only read, but the kernel is typed for writing them
     _cpu_forward_driver(x3, _or(w, e), _or(b, e), _or(rm, e), _or(rv, e), mean, invstd, y3,
                         use_batch, update, float(factor), float(eps), relu, get_num_threads())
 
