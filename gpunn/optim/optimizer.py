@@ -139,6 +139,9 @@ class FusedStep:
                              None if table.natives[3] is None else
                              [s.get("master_param") for s in states]):
                 return table, None
+        for p in params:  # what the step cannot address is refused first, by position
+            position = next(i for i, q in enumerate(group["params"]) if q is p)
+            array_kind(self._array(p), f"param_groups[{key[0]}]['params'][{position}]")
         states = [self._prepared_state(p, group, h) for p in params]
         masters = [s.get("master_param") for s in states]
         table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
@@ -220,7 +223,8 @@ def check_new_params(params: list, groups: list, array, names=None) -> None:
             raise ValueError(
                 f"params[{i}]{f' {names[i]!r}' if names and names[i] else ''}"
                 f"{'' if shape is None else f' (shape {tuple(shape)})'} is params[{j}] listed "
-                "again; list each parameter once")
+                "again; a parameter may appear once, not twice in a group nor in more than one "
+                "parameter group")
     if any(id(p) in first for g in groups for p in g["params"]):
         raise ValueError("some parameters appear in more than one parameter group")
 
