@@ -42,8 +42,10 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """torch's, but a parameter listed twice is refused (torch warns and steps it twice)
         and so is a group whose options the step would refuse: nothing is added."""
-        params = param_group["params"]
-        if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+        # torch raises for a group that is not a dict, a set of parameters, and a parameter
+        # already in another group
+        params = param_group["params"] if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):
             param_group["params"] = params = list(params)
             check_new_params([p[1] if isinstance(p, tuple) else p for p in params], [],
                              self._array, [p[0] if isinstance(p, tuple) else None for p in params])
