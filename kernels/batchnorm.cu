@@ -13,7 +13,7 @@
 //                         g = dy, or for BN + ReLU dy masked by the recomputed output
 //                     bn_finalize_backward<T>              dweight, dbias,
 //                         coef = (mean, scale, beta, k1, k2, k3, 0, 0)
-//                     bn_dx_{flat|cols}<T, V>             dx = k1 g + k2 (x - mean) + k3
+//                     bn_dx_{flat|cols}<T, V>             dx = k1 (g + k2 (x - mean) + k3)
 //
 // Reductions
 //   rows  (B >= GPU_ROWS_MIN): block = (channel c, slice s of its A*B values); slice s covers
@@ -30,6 +30,13 @@
 //   backward as plain sums. Threads, warps, blocks and partials are combined in a fixed order
 //   (shuffle-down trees, shared memory, a warp per channel in the finalize): no atomics, the
 //   same result every run.
+//   Overflow: the sums are float for the 16-bit types and float; for float data of magnitude
+//   ~1e18 and beyond the squares (or g * (x - mean)) overflow. A channel whose merged result is
+//   inf or NaN is summed again by its finalize warp, in double, from x (and dy): a test per
+//   channel, nothing per value. So finite data gets finite statistics and gradients, and data
+//   holding inf or NaN still gets NaN (after that slower second pass).
+//   The dx coefficients are k1 = weight * invstd, k2 = -invstd^2 sum(g (x - mean)) / n ~ 1/std,
+//   k3 = -sum(g) / n: k2 is formed as invstd * (invstd * sum / n), so it never underflows.
 // Elementwise passes
 //   flat  (B > 1): vectors of V along rows (B % V == 0, else V = 1); each thread walks the
 //         vectors i, i + G, ... (grid stride G), two at a time, tracking each vector's channel
@@ -222,13 +229,14 @@ template <typename C> __device__ __forceinline__ C bn_value(C x, C mean, C scale
   return relu && z < C(0) ? C(0) : z;
 }
 
-// dx for one element from the backward coefficients k = (mean, scale, beta, k1, k2, k3).
+// dx for one element from the backward coefficients k = (mean, scale, beta, k1, k2, k3):
+// k1 (g + k2 (x - mean) + k3).
 template <typename T>
 __device__ __forceinline__ compute_t<T> dx_value(compute_t<T> g, compute_t<T> x,
                                                  const compute_t<T> (&k)[6], int relu) {
   const compute_t<T> xm = x - k[0];
   if (relu) g = relu_grad<T>(g, xm, k[1], k[2]);
-  return fma_rn(k[3], g, fma_rn(k[4], xm, k[5]));
+  return k[3] * (fma_rn(k[4], xm, g) + k[5]);
 }
 
 // Position of vector i in the flat array of A*C rows of bv vectors: its place b in its row and
@@ -272,6 +280,51 @@ __device__ __forceinline__ void walk_flat_pairs(long long nvec, long long bv, lo
     p = q;
     p.advance(G, Gb, Gc, bv, Cn);
   }
+}
+
+// The value of element (a, c, b) of the channel's flat index i = a * B + b, as double.
+template <typename T>
+__device__ __forceinline__ double channel_value(const T* p, long long i, long long Cn,
+                                                long long B, long long c) {
+  const long long a = i / B;
+  return static_cast<double>(to_compute(p[(a * Cn + c) * B + (i - a * B)]));
+}
+
+// (mean, M2) of channel c's L = A * B values by two passes in double over x, by one warp (every
+// lane gets them): the finalize's second pass for a channel whose float sums overflowed.
+template <typename T>
+__device__ void channel_moments64(const T* x, long long A, long long Cn, long long B,
+                                  long long c, int lane, double& mean, double& m2) {
+  const long long L = A * B;
+  double s = 0.0;
+  for (long long i = lane; i < L; i += 32) s += channel_value(x, i, Cn, B, c);
+  mean = warp_sum(s) / static_cast<double>(L);
+  double q = 0.0;
+  for (long long i = lane; i < L; i += 32) {
+    const double d = channel_value(x, i, Cn, B, c) - mean;
+    q += d * d;
+  }
+  m2 = warp_sum(q);
+}
+
+// (sum g, sum g (x - mean)) of channel c in double, g and x - mean as fold_grad forms them, by
+// one warp (every lane gets them): the second pass for a channel whose float sums overflowed.
+template <typename T>
+__device__ void channel_grad_sums64(const T* dy, const T* x, long long A, long long Cn,
+                                    long long B, long long c, const Coef<compute_t<T>>& p,
+                                    int relu, int lane, double& sum_g, double& sum_gx) {
+  using C = compute_t<T>;
+  double sa = 0.0, sb = 0.0;
+  for (long long i = lane; i < A * B; i += 32) {
+    const long long a = i / B, at = (a * Cn + c) * B + (i - a * B);
+    const C xm = to_compute(x[at]) - p.mean;
+    C g = to_compute(dy[at]);
+    if (relu) g = relu_grad<T>(g, xm, p.scale, p.beta);
+    sa += static_cast<double>(g);
+    sb += static_cast<double>(g) * static_cast<double>(xm);
+  }
+  sum_g = warp_sum(sa);
+  sum_gx = warp_sum(sb);
 }
 
 }  // namespace bn
@@ -474,15 +527,17 @@ bn_reduce_cols(const T* x, const T* dy, const void* weight, const void* bias,
 // --- per-channel finalize: one warp per channel ------------------------------------------------
 
 // use_batch: merge the channel's S * Bc partials (index c * stride_c + s * stride_s + j) into
-// mean and biased variance; update the running statistics when `update`. Else read the running
-// statistics. Writes mean, invstd and coef = (mean, invstd * weight, bias, 0).
+// mean and biased variance (again from x, A * Cn * B, in double where that overflowed); update
+// the running statistics when `update`. Else read the running statistics. Writes mean, invstd
+// and coef = (mean, invstd * weight, bias, 0).
 template <typename T>
 __global__ void __launch_bounds__(BN_THREADS)
 bn_finalize_forward(const compute_t<T>* part, long long part_stride, long long stride_c,
                     long long stride_s, int S, long long Bc, long long Cn, double count,
                     int use_batch, compute_t<T>* mean, compute_t<T>* invstd, compute_t<T>* coef,
                     void* running_mean, void* running_var, int update, const void* weight,
-                    const void* bias, int params_f32, double factor, double eps) {
+                    const void* bias, int params_f32, double factor, double eps, const T* x,
+                    long long A, long long B) {
   using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -499,14 +554,23 @@ bn_finalize_forward(const compute_t<T>* part, long long part_stride, long long s
     }
     acc = bn::warp_combine<bn::Moments>(acc);
     const C n = static_cast<C>(count);
-    m = acc.b;
-    istd = C(1) / bn::sqrt_rn(acc.c / n + static_cast<C>(eps));
+    m = __shfl_sync(0xffffffffu, acc.b, 0);  // lane 0's result, so the test below is the warp's
+    const C m2 = __shfl_sync(0xffffffffu, acc.c, 0);
+    istd = C(1) / bn::sqrt_rn(m2 / n + static_cast<C>(eps));
+    C unbiased = m2 / (n - C(1));
+    if (!(isfinite(m) && isfinite(m2))) {  // a float sum overflowed, or x holds inf or NaN
+      double mean64, m2_64;
+      bn::channel_moments64(x, A, Cn, B, c, lane, mean64, m2_64);
+      m = static_cast<C>(mean64);
+      istd = static_cast<C>(1.0 / sqrt(m2_64 / count + eps));
+      unbiased = static_cast<C>(m2_64 / (count - 1.0));
+    }
     if (update && lane == 0) {
       const C f = static_cast<C>(factor);
       const C rm = bn::load_param<T>(running_mean, params_f32, c, C(0));
       const C rv = bn::load_param<T>(running_var, params_f32, c, C(0));
       bn::store_param<T>(running_mean, params_f32, c, (C(1) - f) * rm + f * m);
-      bn::store_param<T>(running_var, params_f32, c, (C(1) - f) * rv + f * (acc.c / (n - C(1))));
+      bn::store_param<T>(running_var, params_f32, c, (C(1) - f) * rv + f * unbiased);
     }
   } else {
     m = bn::load_param<T>(running_mean, params_f32, c, C(0));
@@ -523,16 +587,18 @@ bn_finalize_forward(const compute_t<T>* part, long long part_stride, long long s
   }
 }
 
-// Sums the channel's partials; writes dbias = sum g, dweight = invstd * sum g (x - mean) (in
-// the parameters' storage type) and coef = (mean, scale, beta, k1, k2, k3, 0, 0) with
-// k1 = weight * invstd, and in training k2 = -k1 invstd^2 dweight_sum / n, k3 = -k1 dbias / n.
+// Sums the channel's partials (again from dy and x, in double, where that overflowed); writes
+// dbias = sum g, dweight = invstd * sum g (x - mean) (in the parameters' storage type) and
+// coef = (mean, scale, beta, k1, k2, k3, 0, 0) with k1 = weight * invstd, and in training
+// k2 = -invstd^2 sum g (x - mean) / n, k3 = -dbias / n (dx = k1 (g + k2 (x - mean) + k3)).
 template <typename T>
 __global__ void __launch_bounds__(BN_THREADS)
 bn_finalize_backward(const compute_t<T>* part, long long part_stride, long long stride_c,
                      long long stride_s, int S, long long Bc, long long Cn, double count,
                      int training, const compute_t<T>* mean, const compute_t<T>* invstd,
                      const void* weight, const void* bias, int params_f32, void* dweight,
-                     void* dbias, compute_t<T>* coef) {
+                     void* dbias, compute_t<T>* coef, const T* dy, const T* x, long long A,
+                     long long B, int relu) {
   using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -545,18 +611,32 @@ bn_finalize_backward(const compute_t<T>* part, long long part_stride, long long 
     acc = bn::Sums::combine(acc, bn::Triple<C>{part[at], part[part_stride + at], C(0)});
   }
   acc = bn::warp_combine<bn::Sums>(acc);
+  const C n = static_cast<C>(count), istd = invstd[c];
+  C sum_g = __shfl_sync(0xffffffffu, acc.a, 0);  // lane 0's result: the test is the warp's
+  C sum_gx = __shfl_sync(0xffffffffu, acc.b, 0);
+  C dw = sum_gx * istd, k2 = -istd * (istd * (sum_gx / n)), k3 = -(sum_g / n);
+  if (!(isfinite(sum_g) && isfinite(sum_gx))) {  // a float sum overflowed, or inf/NaN data
+    double sa, sb;
+    bn::channel_grad_sums64<T>(dy, x, A, Cn, B, c,
+                               bn::load_coef<T>(c, mean, invstd, weight, bias, params_f32), relu,
+                               lane, sa, sb);
+    const double i64 = static_cast<double>(istd);
+    sum_g = static_cast<C>(sa);
+    dw = static_cast<C>(sb * i64);
+    k2 = static_cast<C>(-i64 * (i64 * (sb / count)));
+    k3 = static_cast<C>(-(sa / count));
+  }
   if (lane == 0) {
-    const C n = static_cast<C>(count), istd = invstd[c];
     const C k1 = math::mul_rn(istd, bn::load_param<T>(weight, params_f32, c, C(1)));
-    bn::store_param<T>(dbias, params_f32, c, acc.a);
-    bn::store_param<T>(dweight, params_f32, c, acc.b * istd);
+    bn::store_param<T>(dbias, params_f32, c, sum_g);
+    bn::store_param<T>(dweight, params_f32, c, dw);
     C* k = coef + 8 * c;
     k[0] = mean[c];
     k[1] = k1;  // scale, as the forward computed it
     k[2] = bn::load_param<T>(bias, params_f32, c, C(0));
     k[3] = k1;
-    k[4] = training ? -(k1 * istd * istd) * (acc.b / n) : C(0);
-    k[5] = training ? -k1 * (acc.a / n) : C(0);
+    k[4] = training ? k2 : C(0);
+    k[5] = training ? k3 : C(0);
     k[6] = C(0);
     k[7] = C(0);
   }

@@ -971,7 +971,7 @@ def _cuda_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor,
         np.int64(C), np.float64(A * B), np.int32(use_batch), mean, invstd, coef,
         _ptr(rm if running else None), _ptr(rv if running else None),
         np.int32(update), _ptr(w), _ptr(b), np.int32(params_f32), np.float64(factor),
-        np.float64(eps)))
+        np.float64(eps), x3, np.int64(A), np.int64(B)))
     if x3.size:
         _cuda_elementwise("normalize", (x3, y3), coef, relu)
 
@@ -988,7 +988,7 @@ def _cuda_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
     finalize((_warps_grid(C),), (THREADS,), (
         part, np.int64(stride), np.int64(sc), np.int64(ss), np.int32(S), np.int64(Bc),
         np.int64(C), np.float64(A * B), np.int32(training), mean, invstd, _ptr(w), _ptr(b),
-        np.int32(params_f32), dw, db, coef))
+        np.int32(params_f32), dw, db, coef, dy3, x3, np.int64(A), np.int64(B), np.int32(relu)))
     if x3.size:
         _cuda_elementwise("dx", (dy3, x3, dx3), coef, relu)
 
