@@ -36,8 +36,11 @@ def array_module_of(device: str):
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device != "cuda":
         return np
+    if not _backend.has_cupy():
+        raise RuntimeError("device='cuda' needs CuPy, which is not installed: "
+                           'pip install "gpunn[cuda13]" (CUDA 13) or "gpunn[cuda12]" (CUDA 12)')
     if _backend.cuda_device_count() == 0:
-        raise RuntimeError("device='cuda' needs CuPy and a CUDA device, and CuPy sees none")
+        raise RuntimeError("device='cuda' needs a CUDA device, and CuPy sees none")
     import cupy
 
     return cupy
