@@ -322,6 +322,27 @@ def _find(prefix: str, base: str) -> str | None:
     return None
 
 
+def _no_dataset(spec: str, prefix: str) -> str:
+    """Why ``spec`` names no dataset: a missing path, a file that is neither an .npz nor IDX,
+    a folder or a path prefix without the IDX files."""
+    expected = ("a dataset is 'digits', an .npz file with x and y, or a folder (or path prefix) "
+                "of MNIST-style IDX files")
+    looked = (f"looked for {' and '.join(prefix + base for base in _IDX_NAMES['train'])} (also "
+              f"with .gz, and .idx for -idx)")
+    if os.path.isdir(spec):
+        return f"{spec!r} is a folder without MNIST-style IDX files: {looked}"
+    if os.path.isfile(spec):
+        return f"{spec!r} is neither an .npz file nor a folder of MNIST-style IDX files: {expected}"
+    folder, start = os.path.split(spec)
+    try:
+        is_prefix = bool(start) and any(n.startswith(start) for n in os.listdir(folder or "."))
+    except OSError:
+        is_prefix = False
+    if is_prefix:
+        return f"no MNIST-style IDX files with the path prefix {spec!r}: {looked}"
+    return f"{spec!r} does not exist (neither a file nor a folder): {expected}"
+
+
 def load(spec=None) -> tuple[Dataset, Dataset | None]:
     """``(train, test)`` for a dataset named by ``spec``; ``test`` is None where the source
     has no test split of its own (split one off with :func:`stratified_split`).
@@ -347,13 +368,7 @@ def load(spec=None) -> tuple[Dataset, Dataset | None]:
              for split, names in _IDX_NAMES.items()}
     train_images, train_labels = found["train"]
     if train_images is None or train_labels is None:
-        looked = [prefix + base for base in _IDX_NAMES["train"]]
-        what = ("a file that is not .npz" if os.path.isfile(spec) else
-                "a folder" if os.path.isdir(spec) else "neither a file nor a folder")
-        raise FileNotFoundError(
-            f"no dataset at {spec!r} ({what}): expected 'digits', an .npz file, or a folder "
-            f"or path prefix of MNIST-style IDX files; looked for {looked} (also with '.gz' "
-            f"and with '.idx' for '-idx')")
+        raise FileNotFoundError(_no_dataset(spec, prefix))
     test_images, test_labels = found["test"]
     if (test_images is None) != (test_labels is None):
         have, lack = ((test_images, _IDX_NAMES["test"][1]) if test_labels is None
