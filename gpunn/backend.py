@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import cache
+from operator import attrgetter, methodcaller
 
 import numpy as np
 
@@ -148,59 +149,49 @@ def describe(a, name: str) -> tuple:
     return (kind, _device(a, kind, name), _dtype_name(a.dtype), shape, layout, a.data_ptr())
 
 
-def array_signatures(arrays, owned: bool = False) -> list | None:
-    """What a kernel handed these arrays' addresses relies on, cheaply, to be compared with
-    the signatures taken when the addresses were recorded (None entries stay None; None for
-    the whole list if one is not an array gpunn addresses):
+def array_signatures(arrays: list, owned: bool = False) -> tuple | None:
+    """What a kernel handed these arrays' addresses relies on, cheaply (C-level getters, no
+    Python call per array), to be compared with the signatures taken when the addresses
+    were recorded; None if one is not an array of the first one's kind:
 
-    - torch tensors: (address, shape, strides, dtype); ``.data`` can swap the memory, the
+    - torch tensors: address, strides, shape and dtype; ``.data`` can swap the memory, the
       shape or the strides under the same tensor object. With ``owned`` (arrays the caller
       made and holds, such as optimizer states) the address alone: a tensor's storage never
       shrinks in place (a storage resize reallocates), so the memory at an unchanged address
       still holds every element;
-    - NumPy/CuPy arrays: (object id, shape, strides, dtype, writeable); an array's memory
-      moves only with its shape (``resize``), and the caller keeps the objects alive so that
-      their ids stay theirs."""
-    table = _OWNED_SIGNATURE if owned else _SIGNATURE
+    - NumPy/CuPy arrays: object id, shape, strides, dtype and writeability, with ``owned``
+      id, shape and writeability; an array's memory moves only with its shape (``resize``),
+      and the caller keeps the objects alive so that their ids stay theirs."""
+    if not arrays:
+        return ()
+    getters = (_OWNED_SIGNATURE if owned else _SIGNATURE).get(type(arrays[0]))
     try:
-        return [None if a is None else table.get(type(a), _signature_of_new_type)(a, owned)
-                for a in arrays]
-    except (TypeError, RuntimeError):  # no storage (sparse), or not an array
+        if getters is None:
+            getters = _register_signatures(arrays[0], owned)
+        return tuple(list(map(get, arrays)) for get in getters)
+    except (AttributeError, TypeError, RuntimeError):  # another kind, no storage (sparse)
         return None
 
 
-def _host_signature(a, owned=False):
-    return (id(a), a.shape, a.strides, a.dtype, a.flags.writeable)
-
-
-def _device_signature(a, owned=False):
-    return (id(a), a.shape, a.strides, a.dtype)
-
-
-def _tensor_signature(t, owned=False):
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
-
-
-def _tensor_address(t, owned=True):
-    return t.data_ptr()
-
-
-def _signature_of_new_type(a, owned):
-    """Register the signature functions of a type seen for the first time (kept out of the
-    import: torch and CuPy are imported by the caller's data, not by gpunn)."""
+def _register_signatures(a, owned: bool):
+    """The signature getters of a type seen for the first time (registered here: torch and
+    CuPy are imported by the caller's data, not by gpunn)."""
     kind = array_kind(a, "array")
     if kind == "torch":
         import torch
 
         for plain in (torch.Tensor, torch.nn.Parameter):
-            _SIGNATURE[plain], _OWNED_SIGNATURE[plain] = _tensor_signature, _tensor_address
-    elif kind == "cupy":
-        _SIGNATURE[type(a)] = _OWNED_SIGNATURE[type(a)] = _device_signature
-    return (_OWNED_SIGNATURE if owned else _SIGNATURE)[type(a)](a, owned)
+            _SIGNATURE[plain] = (methodcaller("data_ptr"), methodcaller("stride"),
+                                 attrgetter("shape", "dtype"))
+            _OWNED_SIGNATURE[plain] = (methodcaller("data_ptr"),)
+    else:  # cupy
+        _SIGNATURE[type(a)] = (id, attrgetter("shape", "strides", "dtype"))
+        _OWNED_SIGNATURE[type(a)] = (id, attrgetter("shape"))
+    return (_OWNED_SIGNATURE if owned else _SIGNATURE)[type(a)]
 
 
-_SIGNATURE = {np.ndarray: _host_signature}
-_OWNED_SIGNATURE = {np.ndarray: _host_signature}
+_SIGNATURE = {np.ndarray: (id, attrgetter("shape", "strides", "dtype", "flags.writeable"))}
+_OWNED_SIGNATURE = {np.ndarray: (id, attrgetter("shape", "flags.writeable"))}
 
 
 def _dense_strides(shape, strides):

@@ -155,7 +155,7 @@ class Table:
         for slot in self.slots:
             owned += states[slot]
         if masters is not None:
-            owned += masters
+            owned += [m for m in masters if m is not None]  # one per 16-bit parameter
         full, addresses = array_signatures(params), array_signatures(owned, owned=True)
         return None if full is None or addresses is None else (full, addresses)
 
