@@ -272,3 +272,23 @@ def test_time_cpu_interleaved_rounds_and_errors():
     assert isinstance(out[2], harness.Timing) and out[2].reps == 3
     # warm-ups (x b z), then rounds: x b z / x b(fails) z / x z
     assert order == ["x", "b", "z", "x", "b", "z", "x", "b", "z", "x", "z"]
+
+
+def test_optim_overhead_case():
+    """The optimizer suite's overhead case (200 tensors of 8 elements): every contender checked
+    against torch's step and timed, no limit; ``overhead=False`` leaves it out."""
+    from gpunn.bench import optim
+
+    recs = optim.run(optim.Options(quick=True, sizes=[1024], algorithms=["adam"],
+                                   progress=False))
+    overhead = {r.impl: r for r in recs if r.direction == "overhead"}
+    assert {"gpunn cpu", "gpunn.optim cpu", "gpunn numpy", "torch foreach",
+            "torch for-loop"} <= set(overhead)
+    for name, r in overhead.items():
+        assert r.op == "adam" and r.shape == [1600, 200] and r.role != "limit", name
+        assert r.status == "ok" and r.error < 1e-3 and r.median_s > 0, (name, r.note)
+    assert overhead["gpunn cpu"].speedup_vs_torch > 0
+    assert {r.direction for r in recs} == {"step", "overhead"}
+    recs = optim.run(optim.Options(quick=True, sizes=[1024], algorithms=["sgd"],
+                                   overhead=False, progress=False))
+    assert recs and {r.direction for r in recs} == {"step"}

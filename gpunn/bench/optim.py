@@ -4,6 +4,12 @@ Cases: one step of SGD (momentum 0.9), Adagrad, RMSprop, Adam and AdamW (torch's
 otherwise) over many parameter tensors of mixed sizes (default: 16M float32 parameters in 200
 tensors on the CPU; 100M in 200 tensors, and 2,000 tensors of 10k, on the GPU).
 
+Overhead (CPU, on by default, ``--no-overhead`` to leave out): one step of SGD, Adam and
+AdamW over 200 tensors of 8 elements, direction 'overhead': the step is all Python, checks
+and launch cost, what a model of many small tensors pays on every step. Contenders: gpunn
+cpu (gpunn.torch on CPU tensors), gpunn.optim cpu (gpunn.optim on NumPy arrays, the Numba
+kernels), gpunn numpy and torch fused / foreach / for-loop; no limit (nothing to move).
+
 Bytes per parameter (the fewest a step must move): Adam/AdamW read p, g, m, v and write p,
 m, v (28 for float32; 22 for bfloat16 parameters with float32 states); SGD with momentum,
 Adagrad and RMSprop read p, g, one state and write p and the state (20 for float32).
@@ -44,6 +50,9 @@ ALGORITHMS = {
 }
 TORCH_VARIANTS = ("fused", "foreach", "for-loop")
 CPU_TOTAL, CPU_TENSORS = "16M", 200
+#: The overhead case: tensors x elements, and its algorithms.
+OVERHEAD_TENSORS, OVERHEAD_ELEMENTS = 200, 8
+OVERHEAD_ALGORITHMS = ("sgd", "adam", "adamw")
 GPU_CASES = (("100M", 200), ("20000000", 2000))  # (total parameters, tensors)
 
 
@@ -53,6 +62,7 @@ class Options(harness.Options):
 
     tensors: int | None = None
     algorithms: list[str] | None = None
+    overhead: bool | None = None  # the overhead case (None: on, CPU only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimizers to run (default all): {', '.join(ALGORITHMS)}")
     parser.add_argument("--tensors", type=int, metavar="N",
                         help=f"tensors the parameters are split into (default {CPU_TENSORS})")
+    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"the per-step overhead case on the CPU: {OVERHEAD_TENSORS} "
+                             f"tensors of {OVERHEAD_ELEMENTS} elements (default on)")
 
 
 def tensor_sizes(total: int, count: int, seed: int) -> list[int]:
@@ -108,8 +121,9 @@ def _torch_optimizer(torch, algorithm, params, variant):
     return getattr(torch.optim, name)(params, **options, **flags)
 
 
-def _case(runner, device, algorithm, sizes, dtype):
-    """Contenders of one case, all starting from the same parameters and gradients."""
+def _case(runner, device, algorithm, sizes, dtype, overhead=False):
+    """Contenders of one case, all starting from the same parameters and gradients
+    (``overhead``: the overhead case's contenders and direction)."""
     import torch
 
     import gpunn.torch as gt
@@ -148,13 +162,15 @@ def _case(runner, device, algorithm, sizes, dtype):
         name, options, _ = ALGORITHMS[algorithm]
         return stepper(getattr(gt, name)(params, **options), params)
 
-    def make_numpy():
-        if device != "cpu" or dtype not in ("float32", "float64"):
-            return None
-        params = [Parameter(x.numpy().copy(), g.numpy()) for x, g in zip(init, grads)]
-        name, options, _ = ALGORITHMS[algorithm]
-        opt = getattr(gpunn_optim, name)(params, **options, backend="numpy")
-        return lambda: (opt.step(), [p.data for p in params])[1]
+    def make_gpunn_optim(backend):
+        def make():
+            if device != "cpu" or dtype not in ("float32", "float64"):
+                return None
+            params = [Parameter(x.numpy().copy(), g.numpy()) for x, g in zip(init, grads)]
+            name, options, _ = ALGORITHMS[algorithm]
+            opt = getattr(gpunn_optim, name)(params, **options, backend=backend)
+            return lambda: (opt.step(), [p.data for p in params])[1]
+        return make
 
     def make_torch(variant):
         def make():
@@ -181,15 +197,19 @@ def _case(runner, device, algorithm, sizes, dtype):
 
     clock = "torch" if device == "cuda" else "cpu"
     contenders = [Contender(f"gpunn {device}", "gpunn", make_gpunn, clock=clock)]
+    if overhead:
+        contenders.append(Contender("gpunn.optim cpu", "gpunn", make_gpunn_optim("cpu")))
     if device == "cpu":
-        contenders.append(Contender("gpunn numpy", "baseline", make_numpy))
+        contenders.append(Contender("gpunn numpy", "baseline", make_gpunn_optim("numpy")))
     variants = TORCH_VARIANTS if device == "cpu" else TORCH_VARIANTS[:2]
     note = "torch keeps bfloat16 states" if itemsize == 2 else ""
     contenders += [Contender(f"torch {v}", "baseline", make_torch(v), clock=clock, note=note)
                    for v in variants]
-    contenders.append(Contender("limit", "limit", make_limit, clock=clock if device == "cuda"
-                                else "cpu", check=False))
-    base = dict(suite=SUITE, device=device, op=algorithm, direction="step",
+    if not overhead:
+        contenders.append(Contender("limit", "limit", make_limit, clock=clock if device == "cuda"
+                                    else "cpu", check=False))
+    base = dict(suite=SUITE, device=device, op=algorithm,
+                direction="overhead" if overhead else "step",
                 shape=[total, len(sizes)], dtype=dtype, bytes=nbytes)
     return base, contenders, check
 
@@ -211,14 +231,16 @@ def _fastest_torch(records: list[Record]) -> None:
                 r.speedup_vs_torch = best.median_s / r.median_s
 
 
-def _run_case(runner: harness.Runner, device, algorithm, sizes, dtype) -> None:
+def _run_case(runner: harness.Runner, device, algorithm, sizes, dtype, overhead=False) -> None:
     """One case: skipped once the time budget is spent, else set up and measured."""
-    label = f"{device} {algorithm} {dtype} {harness.format_size(sum(sizes))} in {len(sizes)}"
-    if not runner.admit(dict(suite=SUITE, device=device, op=algorithm, direction="step",
+    label = (f"{device} {algorithm} {dtype} {harness.format_size(sum(sizes))} in {len(sizes)}"
+             + (" (overhead)" if overhead else ""))
+    if not runner.admit(dict(suite=SUITE, device=device, op=algorithm,
+                             direction="overhead" if overhead else "step",
                              shape=[sum(sizes), len(sizes)], dtype=dtype, bytes=0)):
         return
     t0 = time.monotonic()
-    base, contenders, check = _case(runner, device, algorithm, sizes, dtype)
+    base, contenders, check = _case(runner, device, algorithm, sizes, dtype, overhead)
     policy = runner.policy_gpu if device == "cuda" else runner.policy_cpu
     records = runner.measure(base, contenders, check, policy)
     runner.say(f"{label}: {time.monotonic() - t0:.1f} s"
@@ -234,6 +256,12 @@ def _run_cpu(runner: harness.Runner, algorithms) -> None:
         for dtype in harness.selected_dtypes(options, ["float32"], ("float32", "float64")):
             for algorithm in algorithms:
                 _run_case(runner, "cpu", algorithm, sizes, dtype)
+    if harness.option(options, "overhead", True):
+        sizes = [OVERHEAD_ELEMENTS] * OVERHEAD_TENSORS
+        for dtype in harness.selected_dtypes(options, ["float32"], ("float32", "float64")):
+            for algorithm in algorithms:
+                if algorithm in OVERHEAD_ALGORITHMS:
+                    _run_case(runner, "cpu", algorithm, sizes, dtype, overhead=True)
 
 
 def _run_gpu(runner: harness.Runner, algorithms) -> None:
