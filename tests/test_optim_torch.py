@@ -428,7 +428,10 @@ def test_cuda_model_training_matches_torch_cuda(algo, rng):
             opt.step()
     _assert_models_match(ours, theirs)
     for p in ours.parameters():
-        assert a.state[p]["step"].device == p.device and float(a.state[p]["step"]) == 30
+        if algo == "sgd":  # as torch's SGD: no step count in the state
+            assert "step" not in a.state[p]
+        else:
+            assert a.state[p]["step"].device == p.device and float(a.state[p]["step"]) == 30
 
 
 @pytest.mark.gpu
@@ -470,8 +473,10 @@ def test_cuda_grad_scaler_matches_torch(algo, clip, rng):
         assert row["skipped"] == (k in inject)
     _assert_models_match(ours, theirs)
     for p, q in zip(ours.parameters(), theirs.parameters()):
-        assert float(a.state[p]["step"]) == 12 - len(inject)
-        assert algo == "sgd" or float(b.state[q]["step"]) == 12 - len(inject)
+        if algo == "sgd":  # neither SGD shows a step count
+            assert "step" not in a.state[p] and "step" not in b.state[q]
+        else:
+            assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == 12 - len(inject)
 
 
 @pytest.mark.gpu
@@ -519,7 +524,8 @@ def test_cuda_bfloat16_master_weights_match_float32_torch(algo, rng):
         b.step()
     for p, q in zip(ours, theirs):
         master = a.state[p]["master_param"]
-        assert master.dtype == torch.float32 and a.state[p]["step"].dtype == torch.float32
+        assert master.dtype == torch.float32
+        assert algo == "sgd" or a.state[p]["step"].dtype == torch.float32
         assert rel_err(master.double().cpu(), q.detach().double().cpu()) <= 1e-5
         assert torch.equal(master.bfloat16(), p.detach())
         for key in b.state[q]:
