@@ -373,6 +373,74 @@ def test_outliers_do_not_spoil_the_variance(shape, channels_last, backend, rng):
         assert rel_err(got, ref[name]) <= TOLERANCE["float32"], name
 
 
+#: Shapes for huge values: rows reduction, (N, C), columns, channels last, one channel.
+HUGE_SHAPES = [((4, 3, 300), False), ((40, 8), False), ((6, 4, 5), False), ((8, 5, 7), True),
+               ((2, 1, 3000), False)]
+HUGE_IDS = ["rows", "2d", "cols", "channels_last", "one_channel"]
+
+
+def check_huge(x, dy, w, b, rm, rv, backend, channels_last, relu):
+    """Forward and backward finite and within float32 tolerance of torch in float64."""
+    ref = oracle(x, dy, w, b, rm, rv, True, channels_last=channels_last, relu=relu)
+    (y, mean, invstd), grads = run(backend, x, dy, w, b, rm, rv, True, channels_last, relu)
+    for name, got in (("y", y), ("mean", mean), ("invstd", invstd), ("rm", rm)):
+        assert np.isfinite(got).all(), name
+        assert rel_err(got, ref[name]) <= TOLERANCE["float32"], name
+    # the unbiased running variance may exceed float32's range: inf exactly where it does
+    with np.errstate(over="ignore"):
+        rv_ref = ref["rv"].astype(np.float32)
+    assert rel_err(rv, rv_ref) <= TOLERANCE["float32"], "rv"
+    assert all(np.isfinite(g).all() for g in grads)
+    check_backward(grads, backward_oracle(dy, x, y, mean, invstd, w, channels_last, relu),
+                   "float32")
+    check_backward(grads, ref, "float32")
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("magnitude", [1e19, 1e30, 1e37])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("shape,channels_last", HUGE_SHAPES, ids=HUGE_IDS)
+def test_huge_values_give_finite_accurate_results(shape, channels_last, backend, magnitude, relu,
+                                                   rng):
+    """Finite float32 x of magnitude 1e19 and beyond: squares of deviations overflow float32
+    (the cpu backend gave NaN everywhere, the cuda one y = 0). Against torch in float64 on
+    the same values: torch's own float32 CPU kernel overflows there too (var inf, y = 0)."""
+    x, dy, w, b, rm, rv = make_inputs(rng, shape, channels_last, mean=0.5 * magnitude,
+                                      spread=magnitude)
+    check_huge(x, dy, w, b, rm, rv, backend, channels_last, relu)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("shape,channels_last", HUGE_SHAPES, ids=HUGE_IDS)
+def test_huge_gradients_give_finite_accurate_results(shape, channels_last, backend, rng):
+    """dy and x both of magnitude 1e19: the products dy * (x - mean) overflow float32."""
+    x, dy, w, b, rm, rv = make_inputs(rng, shape, channels_last, mean=1e19, spread=1e19)
+    dy *= np.float32(1e19)
+    check_huge(x, dy, w, b, rm, rv, backend, channels_last, False)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("shape,channels_last", HUGE_SHAPES, ids=HUGE_IDS)
+def test_magnitude_1e19_matches_torch_float32(shape, channels_last, backend, rng):
+    """Mean 1e19, spread 1e17 (where torch's float32 kernel does not overflow): y, the
+    statistics and dx agree with torch's float32 results."""
+    x, dy, w, b, rm, rv = make_inputs(rng, shape, channels_last, mean=1e19, spread=1e17)
+    C = channels_of(shape, channels_last)
+    move = (lambda t: t.movedim(-1, 1)) if channels_last else (lambda t: t)
+    back = (lambda t: t.movedim(1, -1)) if channels_last else (lambda t: t)
+    xt = move(torch.tensor(x)).requires_grad_(True)
+    rmt, rvt = torch.tensor(rm), torch.tensor(rv)
+    yt = F.batch_norm(xt, rmt, rvt, torch.tensor(w), torch.tensor(b), True)
+    yt.backward(move(torch.tensor(dy)))
+    (y, _, _), (dx, _, _) = run(backend, x, dy, w, b, rm, rv, True, channels_last)
+    assert torch.isfinite(yt).all() and torch.isfinite(rvt).all()  # torch is accurate here
+    assert_close(y, back(yt.detach()).numpy(), "float32")
+    assert_close(rm, rmt.numpy(), "float32")
+    assert_close(rv, rvt.numpy(), "float32")
+    assert_close(dx, back(xt.grad).numpy(), "float32")
+    assert C == rm.size
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("shape", [(6, 5, 7, 13), (4, 3, 2, 2), (5, 6, 70)], ids=str)
@@ -816,6 +884,31 @@ def test_cuda_large_mean_stays_accurate(shape, channels_last, dtype, rng):
     s64 = per_channel(cupy.asnumpy(invstd).astype(np.float64) * w, shape, channels_last)
     y_saved = (x.astype(np.float64) - m64) * s64 + per_channel(b, shape, channels_last)
     assert rel_err(cupy.asnumpy(y), y_saved) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+@pytest.mark.parametrize("shape,channels_last", HUGE_SHAPES[:4] + [((2, 3, 64), False)],
+                         ids=HUGE_IDS[:4] + ["rows_32"])
+def test_cuda_huge_values_give_finite_accurate_results(shape, channels_last, magnitude, dtype,
+                                                        relu, rng):
+    """As test_huge_values_give_finite_accurate_results: float sums that overflow are summed
+    again in double (the kernel gave y = 0 and running_var inf from 1e19)."""
+    cupy = pytest.importorskip("cupy")
+    dev, host = _gpu_case(cupy, rng, shape, channels_last, dtype, "float32",
+                          mean=0.5 * magnitude, spread=magnitude)
+    x, dy, w, b, rm, rv = dev
+    ref = oracle(*host, True, channels_last=channels_last, relu=relu)
+    with np.errstate(over="ignore"):  # inf where it leaves float32's range, as ours
+        ref["rv"] = ref["rv"].astype(np.float32)
+    got = run("cuda", x, dy, w, b, rm, rv, True, channels_last, relu)
+    (y, mean, invstd), grads = got
+    for a in (y, mean, invstd, rm, *grads):
+        assert bool(cupy.isfinite(a.astype(cupy.float32)).all())
+    _check_gpu(cupy, dtype, "float32", got, ref, rm, rv,
+               _saved_ref(cupy, host, got, channels_last, relu))
 
 
 @pytest.mark.gpu

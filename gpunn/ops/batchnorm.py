@@ -130,7 +130,8 @@ def _numpy_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor
         invstd[...] = 1 / xp.sqrt(var + eps)
         if update:
             rm[...] = (1 - factor) * rm.astype(xp.float64) + factor * mu
-            rv[...] = (1 - factor) * rv.astype(xp.float64) + factor * var * (n / (n - 1))
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, as the kernels
+                rv[...] = (1 - factor) * rv.astype(xp.float64) + factor * var * (n / (n - 1))
     else:
         mean[...] = rm
         invstd[...] = 1 / xp.sqrt(rv.astype(xp.float64) + eps)
@@ -153,7 +154,7 @@ def _numpy_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
         z = xmu * scale[:, None] + beta[:, None]
         gc = xp.where(z <= 0, cd.type(0), gc)
     sum_g = gc.sum(axis=(0, 2), dtype=xp.float64)
-    sum_gx = (gc * xmu).sum(axis=(0, 2), dtype=xp.float64)
+    sum_gx = xp.multiply(gc, xmu, dtype=xp.float64).sum(axis=(0, 2))  # float32 products overflow
     inv = invstd.astype(xp.float64)
     db[...] = sum_g
     dw[...] = sum_gx * inv
