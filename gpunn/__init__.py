@@ -5,6 +5,7 @@ submodules (``gpunn.ops``, ``gpunn.backend``, ...) load on first access.
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
 
@@ -19,3 +20,9 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_SUBMODULES])
+
+
+if os.environ.get("GPUNN_CUDA_SIM", "") not in ("", "0"):  # kernels on the CPU: gpunn/cuda_sim
+    from . import cuda_sim
+
+    cuda_sim.enable()

@@ -12,7 +12,6 @@ and sm_90 without a GPU (tests/test_cuda_compile.py).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from functools import cache
@@ -119,8 +118,3 @@ def _blocks_per_sm(device_id: int, regs_per_thread: int, block: int) -> int:
     by_threads = attributes["MaxThreadsPerMultiProcessor"] // block
     return max(1, min(by_regs, by_threads, attributes["MaxBlocksPerMultiprocessor"]))
 
-
-if os.environ.get("GPUNN_CUDA_SIM", "") not in ("", "0"):  # GPUNN_CUDA_SIM=1: no GPU needed
-    from . import cuda_sim
-
-    cuda_sim.enable()

@@ -201,6 +201,7 @@ def prefetch(families=None) -> None:
 
 def _module_kernels(name: str, code: str, expressions: tuple) -> dict:
     """Kernels of a ``cupy.RawModule`` built on the simulator (code already self-contained)."""
+    code = f'#line 1 "{name}.cu"\n{code}'  # messages name the module's lines
     return build.submit(("module", name, code, expressions),
                         lambda: _load(name, code, expressions)).result()
 

@@ -26,13 +26,14 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SHIM = HERE / "sim.cuh"
 RUNTIME = HERE / "runtime.cpp"
+LINK_SCRIPT = HERE / "shared.ld"
 
 #: Flags of every kernel module. -ffp-contract=fast (with FMA where the CPU has it) contracts
 #: a*b+c as NVRTC does by default (GCC contracts only with -fexpensive-optimizations, an -O2
 #: pass added here to -O1); rounded intrinsics (__fmul_rn, ...) stay uncontracted.
 KERNEL_FLAGS = ("-std=c++17", "-O1", "-fexpensive-optimizations", "-fPIC", "-shared",
                 "-fno-threadsafe-statics", "-fno-exceptions", "-fvisibility=hidden",
-                "-ffp-contract=fast", "-w", "-DGPUNN_CUDA_SIM=1")
+                "-fdata-sections", "-ffp-contract=fast", "-w", "-DGPUNN_CUDA_SIM=1")
 RUNTIME_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-w")
 
 _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$')
@@ -107,13 +108,13 @@ def _entries(expressions) -> str:
              "template <> struct gpunn_sim::TypeCode<gpunn::bfloat16> {",
              '  static void put(char* out) { std::snprintf(out, 16, "B2"); } };',
              "#define GPUNN_SIM_EXPORT extern \"C\" __attribute__((visibility(\"default\")))",
-             "extern char __start_gpunn_sim_shared[] __attribute__((weak, visibility(\"hidden\")));",
-             "extern char __stop_gpunn_sim_shared[] __attribute__((weak, visibility(\"hidden\")));",
-             "GPUNN_SIM_EXPORT void gpunn_sim_shared(char** lo, char** hi) {",
-             "  *lo = __start_gpunn_sim_shared; *hi = __stop_gpunn_sim_shared; }"]
+             "extern char gpunn_sim_shared_lo[] __attribute__((visibility(\"hidden\")));",
+             "extern char gpunn_sim_shared_hi[] __attribute__((visibility(\"hidden\")));",
+             "GPUNN_SIM_EXPORT void gpunn_sim_shared_bounds(char** lo, char** hi) {",
+             "  *lo = gpunn_sim_shared_lo; *hi = gpunn_sim_shared_hi; }"]
     for i, expression in enumerate(expressions):
-        lines += [f"GPUNN_SIM_EXPORT const char* gpunn_sim_signature_{i}() {{",
-                  f"  return ::gpunn_sim::signature(&{expression}); }}",
+        lines += [f"GPUNN_SIM_EXPORT void gpunn_sim_signature_{i}(char* out, unsigned long size) {{",
+                  f"  ::gpunn_sim::signature(&{expression}, out, size); }}",
                   f"GPUNN_SIM_EXPORT void gpunn_sim_kernel_{i}(void** args) {{",
                   f"  ::gpunn_sim::invoke(&{expression}, args); }}"]
     return "\n".join(lines) + "\n"
@@ -169,7 +170,8 @@ def module(source: str, expressions, extra_flags=(), label: str = "kernel") -> P
     runtime = runtime_library()
     flags = (*KERNEL_FLAGS, *machine_flags(), *extra_flags)
     text = source + "\n" + _entries(expressions)
-    key = _digest(text, SHIM.read_text(), flags, _compiler_id(), runtime.name)
+    key = _digest(text, SHIM.read_text(), LINK_SCRIPT.read_text(), flags, _compiler_id(),
+                  runtime.name)
     target = runtime.parent / f"{key}.so"
 
     def build(out: Path) -> None:
@@ -177,7 +179,7 @@ def module(source: str, expressions, extra_flags=(), label: str = "kernel") -> P
         cpp.write_text(text)
         try:
             _run([compiler(), *flags, "-include", str(SHIM), str(cpp), "-o", str(out),
-                  str(runtime), "-Wl,-rpath,$ORIGIN"], label)
+                  str(runtime), "-Wl,-rpath,$ORIGIN", f"-Wl,-T,{LINK_SCRIPT}"], label)
         finally:
             cpp.unlink(missing_ok=True)
 

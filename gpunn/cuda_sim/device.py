@@ -210,7 +210,8 @@ class ndarray(NDArrayOperatorsMixin):
             raise AttributeError(name)
         attr = getattr(self._a, name)
         if callable(attr):
-            return lambda *args, **kwargs: _wrap_result(attr(*_unwrap(args), **_unwrap(kwargs)))
+            return lambda *args, **kwargs: _wrap_result(attr(*_unwrap(args), **_unwrap(kwargs)),
+                                                        scalars=True)
         return _wrap_result(attr)
 
     # --- NumPy's protocols: compute on the host memory, hand back device arrays ---------------

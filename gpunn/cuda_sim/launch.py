@@ -92,8 +92,11 @@ def _describe(value) -> str:
 
 
 class _Guard:
-    """A sanitizer copy of a span of device memory: PROT_NONE pages around it, and 0xFF
-    canaries between the pages and the data that must still be 0xFF after the launch."""
+    """A sanitizer copy of a span of device memory: PROT_NONE pages around it, and canary
+    bytes (0xFB) between the pages and the data that must be unchanged after the launch.
+    (Not 0xFF: a kernel that reads a 0xFF canary as NaN and writes it back would go unseen.)"""
+
+    CANARY = 0xFB
 
     PAD = 256
 
@@ -105,7 +108,7 @@ class _Guard:
         self.map = mmap.mmap(-1, page + body + page)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.data = self.base + page + head
-        ctypes.memset(self.base + page, 0xFF, body)
+        ctypes.memset(self.base + page, self.CANARY, body)
         ctypes.memmove(self.data, lo, hi - lo)
         self.ranges = [(self.base, self.base + page), (self.base + page + body,
                                                        self.base + 2 * page + body)]
@@ -118,7 +121,7 @@ class _Guard:
         start, stop = self.body
         raw = np.frombuffer((ctypes.c_char * (stop - start)).from_address(start), np.uint8)
         offset = self.data - start
-        bad = np.flatnonzero(raw != 0xFF)
+        bad = np.flatnonzero(raw != self.CANARY)
         bad = bad[(bad < offset) | (bad >= offset + self.hi - self.lo)] - offset
         if bad.size == 0:
             return []
@@ -165,13 +168,13 @@ class Kernel:
                  settings):
         self.family, self.expression, self.settings = family, expression, settings
         self.name = expression
-        signature = getattr(library, f"gpunn_sim_signature_{index}")
-        signature.restype = ctypes.c_char_p
-        self.params = [p for p in signature().decode().split(",") if p]
+        text = ctypes.create_string_buffer(1024)
+        getattr(library, f"gpunn_sim_signature_{index}")(text, ctypes.c_ulong(len(text)))
+        self.params = [p for p in text.value.decode().split(",") if p]
         self._entry = ctypes.cast(getattr(library, f"gpunn_sim_kernel_{index}"),
                                   ctypes.c_void_p).value
         lo, hi = ctypes.c_void_p(), ctypes.c_void_p()
-        library.gpunn_sim_shared(ctypes.byref(lo), ctypes.byref(hi))
+        library.gpunn_sim_shared_bounds(ctypes.byref(lo), ctypes.byref(hi))
         self._shared = (lo.value, hi.value)
         self._library = library  # keeps the module loaded
         self._lock = threading.Lock()

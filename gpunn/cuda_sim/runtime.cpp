@@ -79,9 +79,16 @@ struct Fiber {
   int b, width;
 };
 
+// Per warp: lanes that exist (a last, partial warp has fewer), exited, and waiting at a
+// collective; what a collective's arrival checks in O(1).
+struct Warp {
+  unsigned existing, exited, waiting;
+};
+
 struct Run {
   const gpunn_sim_spec* spec = nullptr;
   std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
   std::vector<char*> stacks;  // one per thread slot, kept for the process's life
   int threads = 0, live = 0, at_barrier = 0;
   bool failed = false, in_fiber = false;
@@ -132,7 +139,9 @@ void fiber_main();
 
 void prepare(Fiber& f) {
 #if defined(__x86_64__)
-  auto* sp = reinterpret_cast<unsigned long long*>(f.stack + STACK_BYTES);  // 16-byte aligned
+  // 16-byte aligned, each thread's top at another offset in the page: the stacks' hot lines
+  // would otherwise all fall in the same cache sets
+  auto* sp = reinterpret_cast<unsigned long long*>(f.stack + STACK_BYTES - f.tid % 64 * 80);
   *--sp = 0;                                                  // fiber_main's return address
   *--sp = reinterpret_cast<unsigned long long>(&fiber_main);  // where the first switch returns
   for (int i = 0; i < 6; ++i) *--sp = 0;                      // rbp rbx r12 r13 r14 r15
@@ -249,7 +258,8 @@ void check_barrier() {
   for (const Fiber& f : R.fibers) {
     if (f.state != BARRIER) continue;
     if (!first) first = &f;
-    else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) same = false;
+    else if (f.line != first->line || (f.file != first->file && std::strcmp(f.file, first->file)))
+      same = false;
   }
   if (!same || R.live != R.threads)
     fail(format("divergent barrier: __syncthreads can never release: %s",
@@ -286,26 +296,31 @@ int source_lane(const Fiber& f) {
 }
 
 void complete(int warp, unsigned mask) {
-  const std::vector<int> lanes = lanes_of(mask);
+  int lanes[32], count = 0;
+  for (unsigned m = mask; m; m &= m - 1) lanes[count++] = __builtin_ctz(m);
   Fiber* fs[32];
-  for (int l : lanes) fs[l] = &R.fibers[warp * 32 + l];
+  for (int i = 0; i < count; ++i) fs[lanes[i]] = &R.fibers[warp * 32 + lanes[i]];
   const Fiber& a = *fs[lanes[0]];
-  for (int l : lanes) {
+  for (int i = 0; i < count; ++i) {
+    const int l = lanes[i];
     const Fiber& f = *fs[l];
-    if (f.kind != a.kind || f.mask != a.mask || f.line != a.line || std::strcmp(f.file, a.file)) {
+    if (f.kind != a.kind || f.mask != a.mask || f.line != a.line ||
+        (f.file != a.file && std::strcmp(f.file, a.file))) {
       std::vector<int> tids;
-      for (int m : lanes) tids.push_back(warp * 32 + m);
+      for (int m = 0; m < count; ++m) tids.push_back(warp * 32 + lanes[m]);
       fail(format("divergent warp collective in warp %d: %s", warp, states(tids).c_str()));
     }
   }
   unsigned long long vote = 0;
   int any = 0, all = 1;
-  for (int l : lanes) {
+  for (int i = 0; i < count; ++i) {
+    const int l = lanes[i];
     vote |= (fs[l]->value != 0 ? 1ull : 0ull) << l;
     any |= fs[l]->value != 0;
     all &= fs[l]->value != 0;
   }
-  for (int l : lanes) {
+  for (int i = 0; i < count; ++i) {
+    const int l = lanes[i];
     Fiber& f = *fs[l];
     switch (f.kind) {
       case BALLOT: f.result = vote; break;
@@ -321,30 +336,26 @@ void complete(int warp, unsigned mask) {
       }
     }
   }
-  for (int l : lanes) fs[l]->state = READY;
+  for (int i = 0; i < count; ++i) fs[lanes[i]]->state = READY;
+  R.warps[warp].waiting &= ~mask;
 }
 
 // Lanes of `mask` that exited or do not exist: the collective can never complete.
 void check_mask(const Fiber& caller, unsigned mask) {
-  std::vector<int> gone, missing;
-  for (int l : lanes_of(mask)) {
-    const int t = caller.warp * 32 + l;
-    if (t >= R.threads) missing.push_back(l);
-    else if (R.fibers[t].state == DONE) gone.push_back(l);
-  }
-  if (!missing.empty())
+  const Warp& w = R.warps[caller.warp];
+  if (mask & ~w.existing)
     fail(format("%s (%s:%d) in warp %d: mask 0x%08x names lanes %s, past the block's last "
                 "thread", COLLECTIVE_NAMES[caller.kind], caller.file, caller.line, caller.warp,
-                mask, ranges(missing).c_str()));
-  if (!gone.empty())
+                mask, ranges(lanes_of(mask & ~w.existing)).c_str()));
+  if (mask & w.exited)
     fail(format("%s (%s:%d) in warp %d can never complete: its mask 0x%08x names exited "
                 "lanes %s", COLLECTIVE_NAMES[caller.kind], caller.file, caller.line,
-                caller.warp, mask, ranges(gone).c_str()));
+                caller.warp, mask, ranges(lanes_of(mask & w.exited)).c_str()));
 }
 
 void try_complete(const Fiber& f) {
-  for (int l : lanes_of(f.mask))
-    if (R.fibers[f.warp * 32 + l].state != WARP) return;
+  const Warp& w = R.warps[f.warp];
+  if ((w.waiting & f.mask) != f.mask) return;
   complete(f.warp, f.mask);
 }
 
@@ -356,10 +367,11 @@ void try_complete(const Fiber& f) {
   if (R.at_barrier > 0)
     fail(format("divergent barrier: a thread exited while others wait at __syncthreads: %s",
                 states(all_threads()).c_str()));
-  const int first = f.warp * 32, last = std::min(first + 32, R.threads);
-  for (int t = first; t < last; ++t) {
-    const Fiber& g = R.fibers[t];
-    if (g.state == WARP && (g.mask >> f.lane & 1u)) check_mask(g, g.mask);
+  Warp& w = R.warps[f.warp];
+  w.exited |= 1u << f.lane;
+  for (unsigned m = w.waiting; m; m &= m - 1) {
+    const Fiber& g = R.fibers[f.warp * 32 + __builtin_ctz(m)];
+    if (g.mask >> f.lane & 1u) check_mask(g, g.mask);
   }
   suspend(f);
   __builtin_trap();  // an exited fiber is never resumed
@@ -462,6 +474,10 @@ bool run_block(std::mt19937_64& rng) {
     f.stack = R.stacks[t];
     prepare(f);
   }
+  for (size_t w = 0; w < R.warps.size(); ++w) {
+    const int lanes = std::min(32, R.threads - static_cast<int>(w) * 32);
+    R.warps[w] = Warp{lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u, 0u, 0u};
+  }
   R.live = R.threads;
   R.at_barrier = 0;
   std::vector<int> ids(R.threads);
@@ -499,6 +515,7 @@ bool launch(const gpunn_sim_spec& s) {
     return false;
   }
   R.fibers.resize(R.threads);
+  R.warps.resize((R.threads + 31) / 32);
   block_dim = {s.block[0], s.block[1], s.block[2]};
   grid_dim = {s.grid[0], s.grid[1], s.grid[2]};
   std::mt19937_64 rng(s.seed * 0x9E3779B97F4A7C15ull + launch_count++);
@@ -570,6 +587,7 @@ unsigned long long collective(Collective kind, unsigned mask, unsigned long long
     fail(format("%s (%s:%d): width %d is not a power of two up to 32", COLLECTIVE_NAMES[kind],
                 file, line, width));
   f.state = WARP;
+  R.warps[f.warp].waiting |= 1u << f.lane;
   check_mask(f, mask);
   try_complete(f);
   if (f.state != READY) suspend(f);

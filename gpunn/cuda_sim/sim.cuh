@@ -4,7 +4,7 @@
 // (gpunn/cuda_sim) compiles for the host. Each CUDA thread runs as a fiber of runtime.cpp;
 // threadIdx, blockIdx, blockDim and gridDim read the running fiber's state. Barriers and warp
 // collectives suspend the fiber until the threads they name have arrived (or report a
-// deadlock). __shared__ variables are static storage in the section "gpunn_sim_shared",
+// deadlock). __shared__ variables are static storage that the link script shared.ld gathers,
 // filled with 0xFF before each block. Atomics are plain read-modify-writes: fibers switch only
 // at barriers and warp collectives, and blocks run one after another.
 #pragma once
@@ -27,7 +27,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __constant__ static const
-#define __shared__ static __attribute__((section("gpunn_sim_shared")))
+#define __shared__ static  // gathered by shared.ld (the module's link script)
 
 struct uint3 {
   unsigned x, y, z;
@@ -98,14 +98,15 @@ template <typename T> struct TypeCode<T*> {
   }
 };
 
-// "code,code,..." of a kernel's parameters.
-template <typename... P> inline const char* signature(void (*)(P...)) {
-  static char text[32 * 24];
+// "code,code,..." of a kernel's parameters, written to out (no static buffer: every static
+// local of a kernel module is taken for __shared__ memory).
+template <typename... P> inline void signature(void (*)(P...), char* out, std::size_t size) {
+  char text[32 * 24];
   char* p = text;
   *p = 0;
   ((TypeCode<std::remove_cv_t<P>>::put(p), p += std::strlen(p), *p++ = ',', *p = 0), ...);
   if (p > text) p[-1] = 0;
-  return text;
+  std::snprintf(out, size, "%s", text);
 }
 
 // Call a kernel with its arguments given as pointers to their values (cuLaunchKernel's
