@@ -26,14 +26,15 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
 
     def _setup(self, params, defaults):
-        self._tables = {}
+        self._tables, self._steps = {}, {}
         torch.optim.Optimizer.__init__(self, params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling, deepcopy and load_state_dict: torch's ``__getstate__`` keeps only
-        defaults, state and param_groups; the cached step tables start empty."""
+        defaults, state and param_groups; the cached step tables start empty, and so do
+        step counts kept apart (SGD's: its momentum buffers say the first step is done)."""
         super().__setstate__(state)
-        self._tables = {}
+        self._tables, self._steps = {}, {}
 
     @staticmethod
     def _array(p):
@@ -86,24 +87,11 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
 
 class SGD(SGDOptions, Optimizer):
     """torch.optim.SGD, fused. torch's SGD state has no 'step', nor has this one's: the
-    kernels' step counts (momentum's first step copies the gradient) are set aside between
-    steps, and without them a momentum buffer means the first step is behind it."""
+    kernels' step counts (momentum's first step copies the gradient) are kept apart
+    (``steps_in_state``), and without them a momentum buffer means the first step is
+    behind it."""
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._steps = {}
-
-    def fused_step(self, grad_scale=None, found_inf=None):
-        steps = getattr(self, "_steps", {})
-        for group in self.param_groups:  # the counts back where the step looks for them
-            for p in group["params"]:
-                state = self.state.get(p)
-                if p in steps and (not group["momentum"] or "momentum_buffer" in (state or ())):
-                    self.state.setdefault(p, {})["step"] = steps[p]
-        try:
-            return super().fused_step(grad_scale, found_inf)
-        finally:
-            self._hide_steps()
+    steps_in_state = False
 
     def _hide_steps(self) -> None:
         self._steps = {}

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import operator
+from operator import methodcaller
 
 import numpy as np
 
-from ..backend import array_kind, array_module, describe, dtype_name
+from ..backend import _dtype_name, array_kind, array_module, describe, dtype_name
 from .fused import Table, grad_totals, state_dtype
 from .functional import needs_grad_pass
 from .functional import hyper
@@ -79,6 +80,9 @@ class FusedStep:
 
     algorithm: str  # a key of functional.ALGORITHMS, or 'adamw'
     _tables: dict
+    #: False where the state shows no step count (torch's SGD): the counts the kernels need
+    #: are kept in ``_steps`` instead, by parameter
+    steps_in_state = True
 
     @staticmethod
     def _array(p):
@@ -106,11 +110,14 @@ class FusedStep:
             elif (dtype_name(value) != sdt or not _same_place(value, data)
                   or not _same_layout(value, data)):
                 state[slot] = _converted(value, data, shape, sdt, f"state {slot!r}")
-        step = state.get("step")
+        step = state.get("step") if self.steps_in_state else self._steps.get(p)
+        if not self.steps_in_state and h.slots and not stepped:
+            step = None  # a set-aside count is void once its states are gone (torch restarts)
         if step is None:  # a torch SGD checkpoint has no step: its buffer means t >= 1
-            state["step"] = _full(data, (), "float32", 1.0 if stepped else 0.0)
+            step = _full(data, (), "float32", 1.0 if stepped else 0.0)
         elif dtype_name(step) != "float32" or not _same_place(step, data):
-            state["step"] = _converted(step, data, (), "float32", "state 'step'")
+            step = _converted(step, data, (), "float32", "state 'step'")
+        state["step"] = step
         if group.get("master_weights") and sdt != dtype:
             master = state.get("master_param")
             if master is None:
@@ -121,30 +128,32 @@ class FusedStep:
                                                    "state 'master_param'")
         return state
 
-    def _table(self, key, group, h, params):
+    def _table(self, key, group, h, params, arrays):
         """(table, new states): the cached table of ``key`` (group index, dtype) while it
-        addresses exactly what this step would (same parameters, their current memory, the
-        current state arrays: :meth:`Table.matches`); else a new one, fully checked, and the
-        states it needs (committed by the caller once every group's gradients have passed
-        the checks)."""
+        addresses exactly what this step would (same parameters, their current memory
+        ``arrays``, the current state arrays: :meth:`Table.matches`); else a new one, fully
+        checked, and the states it needs (committed by the caller once every group's
+        gradients have passed the checks)."""
         table = self._tables.get(key)
         master = bool(group.get("master_weights"))
         if (table is not None and table.options == (h.algorithm, h.slots, master)
                 and len(table.params) == len(params)
                 and all(map(operator.is_, params, table.params))):
             states = [self.state.get(p) or {} for p in params]
-            if table.matches([self._array(p) for p in params],
-                             {slot: [s.get(slot) for s in states] for slot in h.slots},
-                             [s.get("step") for s in states],
+            if table.matches(arrays,
+                             {slot: list(map(methodcaller("get", slot), states))
+                              for slot in h.slots},
+                             list(map(methodcaller("get", "step"), states)
+                                  if self.steps_in_state else map(self._steps.get, params)),
                              None if table.natives[3] is None else
-                             [s.get("master_param") for s in states]):
+                             list(map(methodcaller("get", "master_param"), states))):
                 return table, None
-        for p in params:  # what the step cannot address is refused first, by position
+        for p, a in zip(params, arrays):  # what the step cannot address: refused by position
             position = next(i for i, q in enumerate(group["params"]) if q is p)
-            array_kind(self._array(p), f"param_groups[{key[0]}]['params'][{position}]")
+            array_kind(a, f"param_groups[{key[0]}]['params'][{position}]")
         states = [self._prepared_state(p, group, h) for p in params]
         masters = [s.get("master_param") for s in states]
-        table = Table(f"{type(self).__name__}.step", h, [self._array(p) for p in params],
+        table = Table(f"{type(self).__name__}.step", h, arrays,
                       {slot: [s[slot] for s in states] for slot in h.slots},
                       [s["step"] for s in states],
                       masters if any(m is not None for m in masters) else None,
@@ -162,16 +171,27 @@ class FusedStep:
         hypers = [self._hyper(group) for group in self.param_groups]
         ready, pending = [], []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
-            by_dtype: dict[str, list] = {}  # one table per dtype (a kernel has one)
+            by_dtype: dict = {}  # one table per dtype (a kernel has one)
             for p in group["params"]:
-                if p.grad is not None:
-                    by_dtype.setdefault(dtype_name(self._array(p)), []).append(p)
-            for dtype, params in by_dtype.items():
-                table, new = self._table((index, dtype), group, h, params)
-                ready.append((table.bind_grads([p.grad for p in params]), h))
+                grad = p.grad
+                if grad is not None:
+                    a = self._array(p)
+                    entry = by_dtype.get(a.dtype)
+                    if entry is None:
+                        entry = by_dtype[a.dtype] = ([], [], [])
+                    entry[0].append(p)
+                    entry[1].append(a)
+                    entry[2].append(grad)
+            for dtype, (params, arrays, grads) in by_dtype.items():
+                table, new = self._table((index, _dtype_name(dtype)), group, h, params, arrays)
+                ready.append((table.bind_grads(grads), h))
                 if new is not None:
                     pending.append((table, new))
         for table, (key, states) in pending:  # all checks passed: commit new states
+            if not self.steps_in_state:
+                for p, state in states.items():
+                    self._steps[p] = state.pop("step")
+                states = {p: state for p, state in states.items() if state}
             self.state.update(states)
             self._tables[key] = table
         totals = None
