@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
-                              RMSpropOptions, SGDOptions, check_new_params, checked_load)
+from ..optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
+                               RMSpropOptions, SGDOptions, check_new_params, checked_load)
 
 
 class Optimizer(FusedStep, torch.optim.Optimizer):

@@ -1,0 +1,13 @@
+"""gpunn's PyTorch face.
+
+- :mod:`gpunn.torch.optim`: the fused optimizers as ``torch.optim.Optimizer`` subclasses
+  (``gpunn.torch.Adam`` etc., re-exported here);
+- :mod:`gpunn.torch.nn.functional`: the kernels as differentiable ``torch.library`` custom
+  ops with torch.nn.functional's names (autograd, ``torch.compile``, gradcheck);
+- :mod:`gpunn.torch.nn`: modules with torch.nn's names, arguments and state_dict keys;
+- :func:`patch` / :func:`unpatch`: swap a torch model's modules for gpunn's in place, and back.
+"""
+
+from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
