@@ -39,8 +39,8 @@ FUZZ = settings(max_examples=30, deadline=None,
 #: Sentinel bits of the guard elements: quiet NaNs with a payload.
 SENTINEL = {4: np.uint32(0x7FC12345), 8: np.uint64(0x7FF8000012345678)}
 #: Shapes of parameters: empty, one element, primes, 2-D (square ones can be transposed).
-SHAPES = [(0,), (1,), (2,), (7,), (13,), (127,), (1021,), (1, 1), (3, 5), (5, 5), (11, 11),
-          (4, 31), (40, 50)]
+SHAPES = [(), (0,), (1,), (2,), (7,), (13,), (127,), (1021,), (1, 1), (3, 5), (5, 5),
+          (11, 11), (4, 31), (40, 50)]
 LR = {"sgd": 0.05, "adagrad": 0.1, "rmsprop": 0.01, "adam": 0.01, "adamw": 0.01}
 CLASSES = {"sgd": ("SGD", torch.optim.SGD), "adagrad": ("Adagrad", torch.optim.Adagrad),
            "rmsprop": ("RMSprop", torch.optim.RMSprop), "adam": ("Adam", torch.optim.Adam),
@@ -146,6 +146,15 @@ def carve_filled(arena, shape, rng, slack=0, values=None, tag=None):
     return spec
 
 
+def carve_strided(arena, shape, rng, tag=None):
+    """A view of ``shape`` over every other element of a new region (not dense)."""
+    n = max(1, math.prod(shape))
+    start = arena.carve(2 * n)
+    arena.fill(start, _random(rng, 2 * n, arena.dtype), tag)
+    strides = Spec(0, shape).strides
+    return Spec(start, shape, tuple(2 * s for s in strides))
+
+
 def _bytes(a):
     if a is None:
         return None
@@ -212,9 +221,10 @@ def preset_values(rng, algo, options, shape, dtype):
 
 class Fuzz:
     """Ours (gpunn.optim on NumPy arrays, or gpunn.torch on CPU tensors) and the reference
-    (torch.optim, foreach=False) over mirrored arenas, mutated alike."""
+    (torch.optim, foreach=False) over mirrored arenas, mutated alike. With ``preset`` the
+    states and step counts are arena views too, else each optimizer makes its own."""
 
-    def __init__(self, api, backend, algo, options, extra, shapes, dtype, rng):
+    def __init__(self, api, backend, algo, options, extra, shapes, dtype, rng, preset):
         self.api, self.algo, self.options, self.extra = api, algo, options, extra
         self.rng, self.dtype = rng, np.dtype(dtype)
         self.arena = Arena(dtype, 1 << 17, rng)
@@ -228,8 +238,9 @@ class Fuzz:
         name, ref_cls = CLASSES[algo]
         ours_cls = getattr(go if api == "gpunn.optim" else gt, name)
         self.opt = ours_cls(self.ours, backend=backend, **options, **extra)
-        with torch.no_grad():
-            self.ref_opt = ref_cls(self.ref, foreach=False, **options)
+        self.ref_opt = ref_cls(self.ref, foreach=False, **options)
+        if not preset:  # each side makes its own states
+            return
         self.ref_opt.state.clear()
         for i, spec in enumerate(self.data):  # states in the arena too
             ours_state, ref_state = {}, {}
@@ -295,7 +306,7 @@ class Fuzz:
     def mutate_data(self, draw):
         i = draw(st.integers(0, len(self.ours) - 1), label="param")
         spec = self.data[i]
-        kinds = ["smaller", "larger", "fresh", "alias"]
+        kinds = ["smaller", "larger", "fresh", "alias", "strided"]
         if len(spec.shape) == 2:
             kinds.append("transpose")
         if self.api == "gpunn.torch":
@@ -318,6 +329,8 @@ class Fuzz:
                 self.set_data(i, Spec(other.offset + 1, (other.size - 1,)))
         elif kind == "fresh":
             self.set_data(i, carve_filled(self.arena, draw(st.sampled_from(SHAPES)), self.rng))
+        elif kind == "strided":  # the same shape, every other element of new memory
+            self.set_data(i, carve_strided(self.arena, spec.shape, self.rng))
         elif kind == "requires_grad":
             flag = not self.ours[i].requires_grad
             self.ours[i].requires_grad_(flag)
@@ -351,12 +364,57 @@ class Fuzz:
                 if self.api == "gpunn.optim" and draw(st.booleans(), label="owned"):
                     self.set_grad(i, ("owned", spec.shape))
                     continue
-                g = carve_filled(self.arena, spec.shape, self.rng)
-                if not spec.contiguous() and len(spec.shape) == 2 and draw(st.booleans()):
+                layout = draw(st.sampled_from(["dense", "dense", "like param", "strided"]),
+                              label="grad layout")
+                if layout == "strided":
+                    g = carve_strided(self.arena, spec.shape, self.rng)
+                elif layout == "like param" and len(spec.shape) == 2 and spec.strides[0] < \
+                        spec.strides[1]:
                     g = carve_filled(self.arena, spec.shape[::-1], self.rng).transposed()
+                else:
+                    g = carve_filled(self.arena, spec.shape, self.rng)
                 self.set_grad(i, g)
             else:
                 self.set_grad(i, None)
+
+    def mutate_state(self, draw):
+        """One parameter's states: resized in place (torch), replaced by new valid ones
+        (dense or strided), or one replaced by an array of another shape."""
+        i = draw(st.integers(0, len(self.ours) - 1), label="state of")
+        p, q = self.ours[i], self.ref[i]
+        slots = state_slots(self.algo, self.options)
+        if not slots or p not in self.opt.state or q not in self.ref_opt.state:
+            return "no state"
+        kinds = ["replace", "wrong_shape"] + (["resize"] if self.api == "gpunn.torch" else [])
+        kind = draw(st.sampled_from(kinds), label="state mutation")
+        shape = tuple(q.shape)
+        if kind == "resize":
+            slot = draw(st.sampled_from(slots))
+            ours, ref = self.opt.state[p][slot], self.ref_opt.state[q][slot]
+            if ours.numel() == 0:
+                return "resize (empty state)"
+            new = draw(st.integers(0, ours.numel() - 1))
+            ours.resize_(new)
+            ref.resize_(new)
+            return f"resize state[{i}][{slot!r}]"
+        if kind == "wrong_shape":
+            slot = draw(st.sampled_from(slots))
+            spec = carve_filled(self.arena, (math.prod(shape) + 1,), self.rng, tag=(i, slot))
+            self.opt.state[p][slot] = self._ours_view(spec)
+            self.ref_opt.state[q][slot] = spec.torch(self.arena.ref_t)
+            return f"wrong_shape state[{i}][{slot!r}]"
+        strided = draw(st.booleans(), label="strided states")
+        for slot, values in preset_values(self.rng, self.algo, self.options, shape,
+                                          self.dtype).items():
+            if strided:
+                spec = carve_strided(self.arena, shape, self.rng, tag=(i, slot))
+                spec.numpy(self.arena)[...] = values
+                spec.torch(self.arena.ref_t).copy_(torch.from_numpy(np.array(values)))
+            else:
+                spec = carve_filled(self.arena, shape, self.rng, values=values, tag=(i, slot))
+            self.opt.state[p][slot] = self._ours_view(spec)
+            self.ref_opt.state[q][slot] = spec.torch(self.arena.ref_t)
+        return f"replace{' strided' if strided else ''} states[{i}]"
 
     def mutate_grads(self, draw):
         n = len(self.ours)
@@ -493,7 +551,8 @@ def run_optimizer_fuzz(api, backend, data):
     algo, options, extra = data.draw(configs(), label="config")
     dtype = data.draw(st.sampled_from(["float32", "float32", "float64"]), label="dtype")
     shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4), label="shapes")
-    fuzz = Fuzz(api, backend, algo, options, extra, shapes, dtype, rng)
+    preset = data.draw(st.booleans(), label="states in the arena")
+    fuzz = Fuzz(api, backend, algo, options, extra, shapes, dtype, rng, preset)
     tol = TOLERANCE[dtype]
     last = "first step"
     for step in range(data.draw(st.integers(3, 5), label="steps")):
@@ -501,6 +560,9 @@ def run_optimizer_fuzz(api, backend, data):
             last = "unchanged data"
         if step and data.draw(st.booleans(), label="mutate data"):
             last = fuzz.mutate_data(data.draw)
+            note(last)
+        if step and data.draw(st.integers(0, 4), label="mutate state") == 0:
+            last = fuzz.mutate_state(data.draw)
             note(last)
         fuzz.refresh_grads(data.draw, first=step == 0)
         if step and data.draw(st.integers(0, 3), label="mutate grads") == 0:
@@ -558,8 +620,10 @@ def test_optimizer_step_fuzz(api, backend, data):
 MUST_RAISE = ("state_shape", "state_dtype", "read_only_param", "read_only_state",
               "read_only_step", "big_endian_grad", "negative_step", "short_list",
               "state_overlaps_param", "grad_shape")
-MAY_SUCCEED = ("none", "none", "transposed_state", "strided_param", "same_param_twice",
-               "shared_state", "grad_is_param")
+MAY_SUCCEED = ("none", "transposed_state", "strided_param", "same_param_twice", "shared_state",
+               "grad_is_param")
+NEEDS_STATE = ("state_shape", "state_dtype", "read_only_state", "state_overlaps_param",
+               "transposed_state", "shared_state")
 
 
 def _functional_call(algo, options, extra, params, grads, states, steps, backend):
@@ -576,14 +640,24 @@ def _functional_call(algo, options, extra, params, grads, states, steps, backend
               states.get("max_exp_avg_sq"), steps, **o)
 
 
-def run_functional_fuzz(backend, data):
+def run_functional_fuzz(backend, corruption, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     algo, options, extra = data.draw(configs(), label="config")
     extra = dict(extra, l1=0.0)  # the reference adds l1 from p before the step
     dtype = np.dtype(data.draw(st.sampled_from(["float32", "float64"]), label="dtype"))
     shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=2, max_size=4),
                        label="shapes")
-    corruption = data.draw(st.sampled_from(MUST_RAISE + MAY_SUCCEED), label="corruption")
+    # what the corruption needs: states, a square or a multi-element parameter, a twin
+    if corruption in NEEDS_STATE and algo == "sgd" and not options["momentum"]:
+        options = dict(options, momentum=0.9)
+    if corruption == "transposed_state" and not any(len(s) == 2 and s[0] == s[1] > 1
+                                                    for s in shapes):
+        shapes[0] = (5, 5)
+    if corruption in ("strided_param", "state_overlaps_param") and not any(
+            math.prod(s) > 1 for s in shapes):
+        shapes[0] = (7,)
+    if corruption in ("same_param_twice", "shared_state"):
+        shapes[1] = shapes[0]
     arena = Arena(dtype, 1 << 16, rng)
     steps_arena = arena if dtype == np.float32 else Arena(np.float32, 256, rng)
     p_specs = [carve_filled(arena, s, rng) for s in shapes]
@@ -720,11 +794,12 @@ def run_functional_fuzz(backend, data):
         assert wrong is None, f"step counts: {wrong}"
 
 
-@FUZZ
+@settings(FUZZ, max_examples=6)
 @given(data=st.data())
+@pytest.mark.parametrize("corruption", MUST_RAISE + MAY_SUCCEED)
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
-def test_functional_step_fuzz(backend, data):
-    """Random functional calls over arena views with one corruption each: a clear error that
+def test_functional_step_fuzz(backend, corruption, data):
+    """Random functional calls over arena views with one corruption: a clear error that
     changes nothing (always, for the corruptions that must be refused), or torch.optim's
     result; guards intact."""
-    run_functional_fuzz(backend, data)
+    run_functional_fuzz(backend, corruption, data)

@@ -286,8 +286,8 @@ def test_numpy_data_replaced_by_smaller_array(algo, backend, rng):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_numpy_arrays_resized_in_place_subprocess(backend):
-    """The same gradient (or parameter) objects as last step, resized in place with
-    ``resize(16, refcheck=False)`` or given a new shape (the states stay 2000 long): a
+    """The same gradient, parameter or state objects as last step, resized in place with
+    ``resize(16, refcheck=False)`` or given a new shape (the other arrays stay 2000 long): a
     ValueError every time, never a read of freed memory or a write past the new allocation."""
     out = run_python("""
         import sys
@@ -296,7 +296,7 @@ def test_numpy_arrays_resized_in_place_subprocess(backend):
         backend = sys.argv[1]
         rng = np.random.default_rng(0)
         for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
-            for what in ("grad", "grad_and_data", "data", "grad_shape"):
+            for what in ("grad", "grad_and_data", "data", "grad_shape", "state"):
                 for i in range(3):
                     p = Parameter(rng.standard_normal(2000).astype(np.float32),
                                   rng.standard_normal(2000).astype(np.float32))
@@ -310,6 +310,9 @@ def test_numpy_arrays_resized_in_place_subprocess(backend):
                         p.grad.resize(16, refcheck=False)
                     if what in ("data", "grad_and_data"):
                         p.data.resize(16, refcheck=False)
+                    if what == "state":
+                        slot = next(k for k in opt.state[p] if k != "step")
+                        opt.state[p][slot].resize(16, refcheck=False)
                     before = p.data.copy()
                     try:
                         opt.step()
@@ -317,11 +320,31 @@ def test_numpy_arrays_resized_in_place_subprocess(backend):
                         assert "shape" in str(e), str(e)
                     else:
                         raise AssertionError(f"{name} {what}: stepped a {p.data.shape} "
-                                             f"parameter with a {p.grad.shape} gradient")
+                                             f"parameter with a {p.grad.shape} gradient "
+                                             f"and states {[v.shape for v in opt.state[p].values()]}")
                     assert np.array_equal(p.data, before)
             print(name, "ok")
     """, args=[backend])
     assert out.split() == [w for n in NAMES.values() for w in (n, "ok")]
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_torch_state_resized_in_place_is_refused(algo, rng):
+    """A state tensor the optimizer made, resized in place (``resize_``: same object, same
+    address, fewer elements) between steps: a ValueError naming it (torch.optim raises on the
+    shapes too), nothing changed; never an update of elements the state no longer has."""
+    _, ours_cls, _, options = ALGOS[algo]
+    p = torch.nn.Parameter(torch.tensor(rng.standard_normal(2000).astype(np.float32)))
+    opt = ours_cls([p], **options)
+    for _ in range(2):
+        p.grad = torch.tensor(rng.standard_normal(2000).astype(np.float32))
+        opt.step()
+    slot = next(k for k in opt.state[p] if k != "step")
+    opt.state[p][slot].resize_(5)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=slot):
+        opt.step()
+    assert snapshot(opt) == before
 
 
 # --- 2. Read-only memory -------------------------------------------------------------------------
