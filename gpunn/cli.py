@@ -2,25 +2,37 @@
 
     gpunn train [--data digits|FILE.npz|MNIST_DIR] [--epochs 40] [--batch-size 64] [--lr 3e-3]
                 [--width 256] [--depth 2] [--seed 0] [--ensemble K] [--backend cpu|numpy|cuda]
-                [--out DIR] [--resume] [--find-lr] ...
+                [--out DIR] [--resume | --overwrite] [--find-lr] ...
 
 ``gpunn train`` trains the MLP of :mod:`gpunn.train` (BatchNorm, ReLU, dropout, augmentation,
-fused AdamW with a warm-up cosine schedule) and writes metrics.json, curves.png and
-checkpoints into ``--out``; ``--find-lr`` runs the learning-rate range test instead.
+fused AdamW with a warm-up cosine schedule) and writes config.json, metrics.json, curves.png
+and checkpoints into ``--out``; ``--find-lr`` runs the learning-rate range test instead.
+Ctrl-C stops it with one line naming the last checkpoint and the command that resumes
+(exit status 130).
 
     gpunn bench activations [--device cpu|cuda|all] [--sizes 1M,16M] [--dtypes float32]
                             [--ops sigmoid,relu,...] [--quick] [--out DIR] [--time-budget S]
 
 ``gpunn bench SUITE`` runs one benchmark suite (the suites are listed in
-``gpunn.bench.SUITES``), prints a table and writes the JSON results to
-``bench/results/`` of the checkout (``./gpunn-bench-results/`` outside one, or ``--out``).
+``gpunn.bench.SUITES``), prints a table and writes the JSON results into ``--out``
+(default ./gpunn-bench-results/; ``--repo-results`` writes into bench/results/ of the
+source checkout, where the README's tables come from).
+
+Building the parser imports no kernel code (no NumPy, Numba or torch): the train options'
+defaults come from :mod:`gpunn.train_config`, the suites' descriptions from their modules'
+source text, and only the suite named on the command line is imported for its own options.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
+import inspect
 import os
+import re
+import shlex
 import sys
 
 from .bench import SUITES
@@ -85,21 +97,46 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "the GPU); a device skips those it cannot run")
     parser.add_argument("--quick", action="store_true",
                         help="one warm-up and 3 repetitions per contender (for tests)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="where to write the JSON (default bench/results/ of the checkout, "
-                             "else ./gpunn-bench-results/)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR",
+                       help="where to write the JSON (default ./gpunn-bench-results/)")
+    where.add_argument("--repo-results", action="store_true",
+                       help="write the JSON into bench/results/ of the source checkout gpunn "
+                            "runs from (for maintainers: the README's tables cite these)")
     parser.add_argument("--no-json", dest="json", action="store_false",
                         help="print the table only")
     parser.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
-                        help="stop starting new cases after this long (the rest are reported "
-                             "as skipped)")
+                        help="start no new case after this long (the rest are reported as "
+                             "skipped), and cut a case's repetitions short at the deadline")
     parser.add_argument("--seed", type=_nonnegative(int), default=0,
                         help="random seed of the inputs")
     parser.add_argument("--quiet", dest="progress", action="store_false",
                         help="no progress lines on stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
+_DOCSTRING = re.compile(r'\s*(?:#[^\n]*\n\s*)*([rRuU]?("""|\'\'\')(?s:.*?)\2)')
+
+
+def suite_doc(module_name: str) -> str:
+    """A suite module's docstring, read from its source without importing it."""
+    spec = importlib.util.find_spec(module_name)
+    with open(spec.origin, encoding="utf-8") as f:
+        match = _DOCSTRING.match(f.read())
+    return inspect.cleandoc(ast.literal_eval(match.group(1))) if match else ""
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[:end + 1]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``gpunn`` parser. Only the suite that ``argv`` names after ``bench`` is imported
+    (for its own options); the others are listed from their source text."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     parser = argparse.ArgumentParser(prog="gpunn", description=(
         "Fused training kernels for NumPy, CuPy and PyTorch arrays."))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -108,30 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run a benchmark suite: a table, and JSON results.")
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", required=True)
     for name, module_name in SUITES.items():
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or name).strip()
-        sub = suites.add_parser(name, help=doc.splitlines()[0], description=doc,
+        doc = suite_doc(module_name) or name
+        sub = suites.add_parser(name, help=first_sentence(doc), description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         add_common_arguments(sub)
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(sub)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(sub)
         sub.set_defaults(handler=_bench, module=module_name, parser=sub)
     return parser
 
 
 def _bench(args) -> int:
-    from .bench import harness
-
     from . import backend
+    from .bench import harness
 
     module = importlib.import_module(args.module)
     if args.device is None:
         args.device = "all" if backend.cuda_device_count() > 0 else "cpu"
     if args.device == "cuda":
-        if not backend.has_cupy():
-            args.parser.error("argument --device: cuda needs CuPy, which is not installed")
-        if backend.cuda_device_count() == 0:
-            args.parser.error("argument --device: cuda needs a CUDA device, and CuPy sees none")
+        why = harness.gpu_ready()
+        if why is not None:
+            args.parser.error(f"argument --device: cuda: {why}")
+    out = harness.checkout_results_dir() if args.repo_results else args.out
+    if args.repo_results and out is None:
+        args.parser.error("argument --repo-results: gpunn does not run from a source checkout "
+                          f"({harness.__file__}); use --out DIR")
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     records = module.run(args)
     title = f"gpunn bench {args.suite} ({args.device}; {harness.cpu_model()})"
@@ -141,8 +181,8 @@ def _bench(args) -> int:
     harness.print_table(records, title=title)
     if args.json:
         options = {k: v for k, v in vars(args).items()
-                   if k not in ("handler", "parser", "module")}
-        path = harness.write_json(records, args.suite, args.device, args.out, options=options,
+                   if k not in ("handler", "parser", "module", "argv")}
+        path = harness.write_json(records, args.suite, args.device, out, options=options,
                                   notes=[f"command: {' '.join(sys.argv)}",
                                          f"load average at start: {load_start}"])
         print(f"results: {path}")
@@ -151,15 +191,16 @@ def _bench(args) -> int:
 
 
 def add_train_parser(commands) -> None:
-    from .train import AugmentConfig, TrainConfig
+    from .train_config import AugmentConfig, TrainConfig
 
     d, a = TrainConfig(), AugmentConfig()
     train = commands.add_parser(
         "train", help="train the digits MLP (the main job)",
         description="Train an MLP (Linear-BatchNorm-ReLU-Dropout blocks) with fused AdamW, a "
                     "warm-up cosine schedule and fused random-affine augmentation; print test "
-                    "accuracy and time per epoch; write metrics.json, curves.png and "
-                    "checkpoints to --out.")
+                    "accuracy and time per epoch; write config.json, metrics.json, curves.png "
+                    "and a checkpoint per member (after every epoch) to --out. Ctrl-C stops "
+                    "it and prints the command that resumes.")
     train.add_argument("--data", default=None, metavar="SPEC",
                        help="digits (default: scikit-learn's 8x8 digits, 25%% stratified "
                             "hold-out), an .npz with x and y, or a folder / prefix of MNIST IDX "
@@ -187,20 +228,32 @@ def add_train_parser(commands) -> None:
                        help="cpu (Numba), numpy (reference) or cuda (CuPy); default: cuda "
                             "where a GPU is visible, else cpu")
     train.add_argument("--out", default="gpunn-train", metavar="DIR",
-                       help="output folder (default ./gpunn-train)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the checkpoints in --out")
+                       help="output folder (default ./gpunn-train); one that holds a run is "
+                            "refused unless --resume or --overwrite")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoints, with the same "
+                            "options (refused when it has no checkpoint)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run in --out (checkpoints, metrics) and start anew")
     train.add_argument("--find-lr", action="store_true",
                        help="run the learning-rate range test (log scale) instead of training: "
                             "print loss against lr and plot it to DIR/lr-range.png")
     train.add_argument("--quiet", dest="progress", action="store_false",
-                       help="no progress bar or per-epoch lines")
+                       help="no progress bar, per-epoch or compiling lines")
     train.set_defaults(handler=_train, parser=train)
 
 
 def _train(args) -> int:
     from . import train as training
+    from .nn.module import array_module_of
 
+    parser = args.parser
+    if args.device == "cuda":
+        try:
+            array_module_of("cuda")
+        except RuntimeError as e:
+            parser.error(f"argument --backend: {e}")
     try:
         config = training.TrainConfig(
             data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -210,14 +263,43 @@ def _train(args) -> int:
             augment=training.AugmentConfig() if args.augment else None, seed=args.seed,
             ensemble=args.ensemble, device=args.device)
     except (ValueError, RuntimeError) as e:
-        args.parser.error(str(e))
+        parser.error(str(e))
+    if not args.find_lr:
+        try:
+            training.check_output(args.out, config, resume=args.resume,
+                                  overwrite=args.overwrite)
+        except training.RunExists as e:
+            parser.error(f"argument --out: {e.folder} already holds a run "
+                         f"({', '.join(e.files)}): add --resume to continue it, or "
+                         f"--overwrite to delete it and start anew")
+        except training.NothingToResume as e:
+            parser.error(f"argument --resume: {e}; without --resume a new run starts")
+        except ValueError as e:
+            parser.error(f"argument --resume: {e}; resume with the same options, or start "
+                         f"anew with --overwrite")
+    try:
+        data = training.datasets(config)
+    except (OSError, ValueError) as e:
+        print(f"gpunn train: error: argument --data: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gpunn train: interrupted while loading the data (nothing saved)",
+              file=sys.stderr)
+        return 130
     try:
         if args.find_lr:
-            result = training.find_lr(config, args.out)
+            result = training.find_lr(config, args.out, data=data)
             print(result.table())
             print(f"plot: {os.path.join(args.out, 'lr-range.png')}")
             return 0
-        result = training.train(config, args.out, resume=args.resume, progress=args.progress)
+        result = training.train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                                progress=args.progress, log=_say, data=data)
+    except training.Interrupted as e:
+        print(f"gpunn train: {interrupted_line(e, args.argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("gpunn train: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError, KeyError) as e:
         print(f"gpunn train: error: {e}", file=sys.stderr)
         return 1
@@ -227,9 +309,24 @@ def _train(args) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def interrupted_line(e, argv: list[str]) -> str:
+    """One line for Ctrl-C: where the last checkpoint is and the exact command that resumes
+    (the command as given, --overwrite dropped, --resume added); with no checkpoint, the
+    command that starts again."""
+    words = [w for w in argv if w not in ("--overwrite", "--resume")]
+    if e.checkpoint is None:
+        return f"{e.where()}; start again with: {shlex.join(['gpunn', *words])}"
+    return f"{e.where()}; resume with: {shlex.join(['gpunn', *words, '--resume'])}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     return args.handler(args)
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import itertools
+import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -27,85 +28,12 @@ from . import checkpoint, ops
 from .data import DataLoader, Dataset, load, stratified_split
 from .nn import BatchNorm1d, CrossEntropyLoss, Dropout, Flatten, Linear, ReLU, Sequential
 from .nn.arena import transfer
-from .nn.module import array_module_of
 from .optim import AdamW
 from .optim.lr_scheduler import CosineAnnealingLR, lr_range_test
+from .train_config import AugmentConfig, TrainConfig, best_device
 
 #: rows per forward pass when evaluating
 EVAL_BATCH = 1024
-
-
-@dataclass
-class AugmentConfig:
-    """The random affine warp applied to every training batch (see :func:`gpunn.ops.augment`):
-    rotation in +-degrees, shift in +-translate of the image, zoom in [1-scale, 1+scale],
-    area-preserving stretch exp(+-stretch), shear in +-shear degrees, horizontal flips."""
-
-    degrees: float = 10.0
-    translate: float = 0.1
-    scale: float = 0.1
-    stretch: float = 0.1
-    shear: float = 5.0
-    flip_p: float = 0.0
-
-    def kwargs(self) -> dict:
-        return dict(degrees=self.degrees, translate=(self.translate, self.translate),
-                    scale=(1.0 - self.scale, 1.0 + self.scale), stretch=self.stretch,
-                    shear=self.shear, flip_p=self.flip_p)
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``gpunn train`` can set, with its defaults (the digits MLP)."""
-
-    data: str | None = None            # None/"digits", an .npz, or an MNIST IDX folder/prefix
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-2         # AdamW's decoupled decay
-    width: int = 256                   # hidden units per layer
-    depth: int = 2                     # hidden layers (Linear-BatchNorm-ReLU-Dropout each)
-    dropout: float = 0.2
-    warmup_epochs: float = 1.0         # linear warm-up before the cosine decay
-    label_smoothing: float = 0.1
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-    seed: int = 0
-    ensemble: int = 1
-    test_fraction: float = 0.25        # stratified hold-out when the data has no test split
-    split_seed: int = 0                # the hold-out's draw (fixed: seeds change the model only)
-    device: str | None = None          # cpu | numpy | cuda; None: the best available
-
-    def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1), ("depth", 0),
-                          ("ensemble", 1), ("seed", 0), ("split_seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing"):
-            if not (isinstance(getattr(self, name), (int, float))
-                    and math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got "
-                                 f"{getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        if self.device is not None:
-            array_module_of(self.device)  # a clear error for an unknown or missing device
-
-    def resolved_device(self) -> str:
-        return self.device or best_device()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def best_device() -> str:
-    """cuda where CuPy sees a GPU, else the Numba kernels, else the NumPy reference."""
-    available = _backend.available()
-    return "cuda" if "cuda" in available else "cpu" if "cpu" in available else "numpy"
 
 
 def mlp(in_features: int, num_classes: int, width: int, depth: int, dropout: float,
@@ -160,6 +88,7 @@ class Trainer:
                                  reuse_buffers=True)
         self.progress, self.name = progress, name
         self.epoch = 0  # epochs done
+        self.saved_epoch: int | None = None  # the epoch of the last checkpoint saved or loaded
         self.history: list[dict] = []
 
     # --- one epoch ----------------------------------------------------------------------------
@@ -254,6 +183,7 @@ class Trainer:
     def save(self, path) -> None:
         """Write the checkpoint atomically (a temporary file renamed over ``path``)."""
         checkpoint.save(path, self.state())
+        self.saved_epoch = self.epoch
 
     def load(self, path) -> None:
         """Continue from a checkpoint of this same architecture. Every field is checked first,
@@ -305,6 +235,7 @@ class Trainer:
         if "scheduler" in checks:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.history = int(epoch), list(history)
+        self.saved_epoch = self.epoch
 
 
 def _trial(obj):
@@ -370,6 +301,96 @@ class _bar:
 
 # --- the job ------------------------------------------------------------------------------------
 
+#: What a run writes into its output folder: the files that make it a run.
+CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.json", "metrics.json", "curves.png"
+
+
+class RunExists(FileExistsError):
+    """The output folder holds a run already, and neither resume nor overwrite was asked."""
+
+    def __init__(self, folder: str, files: list[str]):
+        self.folder, self.files = folder, files
+        super().__init__(f"{folder} already holds a run ({', '.join(files)}): resume it or "
+                         f"overwrite it")
+
+
+class NothingToResume(FileNotFoundError):
+    """Resume was asked, and the output folder holds no checkpoint."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        super().__init__(f"no checkpoint to resume in {folder} (looked for "
+                         f"{checkpoint_path(folder, 0)})")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: where the run stands. ``member`` (of ``members``) was
+    training, in its ``epoch`` (1-based); ``checkpoint`` is the newest checkpoint written
+    (None: nothing saved yet), of ``saved_member`` after its ``saved_epoch``."""
+
+    def __init__(self, member: int, members: int, epoch: int, epochs: int,
+                 checkpoint: str | None, saved_member: int | None, saved_epoch: int | None):
+        self.member, self.members, self.epoch, self.epochs = member, members, epoch, epochs
+        self.checkpoint, self.saved_member, self.saved_epoch = (checkpoint, saved_member,
+                                                                saved_epoch)
+        super().__init__(self.where())
+
+    def where(self) -> str:
+        who = f"member {self.member} " if self.members > 1 else ""
+        text = f"{who}interrupted in epoch {self.epoch} of {self.epochs}"
+        if self.checkpoint is None:
+            return f"{text}, before any checkpoint"
+        return (f"{text}; last checkpoint {self.checkpoint} (epoch {self.saved_epoch} of "
+                f"{self.epochs})")
+
+
+def checkpoint_path(folder: str, member: int) -> str:
+    return os.path.join(folder, f"checkpoint-{member}.npz")
+
+
+def run_files(folder) -> list[str]:
+    """The results of a run in ``folder`` (checkpoints, metrics.json), by name; [] for none."""
+    folder = os.fspath(folder)
+    found = sorted(os.path.basename(p) for p in glob.glob(checkpoint_path(glob.escape(folder),
+                                                                          "*")))
+    return found + [METRICS_FILE] * os.path.isfile(os.path.join(folder, METRICS_FILE))
+
+
+def check_output(out_dir, config: TrainConfig, *, resume: bool = False,
+                 overwrite: bool = False) -> None:
+    """Refuse before any work: with ``resume``, a folder without a checkpoint
+    (NothingToResume) or whose run was started with another configuration (ValueError naming
+    the fields); without, a folder that holds a run (RunExists) unless ``overwrite``."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    folder = os.fspath(out_dir)
+    if resume:
+        if not os.path.isfile(checkpoint_path(folder, 0)):
+            raise NothingToResume(folder)
+        saved = _saved_config(folder)
+        ours = _comparable(config.to_dict())
+        if saved is not None and saved != ours:
+            fields = [k for k in ours if saved.get(k) != ours[k]]
+            raise ValueError(
+                f"the run in {folder} was started with "
+                f"{', '.join(f'{k}={saved.get(k)!r}' for k in fields)}, not "
+                f"{', '.join(f'{k}={ours[k]!r}' for k in fields)}")
+    elif not overwrite and run_files(folder):
+        raise RunExists(folder, run_files(folder))
+
+
+def _comparable(config: dict) -> dict:
+    """The fields a resumed run must share with the run it continues (all but the device)."""
+    return {k: v for k, v in config.items() if k != "device"}
+
+
+def _saved_config(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            return _comparable(json.load(f))
+    except (OSError, ValueError):
+        return None
+
 
 def datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     """The training and test sets: the data's own test split, else a stratified hold-out."""
@@ -397,25 +418,60 @@ def build(config: TrainConfig, train: Dataset, test: Dataset, member: int = 0,
                    name=f"member {member}" if config.ensemble > 1 else "model")
 
 
-def train(config: TrainConfig, out_dir=None, *, resume: bool = False,
-          progress: bool = True) -> dict:
+def train(config: TrainConfig, out_dir=None, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, log=None, data=None) -> dict:
     """Train ``config.ensemble`` members (seeds seed, seed+1, ...), average their softmax
-    outputs, and return the metrics; with ``out_dir``, write metrics.json, curves.png and a
-    checkpoint per member there (``resume`` continues from those checkpoints)."""
-    out = _output_folder(out_dir) if out_dir is not None else None
-    train_set, test_set = datasets(config)
-    members, probs = [], None
+    outputs, and return the metrics.
+
+    With ``out_dir``, write config.json, a checkpoint per member after each epoch,
+    metrics.json and curves.png there. A folder that holds a run is refused (RunExists)
+    unless ``resume`` (continue from its checkpoints; NothingToResume when it has none) or
+    ``overwrite`` (its results are deleted first). ``log``: where messages go (resuming,
+    already finished, kernels compiling; default print, nothing when not ``progress``).
+    ``data``: the (train, test) datasets, when already loaded. Ctrl-C raises
+    :class:`Interrupted` (a KeyboardInterrupt) naming the last checkpoint."""
+    say = log if log is not None else (print if progress else (lambda text: None))
+    out = None
+    if out_dir is not None:
+        check_output(out_dir, config, resume=resume, overwrite=overwrite)
+        out = _output_folder(out_dir)
+        if not resume:
+            for name in run_files(out) + [CURVES_FILE]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+        _write_json(os.path.join(out, CONFIG_FILE), config.to_dict())
+    train_set, test_set = data if data is not None else datasets(config)
+    members, probs, trained, saved = [], None, 0, None
     start = time.perf_counter()
-    for k in range(config.ensemble):
-        trainer = build(config, train_set, test_set, k, progress)
-        path = None if out is None else os.path.join(out, f"checkpoint-{k}.npz")
-        if resume and path is not None and os.path.exists(path):
-            trainer.load(path)
-        trainer.fit(path)
-        p = trainer.predict_proba(test_set)
-        probs = p if probs is None else probs + p
-        members.append({"seed": trainer.seed, **trainer.evaluate(test_set),
-                        "history": trainer.history})
+    with compile_notice(say if progress else None):
+        for k in range(config.ensemble):
+            trainer = build(config, train_set, test_set, k, progress)
+            path = None if out is None else checkpoint_path(out, k)
+            if resume and path is not None:
+                if os.path.exists(path):
+                    trainer.load(path)
+                    say(f"{trainer.name}: already finished ({trainer.epoch} of "
+                        f"{trainer.epochs} epochs, checkpoint {path})"
+                        if trainer.epoch >= trainer.epochs else
+                        f"{trainer.name}: resuming from epoch {trainer.epoch} of "
+                        f"{trainer.epochs} (checkpoint {path})")
+                else:
+                    say(f"{trainer.name}: no checkpoint yet ({path}), starting it")
+            done_before = trainer.epoch
+            try:
+                trainer.fit(path)
+            except KeyboardInterrupt:
+                if trainer.saved_epoch is not None:
+                    saved = (path, k, trainer.saved_epoch)
+                raise Interrupted(k, config.ensemble, min(trainer.epoch + 1, trainer.epochs),
+                                  trainer.epochs, *(saved or (None, None, None))) from None
+            trained += trainer.epoch - done_before
+            if trainer.saved_epoch is not None:
+                saved = (path, k, trainer.saved_epoch)
+            p = trainer.predict_proba(test_set)
+            probs = p if probs is None else probs + p
+            members.append({"seed": trainer.seed, **trainer.evaluate(test_set),
+                            "history": trainer.history})
     ensemble = scores(probs / config.ensemble, test_set.y)
     epoch_times = [h["epoch_seconds"] for m in members for h in m["history"]]
     result = {
@@ -426,6 +482,7 @@ def train(config: TrainConfig, out_dir=None, *, resume: bool = False,
         "ensemble": ensemble,
         "test_accuracy": ensemble["accuracy"],
         "seconds_per_epoch": float(np.median(epoch_times)) if epoch_times else math.nan,
+        "epochs_trained": trained,
         "total_seconds": time.perf_counter() - start,
     }
     if out is not None:
@@ -436,17 +493,59 @@ def train(config: TrainConfig, out_dir=None, *, resume: bool = False,
 def summary(result: dict) -> str:
     """The closing lines of ``gpunn train``: accuracy per member and of the ensemble, time."""
     data = result["data"]
-    lines = [f"data: {data['name'].removesuffix(':train')} ({data['train']} train, {data['test']} test, "
-             f"{data['classes']} classes) on {result['device']}"]
+    lines = [f"data: {data['name'].removesuffix(':train')} ({data['train']} train, "
+             f"{data['test']} test, {data['classes']} classes) on {result['device']}"]
     members = result["members"]
     for k, m in enumerate(members):
         lines.append(f"member {k} (seed {m['seed']}): test accuracy {100 * m['accuracy']:.2f}%")
     label = f"ensemble of {len(members)}" if len(members) > 1 else "model"
     lines.append(f"{label}: test accuracy {100 * result['test_accuracy']:.2f}%, "
                  f"test loss {result['ensemble']['loss']:.4f}")
-    lines.append(f"time: {result['seconds_per_epoch']:.3f} s per epoch (median), "
-                 f"{result['total_seconds']:.1f} s in all")
+    if result.get("epochs_trained", 1) == 0:
+        lines.append(f"time: already finished, nothing left to train (it took "
+                     f"{result['seconds_per_epoch']:.3f} s per epoch, median)")
+    else:
+        lines.append(f"time: {result['seconds_per_epoch']:.3f} s per epoch (median), "
+                     f"{result['total_seconds']:.1f} s in all")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def compile_notice(say):
+    """While the block runs, tell when Numba compiles a kernel (its cache is cold: the first
+    run, or after an upgrade): one line before the first, then one per kernel with its time,
+    and the total. ``say=None``: silent."""
+    if say is None or not _backend.has_numba():
+        yield
+        return
+    from numba.core import event
+
+    class Notice(event.Listener):
+        def __init__(self):
+            self.depth, self.count, self.seconds, self.t0 = 0, 0, 0.0, 0.0
+
+        def on_start(self, ev):
+            if self.depth == 0:
+                if self.count == 0:
+                    say("compiling CPU kernels (first run only: Numba caches them on disk)")
+                self.t0 = time.perf_counter()
+            self.depth += 1
+
+        def on_end(self, ev):
+            self.depth -= 1
+            if self.depth == 0:
+                dt = time.perf_counter() - self.t0
+                self.count += 1
+                self.seconds += dt
+                f = ev.data["dispatcher"].py_func
+                say(f"  [{self.count}] {f.__module__.removeprefix('gpunn.')}."
+                    f"{f.__qualname__} {dt:.1f} s")
+
+    notice = Notice()
+    with event.install_listener("numba:compile", notice):
+        yield
+    if notice.count:
+        say(f"compiled {notice.count} CPU kernels in {notice.seconds:.1f} s")
 
 
 def _output_folder(path) -> str:
@@ -460,44 +559,76 @@ def _output_folder(path) -> str:
     return path
 
 
-def write_report(result: dict, out: str) -> None:
-    """metrics.json and curves.png (loss and accuracy per epoch of every member)."""
-    import json
-
-    from matplotlib.figure import Figure
-
-    tmp = os.path.join(out, "metrics.json.tmp")
+def _write_json(path: str, value) -> None:
+    """Write ``value`` as JSON atomically (a temporary file renamed over ``path``)."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
-    fig = Figure(figsize=(10, 4), layout="constrained")
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_report(result: dict, out: str) -> None:
+    """metrics.json and curves.png (see :func:`curves_figure`)."""
+    _write_json(os.path.join(out, METRICS_FILE), result)
+    curves_figure(result).savefig(os.path.join(out, CURVES_FILE), dpi=100)
+
+
+def curves_figure(result: dict):
+    """Loss and accuracy per epoch of every member (solid: train, dashed: test), integer
+    epoch ticks, the legend below the plots; the title names the ensemble when there is one
+    (its accuracy is a dotted line)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    members = result["members"]
+    ensemble = len(members) > 1
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for k, member in enumerate(result["members"]):
+    for k, member in enumerate(members):
         h = member["history"]
         epochs = [m["epoch"] for m in h]
-        label = f" (member {k})" if len(result["members"]) > 1 else ""
-        loss_ax.plot(epochs, [m["train_loss"] for m in h], color=f"C{k}",
-                     label="train: augmented, smoothed labels" + label)
-        loss_ax.plot(epochs, [m["test_loss"] for m in h], color=f"C{k}", linestyle="--",
-                     label="test" + label)
-        acc_ax.plot(epochs, [100 * m["train_accuracy"] for m in h], color=f"C{k}",
-                    label="train" + label)
+        loss_ax.plot(epochs, [m["train_loss"] for m in h], color=f"C{k}")
+        loss_ax.plot(epochs, [m["test_loss"] for m in h], color=f"C{k}", linestyle="--")
+        acc_ax.plot(epochs, [100 * m["train_accuracy"] for m in h], color=f"C{k}")
         acc_ax.plot(epochs, [100 * m["test_accuracy"] for m in h], color=f"C{k}",
-                    linestyle="--", label="test" + label)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)",
-               title=f"accuracy (test {100 * result['test_accuracy']:.2f}%)")
-    loss_ax.legend(fontsize="small")
-    acc_ax.legend(fontsize="small")
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+                    linestyle="--")
+    config = result.get("config", {})
+    how = [w for w, on in (("augmented", config.get("augment")),
+                           ("smoothed labels", config.get("label_smoothing"))) if on]
+    color = "k" if ensemble else "C0"
+    handles = [Line2D([], [], color=color, label="train" + (f" ({', '.join(how)})" if how
+                                                             else "")),
+               Line2D([], [], color=color, linestyle="--", label="test")]
+    if ensemble:
+        acc_ax.axhline(100 * result["test_accuracy"], color="k", linestyle=":", linewidth=1)
+        handles.append(Line2D([], [], color="k", linestyle=":", label="ensemble, test"))
+        handles += [Line2D([], [], color=f"C{k}", linewidth=4, label=f"member {k} (seed "
+                           f"{m['seed']})") for k, m in enumerate(members)]
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+    loss_ax.set(ylabel="cross-entropy", yscale="log", title="loss")
+    acc_ax.set(ylabel="accuracy (%)", title="accuracy")
+    ncols = len(handles) if len(handles) <= 6 else -(-len(handles) // 2)
+    rows = -(-len(handles) // ncols)  # the legend fills columns first: give it rows in turn
+    handles = [handles[r * ncols + c] for c in range(ncols) for r in range(rows)
+               if r * ncols + c < len(handles)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize="small",
+               frameon=False)
+    accuracy = f"test accuracy {100 * result['test_accuracy']:.2f}%"
+    fig.suptitle(f"ensemble of {len(members)} (softmax averaged): {accuracy}; curves per member"
+                 if ensemble else f"one model: {accuracy}")
+    return fig
 
 
 def find_lr(config: TrainConfig, out_dir=None, *, start_lr=1e-5, end_lr=10.0,
-            num_steps=100):
+            num_steps=100, data=None):
     """The log-scale learning-rate range test on the configured model, data and training step
     (augmentation included; fresh weights, nothing is kept): one batch per lr. Returns the
-    result and writes lr-range.png into ``out_dir`` when given."""
-    train_set, test_set = datasets(config)
+    result and writes lr-range.png into ``out_dir`` when given. ``data``: the (train, test)
+    datasets, when already loaded."""
+    train_set, test_set = data if data is not None else datasets(config)
     trainer = build(config, train_set, test_set, progress=False)
 
     stream = (batch for epoch in itertools.count() for batch in trainer.batches(epoch))
@@ -512,5 +643,7 @@ def find_lr(config: TrainConfig, out_dir=None, *, start_lr=1e-5, end_lr=10.0,
     return result
 
 
-__all__ = ["AugmentConfig", "TrainConfig", "Trainer", "best_device", "build", "datasets",
-           "find_lr", "mlp", "scores", "summary", "train", "write_report"]
+__all__ = ["AugmentConfig", "Interrupted", "NothingToResume", "RunExists", "TrainConfig",
+           "Trainer", "best_device", "build", "check_output", "compile_notice",
+           "curves_figure", "datasets", "find_lr", "mlp", "run_files", "scores", "summary",
+           "train", "write_report"]

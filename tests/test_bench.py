@@ -191,15 +191,17 @@ def test_json_written(records, tmp_path):
 
 
 def test_default_results_dir():
-    """bench/results/ of the checkout gpunn runs from; ./gpunn-bench-results/ when installed."""
+    """./gpunn-bench-results/ (never the package's own folder); bench/results/ of the checkout
+    only when asked (checkout_results_dir, ``--repo-results``)."""
     from pathlib import Path
 
+    assert harness.default_results_dir() == Path.cwd() / "gpunn-bench-results"
     root = harness.checkout_root()
     if root is None:
-        assert harness.default_results_dir() == Path.cwd() / "gpunn-bench-results"
+        assert harness.checkout_results_dir() is None
     else:
         assert (root / "gpunn" / "bench" / "harness.py").is_file()
-        assert harness.default_results_dir() == root / "bench" / "results"
+        assert harness.checkout_results_dir() == root / "bench" / "results"
 
 
 def test_table_flags(records):
@@ -211,6 +213,70 @@ def test_table_flags(records):
     for word in ("sigmoid", "softmax", "gpunn cpu", "torch", "limit", "WRONG", "ERROR",
                  "deliberately broken", "4x256"):
         assert word in text
+
+
+def _case(i: int) -> dict:
+    return dict(suite="t", device="cpu", op=f"op{i}", direction="forward", shape=[8],
+                dtype="float32", bytes=64)
+
+
+def test_time_budget_stops_new_cases_and_cuts_the_last_one_short():
+    """With an injected clock: cases of two contenders, each call 0.1 s (1.4 s a case at
+    CPU_POLICY: a checking call, a warm-up and five timed calls each); budget 3 s. The third
+    case starts before the deadline (at 2.8 s) and its rounds stop at it once each contender
+    has one timed call; the rest are skipped."""
+    clock, calls = FakeClock(), []
+    runner = harness.Runner(harness.Options(time_budget=3.0, progress=False), clock=clock)
+    contenders = [Contender(name, "gpunn", lambda: clock.call_taking(0.1, calls), check=False)
+                  for name in ("a", "b")]
+    for i in range(6):
+        runner.run_case(_case(i), contenders, None, harness.CPU_POLICY)
+    ran = [r for r in runner.records if r.status == "ok"]
+    skipped = [r for r in runner.records if r.status == "skipped"]
+    assert [r.op for r in ran] == ["op0", "op0", "op1", "op1", "op2", "op2"]
+    assert [r.op for r in skipped] == ["op3", "op4", "op5"]
+    assert all("time budget" in r.note for r in skipped)
+    assert [r.reps for r in ran] == [5, 5, 5, 5, 1, 1]
+    assert all("the time budget ran out" in r.note for r in ran[4:])
+    assert not any("budget" in r.note for r in ran[:4])
+    assert clock.now == pytest.approx(3.4)  # 2 whole cases, then check, warm-up, one round
+
+
+def test_time_budget_of_a_suite_with_an_injected_clock(monkeypatch):
+    """The activations suite under a clock that advances 1 s at each reading: the budget
+    (30 s of that clock) ends the run early whatever the machine's speed, and every case
+    not started is recorded as skipped."""
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(harness, "default_clock", lambda: float(next(ticks)))
+    opts = activations.Options(**{**QUICK, "ops": ["sigmoid", "relu", "tanh"]}, time_budget=30)
+    recs = activations.run(opts)
+    ran = {(r.op, r.direction) for r in recs if r.status != "skipped"}
+    skipped = {(r.op, r.direction) for r in recs if r.status == "skipped"}
+    assert ran and skipped and not ran & skipped
+    assert len(ran | skipped) == 3 * 2 * 1  # every case is accounted for
+    assert all("time budget" in r.note for r in recs if r.status == "skipped")
+
+
+def test_spread_is_recorded_and_wide_ones_are_flagged():
+    base = dict(_case(0), impl="x", role="gpunn")
+    steady, noisy, limit = (Record(**base) for _ in range(3))
+    noisy.impl, limit.impl, limit.role = "noisy", "limit", "limit"
+    steady.set_timing(harness.Timing.of([1.0, 1.1, 1.05]))
+    noisy.set_timing(harness.Timing.of([1.0, 2.0, 1.1]))
+    limit.set_timing(harness.Timing.of([4.0, 4.1, 4.2]))
+    harness.finalize([steady, noisy, limit])
+    assert steady.max_s == 1.1 and steady.spread == pytest.approx(0.1 / 1.05)
+    assert "spread 91% of the median (min 1000 ms, max 2000 ms)" in noisy.distrust
+    assert "of the limit" in steady.distrust  # 4x faster than the limit: the limit was off
+    assert limit.distrust == ""
+    assert steady.to_dict()["spread"] == steady.spread and "max_s" in steady.to_dict()
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    harness.print_table([steady, noisy, limit], console=console)
+    text = console.export_text()
+    assert "1050.000!" in text and "1000.000-1100.000" in text
+    assert "warning: 2 timing(s) marked ! are not to be trusted" in text
 
 
 def test_time_budget_skips_cases():

@@ -1,15 +1,27 @@
 """The trainer and `gpunn train`: the default job's accuracy, resume = uninterrupted run,
-checkpoints of another architecture, ensembles, the lr range test, the CLI end to end."""
+checkpoints of another architecture, ensembles, the lr range test, the CLI end to end, the
+run folder (refused, resumed, overwritten), Ctrl-C, the curves figure."""
 
 import gzip
 import json
+import os
+import re
+import shlex
+import signal
 import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpunn import checkpoint, cli
-from gpunn.train import AugmentConfig, TrainConfig, build, datasets, scores, train
+from gpunn.train import (AugmentConfig, TrainConfig, Trainer, build, curves_figure, datasets,
+                         scores, train)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = dict(epochs=2, width=32, batch_size=128)
 
@@ -274,12 +286,12 @@ def test_cli_train_errors(tmp_path, capsys):
     rc = cli.main(["train", "--epochs", "1", "--data", str(tmp_path / "missing.npz"),
                    "--out", str(tmp_path / "run"), "--quiet"])
     assert rc == 1
-    assert "missing.npz" in capsys.readouterr().err
+    assert "argument --data:" in capsys.readouterr().err
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
     rc = cli.main(["train", "--epochs", "1", "--data", str(tmp_path / "broken.npz"),
                    "--out", str(tmp_path / "run"), "--quiet"])
     assert rc == 1
-    assert "broken.npz" in capsys.readouterr().err
+    assert "argument --data:" in capsys.readouterr().err
     for bad in (["--epochs", "0"], ["--dropout", "1.5"], ["--lr", "-1"]):
         with pytest.raises(SystemExit) as e:
             cli.main(["train", *bad, "--out", str(tmp_path / "run")])
@@ -296,3 +308,210 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         TrainConfig(seed=-1)
     assert AugmentConfig().kwargs()["scale"] == (0.9, 1.1)
+
+
+def test_cli_data_messages_say_what_the_path_is(tmp_path, capsys):
+    """The path is joined with a separator, and the message says what the path is."""
+    run = ["--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--backend", "numpy"]
+    missing = tmp_path / "nothing"
+    assert cli.main(["train", "--data", str(missing), *run]) == 1
+    err = capsys.readouterr().err
+    assert "argument --data:" in err and "does not exist" in err
+    assert "nothingtrain-images" not in err
+    (tmp_path / "notes.txt").write_text("hello")
+    assert cli.main(["train", "--data", str(tmp_path / "notes.txt"), *run]) == 1
+    assert "neither an .npz file nor a folder of MNIST-style IDX files" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "--data", str(tmp_path / "empty"), *run]) == 1
+    err = capsys.readouterr().err
+    assert "a folder without MNIST-style IDX files" in err
+    assert str(tmp_path / "empty" / "train-images-idx3-ubyte") in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- a run's folder: refuse, resume, overwrite, Ctrl-C ----------------------------------------
+
+QUICK_RUN = ["--epochs", "3", "--width", "8", "--batch-size", "256", "--no-augment",
+             "--backend", "numpy", "--quiet"]
+
+
+def _interrupt_in_epoch(monkeypatch, epoch: int):
+    """Ctrl-C at the start of ``epoch`` (1-based) of every member trained from now on."""
+    real = Trainer.train_epoch
+
+    def train_epoch(self):
+        if self.epoch + 1 == epoch:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *QUICK_RUN, "--out", str(out)]
+    _interrupt_in_epoch(monkeypatch, 3)
+    assert cli.main(argv) == 130
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert f"last checkpoint {out / 'checkpoint-0.npz'} (epoch 2 of 3)" in lines[0]
+    assert lines[0].endswith("resume with: " + shlex.join(["gpunn", *argv, "--resume"]))
+    monkeypatch.undo()
+    assert cli.main([*argv, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert f"model: resuming from epoch 2 of 3 (checkpoint {out / 'checkpoint-0.npz'})" in text
+    assert len(json.loads((out / "metrics.json").read_text())["members"][0]["history"]) == 3
+
+
+def test_ctrl_c_before_any_checkpoint_says_start_again(tmp_path, monkeypatch, capsys):
+    argv = ["train", *QUICK_RUN, "--out", str(tmp_path / "run"), "--overwrite"]
+    _interrupt_in_epoch(monkeypatch, 1)
+    assert cli.main(argv) == 130
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "before any checkpoint" in line
+    assert line.endswith("start again with: " + shlex.join(["gpunn", *argv[:-1]]))
+    monkeypatch.undo()
+    assert cli.main(argv[:-1]) == 0  # nothing was saved: the same command starts it
+
+
+def test_ctrl_c_of_a_second_member_names_the_first_members_checkpoint(tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "run"
+    argv = ["train", *QUICK_RUN, "--ensemble", "2", "--out", str(out)]
+    real = Trainer.train_epoch
+
+    def train_epoch(self):
+        if self.name == "member 1":
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    assert cli.main(argv) == 130
+    line = capsys.readouterr().err.strip()
+    assert f"member 1 interrupted in epoch 1 of 3; last checkpoint {out / 'checkpoint-0.npz'}" \
+           f" (epoch 3 of 3)" in line and line.endswith("--resume")
+    monkeypatch.undo()
+    assert cli.main([*argv, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "member 0: already finished (3 of 3 epochs" in text
+    assert f"member 1: no checkpoint yet ({out / 'checkpoint-1.npz'}), starting it" in text
+
+
+def test_ctrl_c_in_a_subprocess_exits_130_with_one_line(tmp_path):
+    """A real SIGINT once training runs (the second epoch line: a checkpoint exists), then
+    the printed command resumes it (its first line says from which epoch)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    argv = ["train", "--epochs", "100000", "--width", "8", "--no-augment", "--backend",
+            "numpy", "--out", str(tmp_path / "run")]
+
+    def interrupt_after(command, marker):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        watchdog = threading.Timer(600, proc.kill)
+        watchdog.start()
+        try:
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if marker(line):
+                    break
+            proc.send_signal(signal.SIGINT)
+            rest, err = proc.communicate()
+        finally:
+            watchdog.cancel()
+        return proc.returncode, "".join(seen) + rest, err
+
+    python = [sys.executable, "-m", "gpunn.cli"]
+    rc, out, err = interrupt_after([*python, *argv], lambda l: l.startswith("model epoch   2/"))
+    assert rc == 130, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "checkpoint-0.npz (epoch" in err
+    command = shlex.split(err.split("resume with: ")[1])
+    assert command[0] == "gpunn" and command[1:] == [*argv, "--resume"]
+    rc, out, err = interrupt_after([*python, *command[1:]],
+                                   lambda l: "resuming from epoch" in l)
+    assert rc == 130, err
+    assert re.search(r"model: resuming from epoch [1-9][0-9]* of 100000", out), out
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *QUICK_RUN, "--ensemble", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out:" in err and "already holds a run" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert (out / "metrics.json").read_bytes() == before
+    # --overwrite starts anew: the second member's checkpoint of the old run goes too
+    assert cli.main(["train", *QUICK_RUN, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*.npz")) == ["checkpoint-0.npz"]
+    assert len(json.loads((out / "metrics.json").read_text())["members"]) == 1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *QUICK_RUN, "--out", str(out), "--overwrite", "--resume"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_folder_without_checkpoints_or_other_options(tmp_path, capsys):
+    """--resume without a checkpoint is refused (a typo in --out would otherwise start a new
+    run silently); so is resuming with options the run was not started with."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *QUICK_RUN, "--out", str(out), "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --resume: no checkpoint to resume in" in err
+    assert str(out / "checkpoint-0.npz") in err and not out.exists()
+    assert cli.main(["train", *QUICK_RUN, "--out", str(out)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *QUICK_RUN, "--lr", "0.01", "--out", str(out), "--resume"])
+    assert e.value.code == 2
+    assert "lr=0.003, not lr=0.01" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *QUICK_RUN, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["train", *QUICK_RUN, "--out", str(out), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "model: already finished (3 of 3 epochs" in text
+    assert "time: already finished, nothing left to train" in text
+    assert first.splitlines()[1] in text.splitlines()  # the same accuracy
+
+
+def test_curves_figure(tmp_path):
+    """Integer epoch ticks, the legend clear of the plots, the ensemble named in the title."""
+    def member(seed, shift):
+        return {"seed": seed, "history": [
+            {"epoch": e, "train_loss": 2.0 / e + shift, "test_loss": 2.2 / e + shift,
+             "train_accuracy": 0.5 + 0.1 * e, "test_accuracy": 0.45 + 0.1 * e}
+            for e in (1, 2, 3)]}
+
+    result = {"members": [member(s, 0.01 * s) for s in range(3)], "test_accuracy": 0.8}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = curves_figure(result)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    axes = fig.axes
+    for ax in axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "member 2 (seed 2)" in labels and len(labels) == 3 + 3
+    assert fig._suptitle.get_text().startswith("ensemble of 3")
+    one = curves_figure({"members": [member(0, 0)], "test_accuracy": 0.8})
+    assert not one._suptitle.get_text().startswith("ensemble")
+    assert len(one.legends[0].get_texts()) == 2

@@ -2,9 +2,18 @@
 
 Timing
     Warm-up first (run-time compilation, page faults, caches), then many repetitions, each
-    timed on its own; a record keeps the median, the minimum and the quartiles. The number of
-    repetitions adapts to the call: enough for about ``Policy.target_s`` of timed work, at
-    least ``min_reps`` (3 for calls slower than ``slow_s``), at most ``max_reps``.
+    timed on its own; a record keeps the median, the minimum, the maximum and the quartiles.
+    The number of repetitions adapts to the call: enough for about ``Policy.target_s`` of
+    timed work, at least ``min_reps`` (3 for calls slower than ``slow_s``), at most
+    ``max_reps``. The table shows the spread (min-max of the repetitions) and marks a timing
+    whose spread exceeds ``MAX_SPREAD`` of its median, or a fraction of the limit above
+    ``MAX_FRACTION``, as not to be trusted (a busy machine: rerun).
+
+Time budget
+    A :class:`Runner` with a time budget starts no case once it is spent (the rest are
+    recorded as skipped) and cuts the repetitions of the case in progress at the deadline
+    (each contender keeps at least one timed call), so a run ends within about one case's
+    checking and warm-up calls after the budget. Its clock is injectable (tests use a fake).
 
     CPU: ``time.perf_counter`` around each call, garbage collection off while timing. The
     contenders of a case are timed in rounds (A B C D A B C D ...), so that a change of load
@@ -42,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -61,6 +69,15 @@ from typing import Any, Callable
 import numpy as np
 
 GB = 1e9
+
+#: A timing whose (max - min) / median exceeds this is marked as not to be trusted.
+MAX_SPREAD = 0.5
+#: ... and a fraction of the limit above this (faster than the limit: the limit's timing was
+#: disturbed).
+MAX_FRACTION = 1.5
+
+#: The clock of timings and time budgets (seconds); tests replace it.
+default_clock = time.perf_counter
 
 #: Default relative-error bound (||out - ref|| / ||ref||) for the pre-timing check, by dtype.
 #: Loose on purpose: it catches broken contenders, the test suite checks accuracy.
@@ -151,23 +168,25 @@ class Timing:
     q1: float
     q3: float
     reps: int
+    max: float | None = None
+    cut_short: bool = False  # fewer repetitions than the policy asked: the deadline came
 
     @property
     def iqr(self) -> float:
         return self.q3 - self.q1
 
     @classmethod
-    def of(cls, samples) -> "Timing":
+    def of(cls, samples, cut_short: bool = False) -> "Timing":
         s = np.asarray(samples, dtype=np.float64)
         if s.size == 0:
             raise ValueError("no samples")
         q1, med, q3 = np.percentile(s, [25, 50, 75])
         return cls(median=float(med), min=float(s.min()), q1=float(q1), q3=float(q3),
-                   reps=int(s.size))
+                   reps=int(s.size), max=float(s.max()), cut_short=cut_short)
 
 
 def time_cpu(fn: Callable[[], Any], policy: Policy = CPU_POLICY,
-             clock: Callable[[], float] = time.perf_counter) -> Timing:
+             clock: Callable[[], float] | None = None) -> Timing:
     """Seconds per call of ``fn`` on the host clock (the caller made one call already)."""
     result = time_cpu_interleaved([fn], policy, clock)[0]
     if isinstance(result, Exception):
@@ -176,13 +195,15 @@ def time_cpu(fn: Callable[[], Any], policy: Policy = CPU_POLICY,
 
 
 def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLICY,
-                         clock: Callable[[], float] = time.perf_counter
-                         ) -> list[Timing | Exception]:
+                         clock: Callable[[], float] | None = None,
+                         deadline: float | None = None) -> list[Timing | Exception]:
     """Time several host calls in rounds (A B C A B C ...), so that a change of machine load
     during the case hits every contender alike and their ratios stay meaningful on a shared
     machine. Each call gets its own number of repetitions (``policy.reps`` of its own
     estimate); one that raises gets its exception in place of a Timing. ``clock`` returns
-    seconds (tests inject a fake one)."""
+    seconds (default :data:`default_clock`; tests inject a fake one). Past ``deadline`` (on that
+    clock) no new round starts once every call has a sample (its Timing says cut_short)."""
+    clock = clock or default_clock
     n = len(fns)
     results: list[Timing | Exception | None] = [None] * n
     estimates = [0.0] * n
@@ -197,13 +218,19 @@ def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLI
         except Exception as e:
             results[i] = e
     reps = [policy.reps(e) for e in estimates]
+    reps_of = list(reps)
     # a slow call's warm-up is already warm (the checking call came first): keep it
     samples: list[list[float]] = [[e] if e >= policy.slow_s else [] for e in estimates]
     reps = [r - len(got) for r, got in zip(reps, samples)]
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    cut = False
     try:
         for r in range(max(reps, default=0)):
+            if (deadline is not None and clock() >= deadline
+                    and all(samples[i] or results[i] is not None for i in range(n))):
+                cut = True
+                break
             for i, fn in enumerate(fns):
                 if r >= reps[i] or results[i] is not None:
                     continue
@@ -216,7 +243,8 @@ def time_cpu_interleaved(fns: list[Callable[[], Any]], policy: Policy = CPU_POLI
     finally:
         if gc_was_enabled:
             gc.enable()
-    return [res if res is not None else Timing.of(samples[i]) for i, res in enumerate(results)]
+    return [res if res is not None else Timing.of(samples[i], cut and len(samples[i]) < reps_of[i])
+            for i, res in enumerate(results)]
 
 
 class _CupyClock:
@@ -368,19 +396,28 @@ class Record:
     min_s: float | None = None
     q1_s: float | None = None
     q3_s: float | None = None
+    max_s: float | None = None
     reps: int | None = None
     gbps: float | None = None
     limit_gbps: float | None = None
     frac_of_limit: float | None = None
     speedup_vs_torch: float | None = None
+    distrust: str = ""  # why this timing is not to be trusted ("" when it is)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def spread(self) -> float | None:
+        """(max - min) / median of the timed repetitions."""
+        if self.max_s is None or self.min_s is None or not self.median_s:
+            return None
+        return (self.max_s - self.min_s) / self.median_s
+
     def set_timing(self, t: Timing) -> None:
-        self.median_s, self.min_s, self.q1_s, self.q3_s, self.reps = (
-            t.median, t.min, t.q1, t.q3, t.reps)
+        self.median_s, self.min_s, self.q1_s, self.q3_s, self.max_s, self.reps = (
+            t.median, t.min, t.q1, t.q3, t.max, t.reps)
         self.gbps = self.bytes / t.median / GB if t.median > 0 else None
 
     def key(self) -> tuple:
@@ -390,11 +427,13 @@ class Record:
         d = asdict(self)
         d["size"] = self.size
         d["iqr_s"] = (self.q3_s - self.q1_s) if self.q3_s is not None else None
+        d["spread"] = self.spread
         return d
 
 
 def finalize(records: list[Record]) -> list[Record]:
-    """Fill GB/s, the fraction of the limit and the speed-up over torch, group by group."""
+    """Fill GB/s, the fraction of the limit and the speed-up over torch, group by group, and
+    say which timings not to trust (:func:`distrust`)."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault(r.key(), []).append(r)
@@ -409,7 +448,22 @@ def finalize(records: list[Record]) -> list[Record]:
                 r.frac_of_limit = r.gbps / limit.gbps
             if torch is not None and r.role != "limit":
                 r.speedup_vs_torch = torch.median_s / r.median_s
+        for r in timed:
+            r.distrust = distrust(r)
     return records
+
+
+def distrust(r: Record) -> str:
+    """Why a timed record is not to be trusted: a spread over MAX_SPREAD of its median, or a
+    fraction of the limit over MAX_FRACTION; "" when neither."""
+    why = []
+    if r.spread is not None and r.reps and r.reps > 1 and r.spread > MAX_SPREAD:
+        why.append(f"spread {100 * r.spread:.0f}% of the median (min {1e3 * r.min_s:.4g} ms, "
+                   f"max {1e3 * r.max_s:.4g} ms)")
+    if r.frac_of_limit is not None and r.frac_of_limit > MAX_FRACTION:
+        why.append(f"{100 * r.frac_of_limit:.0f}% of the limit (the limit's timing was "
+                   f"disturbed)")
+    return "; ".join(why)
 
 
 # --- Running contenders -----------------------------------------------------------------------
@@ -440,7 +494,9 @@ def _short(e: BaseException, limit: int = 160) -> str:
 
 
 def run_contenders(base: dict, contenders: list[Contender], check, policy: Policy,
-                   cache: dict | None = None, tol: float | None = None) -> list[Record]:
+                   cache: dict | None = None, tol: float | None = None,
+                   clock: Callable[[], float] | None = None,
+                   deadline: float | None = None) -> list[Record]:
     """Check, then time, the contenders of one case; one Record each, in contender order.
 
     ``base``: the Record fields the case fixes (suite, device, op, direction, shape, dtype,
@@ -449,7 +505,8 @@ def run_contenders(base: dict, contenders: list[Contender], check, policy: Polic
     (default: CHECK_TOLERANCE of the dtype) the record is flagged 'wrong' but still timed.
     Then the host-clock contenders are timed together in rounds (:func:`time_cpu_interleaved`)
     and the CUDA ones one after another. An exception in set-up, checking or timing flags
-    the record 'error'. KeyboardInterrupt propagates."""
+    the record 'error'. KeyboardInterrupt propagates. Past ``deadline`` (on ``clock``) the
+    host timings are cut short (:func:`time_cpu_interleaved`), noted in their records."""
     tol = tol if tol is not None else CHECK_TOLERANCE.get(base.get("dtype"), 1e-3)
     cache = cache if cache is not None else {}
     records: list[Record] = []
@@ -486,12 +543,16 @@ def run_contenders(base: dict, contenders: list[Contender], check, policy: Polic
             rec.status, rec.note = "error", _short(timing)
             return
         rec.set_timing(timing)
+        if timing.cut_short:
+            note = f"{timing.reps} repetition(s): the time budget ran out"
+            rec.note = f"{rec.note}; {note}" if rec.note else note
         if c.cache_key is not None:
             cache[c.cache_key] = timing
 
     host = [(rec, c, call) for rec, c, call in ready if c.clock == "cpu"]
     if host:
-        for (rec, c, _), timing in zip(host, time_cpu_interleaved([h[2] for h in host], policy)):
+        timings = time_cpu_interleaved([h[2] for h in host], policy, clock, deadline)
+        for (rec, c, _), timing in zip(host, timings):
             done(rec, c, timing)
     for rec, c, call in ready:
         if c.clock == "cpu":
@@ -572,16 +633,18 @@ class Runner:
 
     ``options``: the suite's options (quick, seed, time_budget, progress are read here).
     ``extra_contenders``: callables ``f(case) -> Contender | None`` adding contenders to each
-    case (the tests add wrong or broken ones)."""
+    case (the tests add wrong or broken ones). ``clock``: seconds (default
+    :data:`default_clock`); the budget runs from the Runner's creation."""
 
-    def __init__(self, options, extra_contenders=()):
+    def __init__(self, options, extra_contenders=(), clock: Callable[[], float] | None = None):
         self.options = options
         quick = option(options, "quick", False)
         self.policy_cpu = QUICK_POLICY if quick else CPU_POLICY
         self.policy_gpu = QUICK_POLICY if quick else GPU_POLICY
         self.seed = option(options, "seed", 0)
+        self.clock = clock or default_clock
         budget = option(options, "time_budget")
-        self.deadline = time.monotonic() + budget if budget else None
+        self.deadline = self.clock() + budget if budget else None
         self.extra = list(extra_contenders)
         self.cache: dict = {}  # timings of contenders with a cache_key, across cases
         self.records: list[Record] = []
@@ -589,7 +652,8 @@ class Runner:
         self.count = 0
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+        """The time budget is spent: start no new case (nor its set-up)."""
+        return self.deadline is not None and self.clock() >= self.deadline
 
     def say(self, text: str) -> None:
         if self.progress:
@@ -611,7 +675,7 @@ class Runner:
         records are kept and returned."""
         extra = [c for make in self.extra for c in [make(case)] if c is not None]
         records = run_contenders(base, contenders + extra, check=check, policy=policy,
-                                 cache=self.cache)
+                                 cache=self.cache, clock=self.clock, deadline=self.deadline)
         self.records.extend(records)
         return records
 
@@ -621,14 +685,15 @@ class Runner:
         measured, with a progress line naming the contenders that are not ok."""
         if not self.admit(base):
             return
-        t0 = time.monotonic()
+        t0 = self.clock()
         records = self.measure(base, contenders, check, policy, case)
-        self.say(f"[{self.count}] {case_label(base)}: {time.monotonic() - t0:.1f} s"
+        self.say(f"[{self.count}] {case_label(base)}: {self.clock() - t0:.1f} s"
                  + "".join(f"; {r.impl} {r.status}" for r in records if r.status != "ok"))
 
 
 def run_suite(suite: str, options, run_cpu: Callable[[Runner], None],
-              run_gpu: Callable[[Runner], None], extra_contenders=()) -> list[Record]:
+              run_gpu: Callable[[Runner], None], extra_contenders=(),
+              clock: Callable[[], float] | None = None) -> list[Record]:
     """A suite's ``run``: ``run_cpu(runner)`` and/or ``run_gpu(runner)`` as the ``device``
     option says (cpu, cuda or all; cuda without a usable GPU raises, all skips the GPU part),
     a 'skipped' record noting 'interrupted' on Ctrl-C (the records so far are kept), then
@@ -636,7 +701,7 @@ def run_suite(suite: str, options, run_cpu: Callable[[Runner], None],
     device = option(options, "device", "cpu")
     if device not in DEVICES:
         raise ValueError(f"device must be cpu, cuda or all, got {device!r}")
-    runner = Runner(options, extra_contenders)
+    runner = Runner(options, extra_contenders, clock)
     try:
         if device in ("cpu", "all"):
             run_cpu(runner)
@@ -683,7 +748,8 @@ def gpu_ready() -> str | None:
     from gpunn import backend
 
     if not backend.has_cupy():
-        return "CuPy is not installed"
+        return ('CuPy is not installed: pip install "gpunn[cuda13]" (CUDA 13) or '
+                '"gpunn[cuda12]" (CUDA 12)')
     if backend.cuda_device_count() == 0:
         return "CuPy sees no CUDA device"
     return None
@@ -812,8 +878,15 @@ def checkout_root() -> Path | None:
 
 
 def default_results_dir() -> Path:
+    """./gpunn-bench-results/: a user's run never writes into the package it runs from."""
+    return Path.cwd() / "gpunn-bench-results"
+
+
+def checkout_results_dir() -> Path | None:
+    """bench/results/ of the source checkout gpunn runs from (where the README's tables come
+    from: ``gpunn bench --repo-results``), or None when it runs from an installed package."""
     root = checkout_root()
-    return root / "bench" / "results" if root else Path.cwd() / "gpunn-bench-results"
+    return root / "bench" / "results" if root else None
 
 
 def git_commit(root: Path | None = None) -> tuple[str | None, bool | None]:
@@ -896,10 +969,12 @@ def _dist_version(module: str) -> str | None:
         return str(sys.modules[module].__version__)
     if importlib.util.find_spec(module) is None:
         return None
-    for dist in importlib.metadata.packages_distributions().get(module, [module]):
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get(module, [module]):
         try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
             continue
     return "unknown"
 
@@ -909,9 +984,11 @@ def versions() -> dict:
     for module in ("numpy", "numba", "llvmlite", "scipy", "torch", "cupy", "ml_dtypes", "rich"):
         out[module] = _dist_version(module)
     try:
+        from importlib import metadata
+
         import gpunn
 
-        out["gpunn"] = getattr(gpunn, "__version__", None) or importlib.metadata.version("gpunn")
+        out["gpunn"] = getattr(gpunn, "__version__", None) or metadata.version("gpunn")
     except Exception:
         out["gpunn"] = None
     return out
@@ -972,6 +1049,8 @@ def write_json(records: list[Record], suite: str, device: str,
 # --- The table --------------------------------------------------------------------------------
 
 _STATUS_STYLE = {"ok": "green", "wrong": "bold red", "error": "bold red", "skipped": "yellow"}
+#: Distrusted timings listed by name under the table (the rest are counted).
+SHOW_DISTRUSTED = 10
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -980,8 +1059,9 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def print_table(records: list[Record], title: str | None = None, console=None,
                 show_limit: bool = True) -> None:
-    """A rich table: op, dir, size, dtype, impl, ms, GB/s, % of limit, speed-up vs torch and
-    the check (relative error against the reference); notes are listed under the table."""
+    """A rich table: op, dir, size, dtype, impl, ms (median), min-max ms, GB/s, % of limit,
+    speed-up vs torch and the check (relative error against the reference); notes are listed
+    under the table, and a warning for the timings marked ``!`` (see :func:`distrust`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -992,8 +1072,8 @@ def print_table(records: list[Record], title: str | None = None, console=None,
     table = Table(title=title, header_style="bold", pad_edge=False)
     for name, justify in (("op", "left"), ("dir", "left"), ("size", "right"),
                           ("dtype", "left"), ("impl", "left"), ("ms", "right"),
-                          ("GB/s", "right"), ("% limit", "right"), ("vs torch", "right"),
-                          ("check", "left")):
+                          ("min-max ms", "right"), ("GB/s", "right"), ("% limit", "right"),
+                          ("vs torch", "right"), ("check", "left")):
         table.add_column(name, justify=justify, no_wrap=True)
     notes: dict[str, int] = {}
     skipped = [r for r in records if r.status == "skipped"]
@@ -1013,11 +1093,13 @@ def print_table(records: list[Record], title: str | None = None, console=None,
             check += f" [{notes.setdefault(r.note, len(notes) + 1)}]"
         style = "dim" if r.role == "limit" else ("bold" if r.role == "gpunn" else None)
         speedup = _fmt(r.speedup_vs_torch, ".2f") + ("x" if r.speedup_vs_torch else "")
+        spread = (f"{_fmt(r.min_s, '.3f', 1e3)}-{_fmt(r.max_s, '.3f', 1e3)}"
+                  if r.min_s is not None and r.max_s is not None else "")
         table.add_row(
             r.op if first else "", {"forward": "fwd", "backward": "bwd"}.get(r.direction, r.direction) if first else "",
             format_shape(r.shape) if first else "", r.dtype if first else "",
-            r.impl, _fmt(r.median_s, ".3f", 1e3), _fmt(r.gbps, ".1f"),
-            _fmt(r.frac_of_limit, ".0f", 100), speedup,
+            r.impl, _fmt(r.median_s, ".3f", 1e3) + ("[bold yellow]![/]" if r.distrust else ""),
+            spread, _fmt(r.gbps, ".1f"), _fmt(r.frac_of_limit, ".0f", 100), speedup,
             f"[{_STATUS_STYLE.get(r.status, '')}]{check}[/]", style=style)
     console.print(table)
     for note, i in notes.items():
@@ -1025,6 +1107,18 @@ def print_table(records: list[Record], title: str | None = None, console=None,
     if skipped:
         reasons = sorted({r.note or "skipped" for r in skipped})
         console.print(f"[yellow]{len(skipped)} case(s) not run: {'; '.join(reasons)}[/]")
+    shaky = [r for r in records if r.distrust]
+    if shaky:
+        console.print(f"[bold yellow]warning: {len(shaky)} timing(s) marked ! are not to be "
+                      f"trusted (a spread over {100 * MAX_SPREAD:.0f}% of the median, or over "
+                      f"{100 * MAX_FRACTION:.0f}% of the limit): the machine was busy; rerun "
+                      f"when it is quiet.[/]")
+        for r in shaky[:SHOW_DISTRUSTED]:
+            console.print(f"  ! {r.op} {r.direction} {format_shape(r.shape)} {r.dtype} {r.impl}: "
+                          f"{r.distrust}", markup=False, highlight=False)
+        if len(shaky) > SHOW_DISTRUSTED:
+            console.print(f"  ... and {len(shaky) - SHOW_DISTRUSTED} more (the JSON has each "
+                          f"one's 'distrust')", markup=False, highlight=False)
     bad = [r for r in records if r.status in ("wrong", "error")]
     if bad:
         console.print(f"[bold red]{len(bad)} result(s) flagged WRONG or ERROR "
@@ -1033,29 +1127,22 @@ def print_table(records: list[Record], title: str | None = None, console=None,
 
 # --- The CPU limit: same access pattern, trivial math ----------------------------------------
 
-try:
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency
-    njit = None
-    prange = range
-
-
-def _limit_unary(x, y):
-    for i in prange(x.size):
-        y[i] = x[i] + x[i]
-
-
-def _limit_binary(a, b, y):
-    for i in prange(a.size):
-        y[i] = a[i] * b[i]
-
-
 @cache
 def _limit_kernels():
-    if njit is None:
-        raise RuntimeError("the CPU limit kernel needs Numba")
-    jit = njit(parallel=True, cache=True)
-    return jit(_limit_unary), jit(_limit_binary)
+    """The limit kernels, compiled on first use (importing the harness imports no Numba)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def unary(x, y):
+        for i in prange(x.size):
+            y[i] = x[i] + x[i]
+
+    @njit(parallel=True, cache=True)
+    def binary(a, b, y):
+        for i in prange(a.size):
+            y[i] = a[i] * b[i]
+
+    return unary, binary
 
 
 def cpu_limit(*arrays) -> Callable[[], Any]:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,7 +92,7 @@ class Model:
 
 
 def _digits_model() -> Model:
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
 
     c = TrainConfig()
     return Model("digits", "digits", c.width, c.depth, c.batch_size, c.dropout)
@@ -486,7 +485,7 @@ def run_model(runner: harness.Runner, device: str, model: Model, hook=None) -> N
     for mode in modes:
         if not runner.admit(base(mode)):
             continue
-        t0 = time.monotonic()
+        t0 = runner.clock()
         if checked is None:
             checked = check(model, train, sides, device, seed, hook)
             runner.say(f"  {model.name} ({device}) check: " + ", ".join(
@@ -520,15 +519,18 @@ def run_model(runner: harness.Runner, device: str, model: Model, hook=None) -> N
                     ready.append((rec, lambda epoch=epoch, sync=sync: (epoch(), sync())))
                 except Exception as e:  # noqa: BLE001
                     rec.status, rec.note = "error", harness._short(e)
-            timings = harness.time_cpu_interleaved([call for _, call in ready], policy)
+            timings = harness.time_cpu_interleaved([call for _, call in ready], policy,
+                                                   runner.clock, runner.deadline)
             for (rec, _), timing in zip(ready, timings):
                 if isinstance(timing, Exception):
                     rec.status, rec.note = "error", harness._short(timing)
                 else:
                     rec.set_timing(timing)
+                    if timing.cut_short:
+                        rec.note = f"{timing.reps} epoch(s) timed: the time budget ran out"
         runner.records.extend(records)
         runner.say(f"[{runner.count}] {model.name} {mode} ({device}): "
-                   f"{time.monotonic() - t0:.1f} s; " + ", ".join(
+                   f"{runner.clock() - t0:.1f} s; " + ", ".join(
                        f"{r.impl} {r.median_s * 1e3:.1f} ms" if r.median_s else
                        f"{r.impl} {r.status}" for r in records))
         del ready
