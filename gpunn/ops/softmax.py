@@ -28,6 +28,7 @@ from numba.extending import intrinsic, overload
 from .. import cpu_math as cm
 from .. import cuda
 from ..backend import array_module
+from ..cpu_jit import threaded
 from ._apply import apply, compute_dtype
 
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
@@ -82,6 +83,15 @@ def _block_exp_sum(x, m, y):
 
 
 @njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _block_exp_total(x, m):
+    """sum(e^{x - m}), storing nothing (log_softmax's y may be x itself)."""
+    s = type(m)(0)
+    for j in range(x.size):
+        s += cm.exp(x[j] - m)
+    return s
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
 def _block_dot(a, b):
     s = type(a[0])(0)
     for j in range(a.size):
@@ -108,6 +118,15 @@ def _row_exp_sum(x, m, y):
     total = 0.0
     for j in range(0, x.size, SUM_BLOCK):
         total += _block_exp_sum(x[j:j + SUM_BLOCK], m, y[j:j + SUM_BLOCK])
+    return type(m)(total)
+
+
+@njit(cache=True)
+def _row_exp_total(x, m):
+    """sum_j e^{x_j - m}"""
+    total = 0.0
+    for j in range(0, x.size, SUM_BLOCK):
+        total += _block_exp_total(x[j:j + SUM_BLOCK], m)
     return type(m)(total)
 
 
@@ -160,12 +179,12 @@ def _cpu_forward(x, y, log):
     for r in prange(x.shape[0]):
         xr, yr = x[r], y[r]
         m = _row_max(xr)
-        s = _row_exp_sum(xr, m, yr)
-        if log:
-            log_s = type(m)(math.log(s))
+        if log:  # y = x - m - log(s) reads x again: the sum pass must not write y (it may be x)
+            log_s = type(m)(math.log(_row_exp_total(xr, m)))
             for j in range(xr.size):
                 yr[j] = (xr[j] - m) - log_s
         else:
+            s = _row_exp_sum(xr, m, yr)
             inv = type(s)(1) / s
             for j in range(xr.size):
                 yr[j] *= inv
@@ -230,7 +249,8 @@ def _cuda(direction, arrays, log):
 
 IMPLS = {
     "numpy": (_numpy_forward, _numpy_backward),
-    "cpu": (_cpu_forward, _cpu_backward),
+    "cpu": (lambda x, y, log: threaded(_cpu_forward)(x, y, log),
+            lambda dy, y, dx, log: threaded(_cpu_backward)(dy, y, dx, log)),
     "cuda": (lambda x, y, log: _cuda("forward", (x, y), log),
              lambda dy, y, dx, log: _cuda("backward", (dy, y, dx), log)),
 }
