@@ -330,6 +330,8 @@ class Call:
         if a is None:
             return None
         self.check_dtype(a, name)
+        if self.kind == "numpy" and self.device != "cpu":  # NumPy data on the CUDA simulator
+            a = _simulator().device_view(a)
         if self.kind == "torch":
             a = a.detach()
             if self.device == "cpu":
@@ -369,6 +371,8 @@ class Call:
         """Give a native result back in the caller's array type (``out`` itself if given)."""
         if out is not None:
             return out
+        if self.kind == "numpy" and self.device != "cpu":  # NumPy data on the CUDA simulator
+            return _simulator().host_view(a)
         if self.kind != "torch":
             return a
         import torch
@@ -393,6 +397,13 @@ class Call:
             handle = torch.cuda.current_stream(device_id).cuda_stream
             stack.enter_context(cupy.cuda.ExternalStream(handle, device_id))
         return stack
+
+
+def _simulator():
+    """gpunn.cuda_sim when the CUDA simulator is on (NumPy arrays then run on ``cuda``)."""
+    from .cuda import simulator
+
+    return simulator()
 
 
 def resolve(op: str, backend: str | None = None, **arrays) -> Call:
@@ -433,7 +444,9 @@ def resolve(op: str, backend: str | None = None, **arrays) -> Call:
                                "(pip install 'gpunn[cuda12]' or 'gpunn[cuda13]')")
         if cuda_device_count() == 0:
             raise RuntimeError(f"{op}: the cuda backend needs a CUDA device, and CuPy sees none")
-        if device == "cpu":
+        if device == "cpu" and kind == "numpy" and _simulator() is not None:
+            device = "cuda:0"  # the CUDA simulator (gpunn/cuda_sim): host memory is device memory
+        elif device == "cpu":
             raise ValueError(f"{op}: backend 'cuda' needs device arrays, but {first} is in host "
                              "memory; move it first (cupy.asarray, tensor.cuda())")
     elif chosen == "cpu":

@@ -350,6 +350,10 @@ bn_reduce_rows(const T* x, const T* dy, const void* weight, const void* bias,
   const int rpp = blockDim.x / tpr, r_off = threadIdx.x / tpr, lane = threadIdx.x % tpr;
   const long long span = static_cast<long long>(tpr) * V, row_stride = Cn * B;
   const T* xc = x + c * B;
+  // forward: values shifted by the channel's first one (x[c * B]), so that the partial means
+  // are of the spread's size, not of the mean's (float32 at mean 1e4 lost the variance's
+  // low bits: invstd 1.7e-5 off); the finalize adds the pivot back
+  const C pivot = !BWD && A > 0 ? to_compute(xc[0]) : C(0);
   const T* dyc = BWD ? dy + c * B : nullptr;
   bn::Coef<C> p{C(0), C(0), C(0)};
   if constexpr (BWD) p = bn::load_coef<T>(c, mean, invstd, weight, bias, params_f32);
@@ -382,7 +386,7 @@ bn_reduce_rows(const T* x, const T* dy, const void* weight, const void* bias,
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          flat[u * V + j] = xv[u][j];
+          flat[u * V + j] = xv[u][j] - pivot;
           okf[u * V + j] = ok[u];
         }
       bn::fold_moments(acc, flat, okf);
@@ -449,6 +453,10 @@ bn_reduce_cols(const T* x, const T* dy, const void* weight, const void* bias,
   const long long a0 = s * A / S, a1 = (s + 1) * A / S;
 
   bn::Coef<C> p[V];
+  C pivot[V];  // forward: each column's channel's first value x[c * Bc] (see bn_reduce_rows)
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    pivot[j] = !BWD && col_ok && A > 0 ? to_compute(x[(k + j) / Bc * Bc]) : C(0);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     p[j] = bn::Coef<C>{C(0), C(0), C(0)};
@@ -483,7 +491,7 @@ bn_reduce_cols(const T* x, const T* dy, const void* weight, const void* bias,
       } else {
         C column[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) column[u] = xv[u][j];
+        for (int u = 0; u < U; ++u) column[u] = xv[u][j] - pivot[j];
         bn::fold_moments(acc[j], column, ok);
       }
     }
@@ -555,6 +563,7 @@ bn_finalize_forward(const compute_t<T>* part, long long part_stride, long long s
     acc = bn::warp_combine<bn::Moments>(acc);
     const C n = static_cast<C>(count);
     m = __shfl_sync(0xffffffffu, acc.b, 0);  // lane 0's result, so the test below is the warp's
+    if (A > 0 && B > 0) m += to_compute(x[c * B]);  // the reductions' pivot (bn_reduce_rows)
     const C m2 = __shfl_sync(0xffffffffu, acc.c, 0);
     istd = C(1) / bn::sqrt_rn(m2 / n + static_cast<C>(eps));
     C unbiased = m2 / (n - C(1));

@@ -65,18 +65,49 @@ _TORCH_CUDA = re.compile(r"""device\s*=\s*["']cuda|\.cuda\(|torch\.cuda\.|\.to\(
 
 
 def _needs_torch_cuda(item) -> bool:
+    if "torch_cuda" in item.name:
+        return True
     try:
         return bool(_TORCH_CUDA.search(inspect.getsource(item.function)))
     except (OSError, TypeError, AttributeError):
         return False
 
 
+#: Under the simulator, a gpu test runs its cases with this many elements or more only once
+#: (its first such case): they take the same kernel paths as the smaller ones, and a CPU
+#: simulating a thread per fiber is slow at them. The GPU run keeps them all.
+SIM_LARGE = 1 << 16
+
+
+def _elements(value) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, tuple) and value and all(isinstance(v, (int, np.integer)) for v in value):
+        return int(np.prod(value))
+    if isinstance(value, tuple):
+        return max((_elements(v) for v in value), default=0)
+    return 0
+
+
 def pytest_collection_modifyitems(config, items):
     if simulated():
-        skip = pytest.mark.skip(reason="needs CUDA torch tensors (the CUDA simulator has none)")
+        torch_cuda = pytest.mark.skip(reason="needs CUDA torch tensors (the CUDA simulator has "
+                                             "none)")
+        large = pytest.mark.skip(reason="a large size, run once per test under the CUDA "
+                                        "simulator (the GPU run takes every one)")
+        seen_large = set()
         for item in items:
-            if "gpu" in item.keywords and _needs_torch_cuda(item):
-                item.add_marker(skip)
+            if "gpu" not in item.keywords:
+                continue
+            if _needs_torch_cuda(item):
+                item.add_marker(torch_cuda)
+                continue
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if max((_elements(v) for v in params.values()), default=0) >= SIM_LARGE:
+                key = (item.module.__name__, item.originalname)
+                if key in seen_large:
+                    item.add_marker(large)
+                seen_large.add(key)
         return
     if has_gpu():
         return

@@ -291,3 +291,28 @@ def test_device_arrays_behave_like_cupy(sim):
     with cuda_sim.sm_count(1):
         assert cupy.cuda.Device().attributes["MultiProcessorCount"] == 1
     assert cupy.cuda.Device().attributes["MultiProcessorCount"] == 132
+
+
+@pytest.mark.gpu
+def test_numpy_arrays_run_on_the_cuda_backend(sim):
+    """backend="cuda" takes NumPy arrays under the simulator and gives NumPy arrays back,
+    writing out= and running statistics in place."""
+    from gpunn import ops
+    from gpunn.ops import batchnorm as bn
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((33, 70)).astype(np.float32)
+    y = ops.gelu(x, backend="cuda")
+    assert type(y) is np.ndarray
+    np.testing.assert_allclose(y, ops.gelu(x, backend="numpy"), rtol=1e-6, atol=1e-7)
+    out = np.full_like(x, np.nan)
+    assert ops.softmax(x, out=out, backend="cuda") is out
+    np.testing.assert_allclose(out, ops.softmax(x, backend="numpy"), rtol=1e-6)
+    xb = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
+    stats = [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    got = bn.batch_norm_forward(xb, *stats, training=True, backend="cuda")
+    ref_stats = [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    ref = bn.batch_norm_forward(xb, *ref_stats, training=True, backend="numpy")
+    for a, b in zip([*got, *stats], [*ref, *ref_stats]):
+        assert type(a) is np.ndarray
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6)

@@ -1304,7 +1304,18 @@ def test_backend_step_matches_float64_reference(algo, options, device, dtype, ma
     for k, v in dstates.items():
         for i, a in enumerate(v):
             assert a.dtype == np.dtype(sdt)
-            assert_close(_f64(a), rstates[k][i], sdt)
+            _assert_state_close(_f64(a), rstates[k][i], states[i][k], grads[i], sdt)
+
+
+def _assert_state_close(new, ref, old, grad, dtype):
+    """A state after one step against the float64 reference, relative to the terms the update
+    adds (the old state, the gradient and its square): where they cancel (SGD momentum with
+    dampening: -0.5330 + 0.5338 = 7.8e-4), even the exact update rounded once to float32 is
+    2.8e-5 off the result; the float32 rounding of the terms sets the error there."""
+    scale = max(float(np.linalg.norm(x)) for x in (ref, old, grad, np.square(grad)))
+    err = float(np.linalg.norm(np.asarray(new, np.float64) - ref))
+    assert err <= TOLERANCE[dtype] * scale, (
+        f"error {err:.3g} > {TOLERANCE[dtype]:g} x {scale:.3g} (the terms' magnitude; {dtype})")
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ from . import build, device
 from .launch import LAUNCHES, ORDERS, Kernel, SimulatorError
 
 __all__ = ["ENV_VAR", "SimulatorError", "enable", "disable", "enabled", "simulated",
-           "configure", "settings", "sm_count", "coverage", "LAUNCHES", "prefetch"]
+           "configure", "settings", "sm_count", "coverage", "LAUNCHES", "prefetch", "device_view",
+           "host_view"]
 
 ENV_VAR = "GPUNN_CUDA_SIM"
 
@@ -153,6 +154,16 @@ def settings(**values):
         yield SETTINGS
     finally:
         configure(**dataclasses.asdict(saved))
+
+
+def device_view(a):
+    """A NumPy array as a simulated device array over the same memory (no copy)."""
+    return a if isinstance(a, device.ndarray) else device.ndarray._wrap(a)
+
+
+def host_view(a):
+    """A simulated device array as the NumPy array over its memory (no copy)."""
+    return a._a if isinstance(a, device.ndarray) else a
 
 
 # --- kernels ------------------------------------------------------------------------------------

@@ -88,19 +88,28 @@ class MemoryPointer:
 class ndarray(NDArrayOperatorsMixin):
     """Device memory of the simulated GPU (host memory underneath)."""
 
-    __slots__ = ("_a",)
+    __slots__ = ("_a", "_base")
     __array_priority__ = 100
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         if memptr is not None or strides is not None:
             raise NotImplementedError("the simulated cupy.ndarray takes no memptr or strides")
         self._a = _aligned_empty(shape, dtype, order)
+        self._base = None
 
     @classmethod
-    def _wrap(cls, a: np.ndarray) -> "ndarray":
+    def _wrap(cls, a: np.ndarray, base: "ndarray | None" = None) -> "ndarray":
         obj = object.__new__(cls)
         obj._a = a
+        obj._base = base
         return obj
+
+    def _derived(self, r):
+        """A result of an operation on self: a view of self's memory keeps CuPy's ``base``
+        (the array that owns the memory), anything else is a new array."""
+        if isinstance(r, np.ndarray) and r.base is not None and np.may_share_memory(r, self._a):
+            return ndarray._wrap(r, self._base if self._base is not None else self)
+        return _wrap_result(r, scalars=True)
 
     # --- what CuPy arrays have ---------------------------------------------------------------
     shape = property(lambda self: self._a.shape)
@@ -111,8 +120,8 @@ class ndarray(NDArrayOperatorsMixin):
     itemsize = property(lambda self: self._a.itemsize)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
-    base = property(lambda self: None if self._a.base is None else ndarray._wrap(self._a.base))
-    T = property(lambda self: ndarray._wrap(self._a.T))
+    base = property(lambda self: self._base)
+    T = property(lambda self: self._derived(self._a.T))
     data = property(lambda self: MemoryPointer(self))
     device = property(lambda self: Device(0))
 
@@ -171,7 +180,7 @@ class ndarray(NDArrayOperatorsMixin):
         r = self._a[key]
         if not isinstance(r, np.ndarray):  # CuPy: indexing to one element gives a 0-d view
             r = self._a[(*key, Ellipsis) if isinstance(key, tuple) else (key, Ellipsis)]
-        return ndarray._wrap(r)
+        return self._derived(r)
 
     def __setitem__(self, key, value):
         self._a[_unwrap(key)] = _unwrap(value, host_ok=False)
@@ -194,7 +203,7 @@ class ndarray(NDArrayOperatorsMixin):
         return _to_device(self._a.astype(dtype))
 
     def view(self, dtype=None, *args):
-        return ndarray._wrap(self._a.view(dtype) if dtype is not None else self._a.view())
+        return self._derived(self._a.view(dtype) if dtype is not None else self._a.view())
 
     def fill(self, value):
         self._a.fill(value)
@@ -210,18 +219,17 @@ class ndarray(NDArrayOperatorsMixin):
             raise AttributeError(name)
         attr = getattr(self._a, name)
         if callable(attr):
-            return lambda *args, **kwargs: _wrap_result(attr(*_unwrap(args), **_unwrap(kwargs)),
-                                                        scalars=True)
+            return lambda *args, **kwargs: self._derived(attr(*_unwrap(args), **_unwrap(kwargs)))
         return _wrap_result(attr)
 
     # --- NumPy's protocols: compute on the host memory, hand back device arrays ---------------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        if "out" in kwargs:
-            kwargs["out"] = tuple(_unwrap(o, host_ok=False) for o in kwargs["out"])
+        given = kwargs.get("out")
+        if given is not None:
+            kwargs["out"] = tuple(_unwrap(o, host_ok=False) for o in given)
         result = getattr(ufunc, method)(*_unwrap(inputs, host_ok=False), **kwargs)
-        if "out" in kwargs and method == "__call__":
-            outs = tuple(ndarray._wrap(o) for o in kwargs["out"])
-            return outs[0] if len(outs) == 1 else outs
+        if given is not None and method == "__call__":
+            return given[0] if len(given) == 1 else given  # CuPy hands back out itself
         return _wrap_result(result, scalars=True)
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -302,7 +310,10 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True):
 
 def _filled(shape, dtype, value, order="C"):
     a = _aligned_empty(shape, dtype, order)
-    a.fill(value) if value is not None else a.view(np.uint8).fill(0xFF) if a.size else None
+    if value is not None:
+        a.fill(value)
+    elif a.size:
+        a.reshape(-1).view(np.uint8).fill(0xFF)  # what nobody writes reads as NaN (or -1)
     return ndarray._wrap(a)
 
 
