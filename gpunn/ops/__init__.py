@@ -1,7 +1,9 @@
 """Functional ops: each takes NumPy or CuPy arrays or torch tensors and returns the same type.
 
-Every op accepts ``out=`` (a preallocated, C-contiguous result; pass the input itself to work
-in place) and ``backend=`` ("numpy" | "cpu" | "cuda"; see :mod:`gpunn.backend`).
+Every op accepts ``out=`` (a preallocated, C-contiguous, writeable result; pass the input
+itself to work in place, but never memory that partly overlaps an input) and ``backend=``
+("numpy" | "cpu" | "cuda"; see :mod:`gpunn.backend`). Everything a call writes is checked
+before the first write: a bad call raises and changes nothing.
 """
 
 from .activations import (elu, elu_backward, gelu, gelu_backward, leaky_relu,
