@@ -231,7 +231,7 @@ class Fuzz:
         self.steps_arena = self.arena if self.dtype == np.float32 else Arena(np.float32, 256, rng)
         self.data = [carve_filled(self.arena, s, rng, slack=int(rng.integers(0, 64)))
                      for s in shapes]
-        self.slack = {i: 0 for i in range(len(shapes))}
+        self.frozen: set[int] = set()  # parameters with a read-only state or step count
         self.grads: list = [None] * len(shapes)  # Spec, ("owned", ours, ref) or None
         self.ours = [self._ours_param(spec) for spec in self.data]
         self.ref = [torch.nn.Parameter(spec.torch(self.arena.ref_t)) for spec in self.data]
@@ -385,7 +385,8 @@ class Fuzz:
         slots = state_slots(self.algo, self.options)
         if not slots or p not in self.opt.state or q not in self.ref_opt.state:
             return "no state"
-        kinds = ["replace", "wrong_shape"] + (["resize"] if self.api == "gpunn.torch" else [])
+        kinds = ["replace", "wrong_shape"] + (["resize"] if self.api == "gpunn.torch" else
+                                              ["read_only"])
         kind = draw(st.sampled_from(kinds), label="state mutation")
         shape = tuple(q.shape)
         if kind == "resize":
@@ -397,6 +398,12 @@ class Fuzz:
             ours.resize_(new)
             ref.resize_(new)
             return f"resize state[{i}][{slot!r}]"
+        if kind == "read_only":  # NumPy: flags.writeable False on a state or the step count
+            key = draw(st.sampled_from([k for k, v in self.opt.state[p].items()
+                                        if isinstance(v, np.ndarray)]), label="read-only")
+            self.opt.state[p][key].flags.writeable = False
+            self.frozen.add(i)
+            return f"read_only state[{i}][{key!r}]"
         if kind == "wrong_shape":
             slot = draw(st.sampled_from(slots))
             spec = carve_filled(self.arena, (math.prod(shape) + 1,), self.rng, tag=(i, slot))
@@ -571,6 +578,7 @@ def run_optimizer_fuzz(api, backend, data):
         last = last.split("[")[0]
         nonfinite = fuzz.inject_nonfinite(data.draw)
         before = fuzz.snapshot()
+        frozen = [i for i in fuzz.frozen if fuzz.ours[i].grad is not None]
         try:
             fuzz.opt.step()
         except CLEAR as e:
@@ -582,6 +590,8 @@ def run_optimizer_fuzz(api, backend, data):
             return
         assert fuzz.arena.guards_intact() and fuzz.steps_arena.guards_intact(), \
             "a guard element changed"
+        assert not frozen or fuzz.opt.last_step_skipped, \
+            f"stepped parameters {frozen} whose state is read-only"
         try:
             skipped = fuzz.reference_step()
         except RuntimeError as e:
