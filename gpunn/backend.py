@@ -149,49 +149,54 @@ def describe(a, name: str) -> tuple:
     return (kind, _device(a, kind, name), _dtype_name(a.dtype), shape, layout, a.data_ptr())
 
 
-def array_signatures(arrays: list, owned: bool = False) -> tuple | None:
+def array_signatures(arrays: list, role: str = "written") -> tuple | None:
     """What a kernel handed these arrays' addresses relies on, cheaply (C-level getters, no
     Python call per array), to be compared with the signatures taken when the addresses
-    were recorded; None if one is not an array of the first one's kind:
+    were recorded; None if one is not an array of the first one's kind. ``role``:
 
-    - torch tensors: address, strides, shape and dtype; ``.data`` can swap the memory, the
-      shape or the strides under the same tensor object. With ``owned`` (arrays the caller
-      made and holds, such as optimizer states) the address alone: a tensor's storage never
-      shrinks in place (a storage resize reallocates), so the memory at an unchanged address
-      still holds every element;
-    - NumPy/CuPy arrays: object id, shape, strides, dtype and writeability, with ``owned``
-      id, shape and writeability; an array's memory moves only with its shape (``resize``),
-      and the caller keeps the objects alive so that their ids stay theirs."""
+    - "written" (what a step writes and the caller may swap: parameters) and "read"
+      (gradients): for torch tensors the address, strides, shape and dtype (``.data`` can
+      swap the memory, the shape or the strides under the same tensor object); for
+      NumPy/CuPy arrays the object id, shape, and writeability of written ones: an array's
+      memory moves only with its shape (``resize``), the caller keeps the objects alive so
+      that their ids stay theirs, and a new dtype or strides set in place (deprecated) still
+      spans the same bytes;
+    - "owned" (arrays the caller made and holds, such as optimizer states): a tensor's
+      address and shape (``resize_`` keeps the address; a storage resize reallocates), an
+      array's id, shape and writeability, as for written ones."""
     if not arrays:
         return ()
-    getters = (_OWNED_SIGNATURE if owned else _SIGNATURE).get(type(arrays[0]))
+    getters = _SIGNATURES[role].get(type(arrays[0]))
     try:
         if getters is None:
-            getters = _register_signatures(arrays[0], owned)
+            getters = _register_signatures(arrays[0], role)
         return tuple(list(map(get, arrays)) for get in getters)
     except (AttributeError, TypeError, RuntimeError):  # another kind, no storage (sparse)
         return None
 
 
-def _register_signatures(a, owned: bool):
+def _register_signatures(a, role: str):
     """The signature getters of a type seen for the first time (registered here: torch and
     CuPy are imported by the caller's data, not by gpunn)."""
     kind = array_kind(a, "array")
     if kind == "torch":
         import torch
 
+        full = (methodcaller("data_ptr"), methodcaller("stride"), attrgetter("shape", "dtype"))
         for plain in (torch.Tensor, torch.nn.Parameter):
-            _SIGNATURE[plain] = (methodcaller("data_ptr"), methodcaller("stride"),
-                                 attrgetter("shape", "dtype"))
-            _OWNED_SIGNATURE[plain] = (methodcaller("data_ptr"),)
+            _SIGNATURES["written"][plain] = _SIGNATURES["read"][plain] = full
+            _SIGNATURES["owned"][plain] = (methodcaller("data_ptr"), attrgetter("shape"))
     else:  # cupy
-        _SIGNATURE[type(a)] = (id, attrgetter("shape", "strides", "dtype"))
-        _OWNED_SIGNATURE[type(a)] = (id, attrgetter("shape"))
-    return (_OWNED_SIGNATURE if owned else _SIGNATURE)[type(a)]
+        _SIGNATURES["written"][type(a)] = _SIGNATURES["read"][type(a)] = (id, attrgetter("shape"))
+        _SIGNATURES["owned"][type(a)] = (id, attrgetter("shape"))
+    return _SIGNATURES[role][type(a)]
 
 
-_SIGNATURE = {np.ndarray: (id, attrgetter("shape", "strides", "dtype", "flags.writeable"))}
-_OWNED_SIGNATURE = {np.ndarray: (id, attrgetter("shape", "flags.writeable"))}
+_SIGNATURES = {
+    "written": {np.ndarray: (id, attrgetter("shape", "flags.writeable"))},
+    "read": {np.ndarray: (id, attrgetter("shape"))},
+    "owned": {np.ndarray: (id, attrgetter("shape", "flags.writeable"))},
+}
 
 
 def _dense_strides(shape, strides):

@@ -25,6 +25,8 @@ strides, dtype and writeability of each, from :func:`backend.array_signatures`),
 from __future__ import annotations
 
 import math
+from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 
@@ -142,22 +144,18 @@ class Table:
         self.grad_stages = []  # (row, buffer) of gradients copied before each step
         self._scratch = None  # cuda: the norm pass's partials and last-block counter
 
-    def matches(self, params, states, steps, masters=None) -> bool:
-        """Whether the rows still address exactly these arrays (the same lists the table was
-        built from, as the caller sees them now): nothing swapped, moved, resized or made
-        read-only since."""
-        signature = self._signature(params, states, steps, masters)
-        return signature is not None and signature == self.signature
+    def matches(self, params, owned) -> bool:
+        """Whether the rows still address exactly these arrays, as the caller sees them now
+        (``params``; ``owned``: the states, master copies and step counts, in the order of
+        :func:`owned_arrays`): nothing swapped, moved, resized or made read-only since."""
+        return (array_signatures(params), array_signatures(owned, "owned")) == self.signature
 
     def _signature(self, params, states, steps, masters):
         """The parameters' full signatures, the states' (owned by the optimizer) addresses."""
-        owned = list(steps)
-        for slot in self.slots:
-            owned += states[slot]
+        owned = [a for slot in self.slots for a in states[slot]]
         if masters is not None:
             owned += [m for m in masters if m is not None]  # one per 16-bit parameter
-        full, addresses = array_signatures(params), array_signatures(owned, owned=True)
-        return None if full is None or addresses is None else (full, addresses)
+        return array_signatures(params), array_signatures(owned + list(steps), "owned")
 
     def _check(self, a, name, dtype, shape, size=None, layout="C", write=False, dense=True):
         """describe(a), after checking it against the parameters (kind, device, dtype, shape,
@@ -200,16 +198,17 @@ class Table:
         like its row."""
         if len(grads) != len(self.shapes):
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
-        signature = array_signatures(grads)
+        signature = array_signatures(grads, "read")
         if signature is None or signature != self.grad_signature:
             self._bind_new_grads(grads)
             self.grad_signature = signature
-        self.grad_refs = list(grads)  # keeps NumPy ids (in the signature) theirs
-        kernel_grads = list(grads)
-        for i, buffer in self.grad_stages:
-            _copy(buffer, grads[i])
-            kernel_grads[i] = buffer
-        self.grads = kernel_grads
+        self.grad_refs = grads = list(grads)  # keeps NumPy ids (in the signature) theirs
+        if self.grad_stages:
+            grads = list(grads)
+            for i, buffer in self.grad_stages:
+                _copy(buffer, grads[i])
+                grads[i] = buffer
+        self.grads = grads
         return self
 
     def _bind_new_grads(self, grads) -> None:
@@ -358,6 +357,17 @@ class _Spans:
                              f"{self.names[k[i]]}, which the step writes")
 
 
+def owned_arrays(states: list, keys: tuple, steps=None) -> list:
+    """The arrays under ``keys`` of every parameter's state dict, grouped by key (KeyError
+    if one is missing), then ``steps`` if the step counts are kept elsewhere: the order in
+    which :meth:`Table.matches` takes them (keys: the slots, 'master_param', 'step')."""
+    if len(keys) > 1:
+        owned = list(chain.from_iterable(zip(*map(itemgetter(*keys), states))))
+    else:
+        owned = list(map(itemgetter(*keys), states)) if keys else []
+    return owned if steps is None else owned + steps
+
+
 def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=None,
                found_inf=None, backend=None):
     """The functional step over lists: build, check and run a table."""
@@ -370,6 +380,8 @@ def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=
 if has_numba():
     from numba import carray, njit, prange, types
     from numba.extending import intrinsic
+
+    from ..cpu_jit import threaded
 
     @intrinsic
     def _pointer(typingctx, address, like):
@@ -400,12 +412,13 @@ if has_numba():
 
     def _cpu_grad_norm(rows, chunks, like) -> tuple[float, bool]:
         """(norm, any inf/NaN) of a table's gradients (functional.grad_norm's rule)."""
-        partial = _cpu_grad_sumsq(rows, chunks, like, 1.0)
+        partial = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0)
         sumsq, bad = float(np.sum(partial[:, 0])), bool(np.any(partial[:, 1]))
         if bad or math.isfinite(sumsq):
             return math.sqrt(sumsq), bad
         m = float(np.max(partial[:, 2]))
-        return m * math.sqrt(float(np.sum(_cpu_grad_sumsq(rows, chunks, like, 1.0 / m)[:, 0]))), False
+        rescaled = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0 / m)
+        return m * math.sqrt(float(np.sum(rescaled[:, 0]))), False
 
     @njit(cache=True)
     def _cpu_advance(rows, step_like):
@@ -583,13 +596,13 @@ def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, totals):
         args = (table.rows, table.chunks, like, step_like, k)
         k64 = (float(h.lr), float(h.beta1), float(h.beta2), float(h.eps))
         if h.algorithm == "adam":
-            _cpu_adam(*args, k64, bool(h.flags & AMSGRAD))
+            threaded(_cpu_adam)(*args, k64, bool(h.flags & AMSGRAD))
         elif h.algorithm == "sgd":
-            _cpu_sgd(*args, bool(h.flags & MOMENTUM), bool(h.flags & NESTEROV))
+            threaded(_cpu_sgd)(*args, bool(h.flags & MOMENTUM), bool(h.flags & NESTEROV))
         elif h.algorithm == "adagrad":
-            _cpu_adagrad(*args, k64)
+            threaded(_cpu_adagrad)(*args, k64)
         else:
-            _cpu_rmsprop(*args, bool(h.flags & CENTERED), bool(h.flags & MOMENTUM))
+            threaded(_cpu_rmsprop)(*args, bool(h.flags & CENTERED), bool(h.flags & MOMENTUM))
     return np.asarray(float(skip))
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import operator
-from operator import methodcaller
 
 import numpy as np
 
 from ..backend import _dtype_name, array_kind, array_module, describe, dtype_name
-from .fused import Table, grad_totals, state_dtype
+from .fused import Table, grad_totals, owned_arrays, state_dtype
 from .functional import needs_grad_pass
 from .functional import hyper
 from .functional import ALGORITHMS, REQUIRED
@@ -139,14 +138,13 @@ class FusedStep:
         if (table is not None and table.options == (h.algorithm, h.slots, master)
                 and len(table.params) == len(params)
                 and all(map(operator.is_, params, table.params))):
-            states = [self.state.get(p) or {} for p in params]
-            if table.matches(arrays,
-                             {slot: list(map(methodcaller("get", slot), states))
-                              for slot in h.slots},
-                             list(map(methodcaller("get", "step"), states)
-                                  if self.steps_in_state else map(self._steps.get, params)),
-                             None if table.natives[3] is None else
-                             list(map(methodcaller("get", "master_param"), states))):
+            try:
+                owned = owned_arrays(
+                    list(map(self.state.get, params)), table.owned_keys,
+                    None if self.steps_in_state else list(map(self._steps.__getitem__, params)))
+            except (KeyError, TypeError):  # a state, or a state entry, is gone
+                owned = None
+            if owned is not None and table.matches(arrays, owned):
                 return table, None
         for p, a in zip(params, arrays):  # what the step cannot address: refused by position
             position = next(i for i, q in enumerate(group["params"]) if q is p)
@@ -159,6 +157,9 @@ class FusedStep:
                       masters if any(m is not None for m in masters) else None,
                       group.get("backend"))
         table.options, table.params = (h.algorithm, h.slots, master), list(params)
+        table.owned_keys = (*h.slots,
+                            *(("master_param",) if any(m is not None for m in masters) else ()),
+                            *(("step",) if self.steps_in_state else ()))
         return table, (key, dict(zip(params, states)))
 
     def fused_step(self, grad_scale=None, found_inf=None):
