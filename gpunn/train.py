@@ -443,7 +443,8 @@ def train(config: TrainConfig, out_dir=None, *, resume: bool = False, overwrite:
     train_set, test_set = data if data is not None else datasets(config)
     members, probs, trained, saved = [], None, 0, None
     start = time.perf_counter()
-    with compile_notice(say if progress else None):
+    with backward_compiler(config, train_set) as compile_backward, \
+            compile_notice(say if progress else None, on_first=compile_backward):
         for k in range(config.ensemble):
             trainer = build(config, train_set, test_set, k, progress)
             path = None if out is None else checkpoint_path(out, k)
@@ -511,14 +512,18 @@ def summary(result: dict) -> str:
 
 
 @contextlib.contextmanager
-def compile_notice(say):
+def compile_notice(say=None, on_first=None):
     """While the block runs, tell when Numba compiles a kernel (its cache is cold: the first
     run, or after an upgrade): one line before the first, then one per kernel with its time,
-    and the total. ``say=None``: silent."""
-    if say is None or not _backend.has_numba():
+    and the total; ``say=None``: silent. ``on_first()`` runs as the first compile starts."""
+    if (say is None and on_first is None) or not _backend.has_numba():
         yield
         return
     from numba.core import event
+
+    from .cpu_jit import SUFFIX
+
+    say = say or (lambda text: None)
 
     class Notice(event.Listener):
         def __init__(self):
@@ -528,6 +533,8 @@ def compile_notice(say):
             if self.depth == 0:
                 if self.count == 0:
                     say("compiling CPU kernels (first run only: Numba caches them on disk)")
+                    if on_first is not None:
+                        on_first()
                 self.t0 = time.perf_counter()
             self.depth += 1
 
@@ -539,13 +546,66 @@ def compile_notice(say):
                 self.seconds += dt
                 f = ev.data["dispatcher"].py_func
                 say(f"  [{self.count}] {f.__module__.removeprefix('gpunn.')}."
-                    f"{f.__qualname__} {dt:.1f} s")
+                    f"{f.__qualname__.removesuffix(SUFFIX)} {dt:.1f} s")
 
     notice = Notice()
     with event.install_listener("numba:compile", notice):
         yield
     if notice.count:
         say(f"compiled {notice.count} CPU kernels in {notice.seconds:.1f} s")
+
+
+def compile_backward_kernels(in_features: int, num_classes: int, width: int, depth: int,
+                             dropout: float, lr: float, weight_decay: float) -> None:
+    """Compile into Numba's disk cache the CPU kernels of the second half of a training step
+    of the job's model (the backward of dropout and batch norm + ReLU, the AdamW step), as
+    the trainer calls them (one thread). The forward runs on the NumPy reference, so that
+    nothing of the first half compiles here: :func:`backward_compiler` runs this in a second
+    process while the trainer compiles the first half."""
+    model = mlp(in_features, num_classes, width, depth, dropout, 0).to("numpy")
+    x = np.random.default_rng(0).standard_normal((8, in_features), dtype=np.float32)
+    logits = model(x)
+    model.to("cpu")
+    with numba_threads(1):
+        model.zero_grad()
+        model.backward(np.full_like(logits, 1.0 / logits.size), input_grad=False)
+        AdamW(model.parameters(), lr=lr, weight_decay=weight_decay).step()
+
+
+@contextlib.contextmanager
+def backward_compiler(config: TrainConfig, train_set: Dataset):
+    """Yields a function that starts :func:`compile_backward_kernels` for this job in a
+    second process (once; on the host, with two or more CPUs); the process is stopped when
+    the block ends. On a cold cache the trainer calls it as its first kernel compiles: the
+    two halves of the step compile side by side (measured: the batch norm backward alone
+    is ~10 s of the ~35 s of CPU the job's kernels take to compile)."""
+    import subprocess
+    import sys
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    started = []
+
+    def start():
+        if started or config.resolved_device() != "cpu" or (cpus or 1) < 2:
+            return
+        args = [int(np.prod(train_set.sample_shape)), train_set.num_classes, config.width,
+                config.depth, config.dropout, config.lr, config.weight_decay]
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        started.append(subprocess.Popen(
+            [sys.executable, "-c", "from gpunn.train import "
+             f"compile_backward_kernels as c; c(*{args!r})"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True))
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
 
 
 def _output_folder(path) -> str:

@@ -515,3 +515,28 @@ def test_curves_figure(tmp_path):
     one = curves_figure({"members": [member(0, 0)], "test_accuracy": 0.8})
     assert not one._suptitle.get_text().startswith("ensemble")
     assert len(one.legends[0].get_texts()) == 2
+
+
+def test_the_second_compiler_covers_the_backward_half_of_a_step():
+    """compile_backward_kernels (run in a second process on a cold cache) compiles the very
+    overloads a training step then uses: the step adds no signature to those kernels."""
+    import importlib
+
+    from gpunn.cpu_jit import serial
+    from gpunn.train import compile_backward_kernels, training_threads
+
+    batchnorm, dropout, fused = (importlib.import_module(f"gpunn.{name}") for name in (
+        "ops.batchnorm", "ops.dropout", "optim.fused"))
+    config = TrainConfig(**SMALL, device="cpu")
+    train_set, test_set = datasets(config)
+    compile_backward_kernels(int(np.prod(train_set.sample_shape)), train_set.num_classes,
+                             config.width, config.depth, config.dropout, config.lr,
+                             config.weight_decay)
+    kernels = [serial(batchnorm._cpu_backward_flat), serial(dropout._cpu_dropout),
+               serial(fused._cpu_adam), fused._cpu_advance]
+    before = {k: set(k.signatures) for k in kernels}
+    assert all(before.values())
+    trainer = build(config, train_set, test_set, progress=False)
+    with training_threads("cpu"):
+        trainer.train_step(*next(trainer.batches(0)))
+    assert {k: set(k.signatures) for k in kernels} == before

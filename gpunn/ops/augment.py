@@ -97,6 +97,7 @@ from numba import njit, prange
 from .. import cuda
 from .. import philox as ph
 from ..backend import array_module, dtype_name, resolve
+from ..cpu_jit import threaded
 from ._apply import check_disjoint
 from .dropout import _check_stream, _fresh_seed, _philox4
 
@@ -363,14 +364,15 @@ _NO_PARAMS = np.zeros(9, dtype=np.float64)
 
 def _cpu_warp_run(x, theta, y):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    _cpu_warp(x, y, theta, maps, False, np.uint64(0), np.uint64(0), np.uint64(0), _NO_PARAMS,
-              x.dtype.type(0))
+    threaded(_cpu_warp)(x, y, theta, maps, False, np.uint64(0), np.uint64(0), np.uint64(0),
+                        _NO_PARAMS, x.dtype.type(0))
 
 
 def _cpu_augment_run(x, y, seed, offset, params):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    _cpu_warp(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
-              *_stream_key(seed), np.asarray(params, dtype=np.float64), x.dtype.type(0))
+    threaded(_cpu_warp)(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
+                        *_stream_key(seed), np.asarray(params, dtype=np.float64),
+                        x.dtype.type(0))
 
 
 # --- CUDA launcher: kernels/augment.cu --------------------------------------------------------

@@ -96,6 +96,7 @@ from numba import get_num_threads, njit, prange
 
 from .. import cuda
 from ..backend import array_module, check_writable, dtype_name, resolve
+from ..cpu_jit import threaded
 from ._apply import check_disjoint
 
 #: NCHW inputs whose spatial extent B is at least this use the rows reduction on the CPU.
@@ -332,9 +333,12 @@ def _cols_shifted(d, q, xs, shift, K):
 
 @njit(cache=True, error_model="numpy")
 def _set_shift(shift, mu, first_row, first):
-    """The block's shift: its first row for the first block, else the running mean."""
+    """The block's shift: its first row for the first block, else the running mean. Loops,
+    not ``shift[:] = first_row``: a slice assignment compiles Numba's shape-mismatch error
+    message (unicode formatting), ~4 s of CPU on a cold cache."""
     if first:
-        shift[:] = first_row
+        for i in range(shift.size):
+            shift[i] = first_row[i]
     else:
         for i in range(shift.size):
             shift[i] = mu[i]
@@ -394,8 +398,9 @@ def _stats_cols(x2, S, pmu, pm2):
                 _cols_shifted(bd64, bq64, block, shift64, K)
                 _merge_columns(n, mu, m2, float(ae - ab), shift64, bd64, bq64)
             n += ae - ab
-        pmu[s, k0:k1] = mu
-        pm2[s, k0:k1] = m2
+        for i in range(k1 - k0):  # not pmu[s, k0:k1] = mu: see _set_shift
+            pmu[s, k0 + i] = mu[i]
+            pm2[s, k0 + i] = m2[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -616,8 +621,9 @@ def _grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
                 _add_float64(tb, bb)
             else:  # a float32 sum overflowed (or the data holds inf/NaN): again in float64
                 _cols_grad(ta, tb, gf[lo:hi], xf[lo:hi], m, sc, be, K, relu)
-        pa[s, k0:k1] = ta
-        pb[s, k0:k1] = tb
+        for i in range(k1 - k0):  # not pa[s, k0:k1] = ta: see _set_shift
+            pa[s, k0 + i] = ta[i]
+            pb[s, k0 + i] = tb[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -741,8 +747,8 @@ def _cpu_plan(A, C, B, threads):
 @njit(cache=True, error_model="numpy")
 def _cpu_forward_driver(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, eps,
                         relu, threads):
-    """The whole CPU forward: partial statistics (rows or columns), finalize, normalize.
-    w, b, rm, rv may be empty (absent)."""
+    """The whole CPU forward for B > 1 (B = 1: _cpu_forward_flat): partial statistics
+    (rows or columns), finalize, normalize. w, b, rm, rv may be empty (absent)."""
     A, C, B = x3.shape
     S, sm, Bc = _cpu_plan(A, C, B, threads)
     pmu = np.empty(S * C * Bc if use_batch else 0)
@@ -758,19 +764,34 @@ def _cpu_forward_driver(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, f
     beta = np.empty(C, x3.dtype)
     _finalize_forward(S, total, pmu, pm2, sm, Bc, float(A * B), w, b, rm, rv, mean, invstd,
                       scale, beta, use_batch, update, factor, eps)
-    if x3.size == 0:
-        return
-    if B == 1:
-        _normalize_cols(x3.reshape(A, C), mean, scale, beta, y3.reshape(A, C), relu,
-                        _block_rows(C))
-    else:
+    if x3.size:
         _normalize_rows(x3, mean, scale, beta, y3, relu, _row_pieces(A * C, B, threads))
 
 
 @njit(cache=True, error_model="numpy")
+def _cpu_forward_flat(x2, w, b, rm, rv, mean, invstd, y2, use_batch, update, factor, eps,
+                      relu, threads):
+    """The CPU forward of (A, C) data (B = 1: BatchNorm1d, channels last): columns
+    statistics, finalize, normalize by blocks of rows. A driver of its own, so that such a
+    job compiles none of the rows kernels."""
+    A, C = x2.shape
+    S, sm, Bc = _cpu_plan(A, C, 1, threads)
+    pmu = np.empty(S * C if use_batch else 0)
+    pm2 = np.empty(pmu.size)
+    if use_batch:
+        _stats_cols(x2, S, pmu.reshape(S, C), pm2.reshape(S, C))
+    scale = np.empty(C, x2.dtype)
+    beta = np.empty(C, x2.dtype)
+    _finalize_forward(S, A, pmu, pm2, sm, Bc, float(A), w, b, rm, rv, mean, invstd, scale,
+                      beta, use_batch, update, factor, eps)
+    if x2.size:
+        _normalize_cols(x2, mean, scale, beta, y2, relu, _block_rows(C))
+
+
+@njit(cache=True, error_model="numpy")
 def _cpu_backward_driver(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu, threads):
-    """The whole CPU backward: partial sums (rows or columns), finalize, dx. w, b may be
-    empty (absent)."""
+    """The whole CPU backward for B > 1 (B = 1: _cpu_backward_flat): partial sums (rows or
+    columns), finalize, dx. w, b may be empty (absent)."""
     A, C, B = x3.shape
     scale = invstd * w if w.size > 0 else invstd.copy()
     beta = b.copy() if b.size > 0 else np.zeros(C, x3.dtype)
@@ -781,24 +802,34 @@ def _cpu_backward_driver(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, rel
         _grad_rows(dy3, x3, mean, scale, beta, relu, S, pa, pb)
     else:
         K = C * B
-        pa2, pb2 = pa.reshape(S, K), pb.reshape(S, K)
-        if B == 1:
-            _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), mean, scale, beta, relu, S, pa2, pb2)
-        else:
-            _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), np.repeat(mean, B),
-                       np.repeat(scale, B), np.repeat(beta, B), relu, S, pa2, pb2)
+        _grad_cols(dy3.reshape(A, K), x3.reshape(A, K), np.repeat(mean, B), np.repeat(scale, B),
+                   np.repeat(beta, B), relu, S, pa.reshape(S, K), pb.reshape(S, K))
     k1 = np.empty(C, x3.dtype)
     k2 = np.empty(C, x3.dtype)
     k3 = np.empty(C, x3.dtype)
     _finalize_backward(pa, pb, sp, S, Bc, float(A * B), invstd, w, training, dw, db, k1, k2, k3)
-    if x3.size == 0:
-        return
-    if B == 1:
-        _dx_cols(dy3.reshape(A, C), x3.reshape(A, C), mean, scale, beta, k1, k2, k3, relu,
-                 dx3.reshape(A, C), _block_rows(C))
-    else:
+    if x3.size:
         _dx_rows(dy3, x3, mean, scale, beta, k1, k2, k3, relu, dx3,
                  _row_pieces(A * C, B, threads))
+
+
+@njit(cache=True, error_model="numpy")
+def _cpu_backward_flat(dy2, x2, mean, invstd, w, b, dx2, dw, db, training, relu, threads):
+    """The CPU backward of (A, C) data (B = 1; see _cpu_forward_flat): columns sums,
+    finalize, dx by blocks of rows."""
+    A, C = x2.shape
+    scale = invstd * w if w.size > 0 else invstd.copy()
+    beta = b.copy() if b.size > 0 else np.zeros(C, x2.dtype)
+    S, sp, Bc = _cpu_plan(A, C, 1, threads)
+    pa = np.empty(S * C)
+    pb = np.empty(pa.size)
+    _grad_cols(dy2, x2, mean, scale, beta, relu, S, pa.reshape(S, C), pb.reshape(S, C))
+    k1 = np.empty(C, x2.dtype)
+    k2 = np.empty(C, x2.dtype)
+    k3 = np.empty(C, x2.dtype)
+    _finalize_backward(pa, pb, sp, S, Bc, float(A), invstd, w, training, dw, db, k1, k2, k3)
+    if x2.size:
+        _dx_cols(dy2, x2, mean, scale, beta, k1, k2, k3, relu, dx2, _block_rows(C))
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
@@ -808,14 +839,26 @@ def _cpu_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, 
     e = _EMPTY[x3.dtype]
     if not update and rm is not None and not (rm.flags.writeable and rv.flags.writeable):
         rm, rv = rm.copy(), rv.copy()  # only read, but the kernel is typed for writing them
-    _cpu_forward_driver(x3, _or(w, e), _or(b, e), _or(rm, e), _or(rv, e), mean, invstd, y3,
-                        use_batch, update, float(factor), float(eps), relu, get_num_threads())
+    threads = get_num_threads()
+    if x3.shape[2] == 1:
+        A, C = x3.shape[:2]
+        x3, y3, driver = x3.reshape(A, C), y3.reshape(A, C), _cpu_forward_flat
+    else:
+        driver = _cpu_forward_driver
+    threaded(driver)(x3, _or(w, e), _or(b, e), _or(rm, e), _or(rv, e), mean, invstd, y3,
+                     use_batch, update, float(factor), float(eps), relu, threads)
 
 
 def _cpu_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
     e = _EMPTY[x3.dtype]
-    _cpu_backward_driver(dy3, x3, mean, invstd, _or(w, e), _or(b, e), dx3, dw, db, training,
-                         relu, get_num_threads())
+    if x3.shape[2] == 1:
+        A, C = x3.shape[:2]
+        dy3, x3, dx3 = dy3.reshape(A, C), x3.reshape(A, C), dx3.reshape(A, C)
+        driver = _cpu_backward_flat
+    else:
+        driver = _cpu_backward_driver
+    threaded(driver)(dy3, x3, mean, invstd, _or(w, e), _or(b, e), dx3, dw, db, training, relu,
+                     get_num_threads())
 
 
 def _or(a, default):

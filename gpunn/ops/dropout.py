@@ -75,6 +75,7 @@ from .. import backend as _backend
 from .. import cuda
 from .. import philox as ph
 from ..backend import array_module, resolve
+from ..cpu_jit import threaded
 
 #: Stream positions are 64-bit: seed < 2^64, offset + n <= 2^64.
 STREAM_END = 1 << 64
@@ -326,14 +327,14 @@ def _stream_args(p, seed, offset):
 def _cpu_run(x, y, mask, p, seed, offset):
     s = x.dtype.type(scale_of(p))
     if mask is None:
-        _cpu_dropout(x.reshape(-1), y.reshape(-1), *_stream_args(p, seed, offset), s)
+        threaded(_cpu_dropout)(x.reshape(-1), y.reshape(-1), *_stream_args(p, seed, offset), s)
     else:
-        _cpu_dropout_mask(x.reshape(-1), y.reshape(-1), mask.reshape(-1),
-                          *_stream_args(p, seed, offset), s)
+        threaded(_cpu_dropout_mask)(x.reshape(-1), y.reshape(-1), mask.reshape(-1),
+                                    *_stream_args(p, seed, offset), s)
 
 
 def _cpu_mask_run(mask, p, seed, offset):
-    _cpu_mask(mask.reshape(-1), *_stream_args(p, seed, offset))
+    threaded(_cpu_mask)(mask.reshape(-1), *_stream_args(p, seed, offset))
 
 
 # --- CUDA launcher: kernels/dropout.cu --------------------------------------------------------

@@ -67,6 +67,7 @@ from numba import njit, prange
 from .. import cpu_math as cm
 from .. import cuda
 from ..backend import array_module, dtype_name, resolve
+from ..cpu_jit import threaded
 from ._apply import compute_dtype
 from .softmax import ITEMS, SUM_BLOCK, _row_exp_sum, _row_max, launch_config
 
@@ -743,8 +744,8 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
                     _finish_host(call, losses.sum(dtype=call.xp.float64), count, reduction, out)
             else:
                 losses = np.empty(rows)  # float64 (one specialization for every output dtype)
-                _cpu_ce_forward(x, y, np.int64(ignore), eps, losses,
-                                lse if want_lse else np.empty(0), want_lse)
+                threaded(_cpu_ce_forward)(x, y, np.int64(ignore), eps, losses,
+                                          lse if want_lse else np.empty(0), want_lse)
                 if reduction == "none":
                     out.reshape(-1)[...] = losses
                 else:
@@ -812,9 +813,9 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
                 dx2[...] = _ref_ce_backward(x, y, eps, ignore, w, saved)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_ce_backward(x, y, np.int64(ignore), eps, w * scale, stride,
-                                 saved if saved is not None else np.empty(0), saved is not None,
-                                 dx2)
+                threaded(_cpu_ce_backward)(x, y, np.int64(ignore), eps, w * scale, stride,
+                                           saved if saved is not None else np.empty(0),
+                                           saved is not None, dx2)
     return call.wrap(dx, out)
 
 
@@ -873,7 +874,7 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
                 _ref_nll_backward(y, ignore, w, dx2)
             else:
                 w, stride = _weights(call, g, rows)
-                _cpu_nll_backward(y, np.int64(ignore), w * scale, stride, dx2)
+                threaded(_cpu_nll_backward)(y, np.int64(ignore), w * scale, stride, dx2)
     return call.wrap(dx, out)
 
 
@@ -902,10 +903,10 @@ def mse_loss(input, target, reduction="mean", backend=None):
         elif call.backend == "numpy":
             out[...] = _ref_mse_forward(x, t, reduction)
         elif reduction == "none":
-            _cpu_mse_none(x.reshape(-1), t.reshape(-1), out.reshape(-1))
+            threaded(_cpu_mse_none)(x.reshape(-1), t.reshape(-1), out.reshape(-1))
         else:
             parts = np.empty(-(-x.size // MSE_CHUNK))
-            _cpu_mse_chunks(x.reshape(-1), t.reshape(-1), parts)
+            threaded(_cpu_mse_chunks)(x.reshape(-1), t.reshape(-1), parts)
             total = parts.sum()
             out[...] = total if reduction == "sum" else (total / x.size if x.size else math.nan)
         return call.wrap(out)
@@ -929,8 +930,8 @@ def mse_loss_backward(dloss, input, target, reduction="mean", out=None, backend=
             dx[...] = _ref_mse_backward(w, x, t, norm)
         elif isinstance(g, float) or g.ndim == 0:
             k = x.dtype.type(norm * float(g))
-            _cpu_mse_backward(x.reshape(-1), t.reshape(-1), k, dx.reshape(-1))
+            threaded(_cpu_mse_backward)(x.reshape(-1), t.reshape(-1), k, dx.reshape(-1))
         else:
-            _cpu_mse_backward_none(g.reshape(-1), x.reshape(-1), t.reshape(-1),
-                                   x.dtype.type(norm), dx.reshape(-1))
+            threaded(_cpu_mse_backward_none)(g.reshape(-1), x.reshape(-1), t.reshape(-1),
+                                             x.dtype.type(norm), dx.reshape(-1))
     return call.wrap(dx, out)
