@@ -244,23 +244,27 @@ def byte_span(a) -> tuple[int, int]:
     return lo, hi + a.itemsize
 
 
-def check_no_partial_overlap(op: str, name: str, out, inputs: dict) -> None:
-    """Before the first write: the native array ``out`` is either exactly one of the native
-    ``inputs`` (same memory, shape and strides: in place) or shares no byte with any of
-    them. A partial overlap (an input shifted by a row, say) is a ValueError naming both."""
-    if out.size == 0:
+def check_no_overlap(op: str, name: str, a, others: dict, why: str = "", *,
+                     in_place: bool = False) -> None:
+    """Before the first write: the native array ``a`` shares no byte with any of the native
+    ``others`` (None entries skipped); with ``in_place`` it may also be exactly one of them
+    (same memory, shape and strides). A partial overlap (an input shifted by a row, say) is
+    a ValueError naming both."""
+    if a is None or a.size == 0:
         return
-    lo, hi = byte_span(out)
-    for other, a in inputs.items():
-        if a is None or a.size == 0:
+    lo, hi = byte_span(a)
+    for other, b in others.items():
+        if b is None or b.size == 0:
             continue
-        a_lo, a_hi = byte_span(a)
-        if a_lo >= hi or lo >= a_hi:
+        b_lo, b_hi = byte_span(b)
+        if b_lo >= hi or lo >= b_hi:
             continue
-        if (a_lo, a_hi) == (lo, hi) and a.shape == out.shape and a.strides == out.strides:
+        if in_place and (b_lo, b_hi) == (lo, hi) and b.shape == a.shape \
+                and b.strides == a.strides:
             continue
-        raise ValueError(f"{op}: {name} partly overlaps {other}; pass {name}={other} itself "
-                         "(in place) or memory that shares nothing with it")
+        hint = f"; pass {name}={other} itself (in place) or memory that shares nothing with it"
+        raise ValueError(f"{op}: {name} {'partly overlaps' if in_place else 'must not overlap'} "
+                         f"{other}{why or (hint if in_place else '')}")
 
 
 def _requested(backend: str | None) -> str | None:
@@ -369,7 +373,7 @@ class Call:
             raise ValueError(f"{self.op}: {name} must be C-contiguous")
         check_writable(self.op, name, out)
         native = self.native(out, name)
-        check_no_partial_overlap(self.op, name, native, inputs or {})
+        check_no_overlap(self.op, name, native, inputs or {}, in_place=True)
         return native
 
     def wrap(self, a, out=None):

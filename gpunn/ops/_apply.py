@@ -3,7 +3,8 @@ the output, run the backend's implementation on the data's device, hand the resu
 
 from __future__ import annotations
 
-from ..backend import byte_span, dtype_name, resolve
+from ..backend import check_no_overlap as check_disjoint  # noqa: F401 (the ops import it here)
+from ..backend import dtype_name, resolve
 
 
 def apply(op: str, backend: str | None, out, run, **inputs):
@@ -29,19 +30,3 @@ def apply(op: str, backend: str | None, out, run, **inputs):
 def compute_dtype(xp, a):
     """The reference computes 16-bit inputs in float32 and the rest in their own dtype."""
     return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
-
-
-def check_disjoint(op: str, name: str, a, others: dict, why: str = "") -> None:
-    """Before the first write: the native array ``a`` shares no byte with any of the native
-    ``others`` (None entries skipped). For arrays that cannot be written in place, not even
-    exactly over an input (``backend.check_no_partial_overlap`` allows that). ValueError
-    naming both otherwise."""
-    if a is None or a.size == 0:
-        return
-    lo, hi = byte_span(a)
-    for other, b in others.items():
-        if b is None or b.size == 0:
-            continue
-        b_lo, b_hi = byte_span(b)
-        if b_lo < hi and lo < b_hi:
-            raise ValueError(f"{op}: {name} must not overlap {other}{why}")
