@@ -8,6 +8,9 @@
 - :func:`patch` / :func:`unpatch`: swap a torch model's modules for gpunn's in place, and back.
 """
 
+from . import nn
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from .patch import Swap, patch, unpatch
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "Swap", "nn", "patch",
+           "unpatch"]
