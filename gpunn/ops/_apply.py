@@ -3,7 +3,6 @@ the output, run the backend's implementation on the data's device, hand the resu
 
 from __future__ import annotations
 
-from ..backend import check_no_overlap as check_disjoint  # noqa: F401 (the ops import it here)
 from ..backend import dtype_name, resolve
 
 

@@ -96,9 +96,8 @@ from numba import njit, prange
 
 from .. import cuda
 from .. import philox as ph
-from ..backend import array_module, dtype_name, resolve
+from ..backend import array_module, check_no_overlap, dtype_name, resolve
 from ..cpu_jit import threaded
-from ._apply import check_disjoint
 from .dropout import _check_stream, _fresh_seed, _philox4
 
 #: Counter word 3 of the augmentation's Philox blocks (dropout's stream has 0 there).
@@ -436,8 +435,8 @@ def _output(op, call, out, xn, **inputs):
     """The checked output: no partial overlap with the inputs, and not x itself either (a
     warp reads other pixels than it writes; it cannot run in place)."""
     yn = call.output(out, xn, inputs={"x": xn, **inputs})
-    check_disjoint(op, "out", yn, {"x": xn}, " (a warp reads other pixels than it writes; it "
-                   "cannot run in place)")
+    check_no_overlap(op, "out", yn, {"x": xn}, " (a warp reads other pixels than it writes; "
+                     "it cannot run in place)")
     return yn
 
 

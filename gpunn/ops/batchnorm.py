@@ -79,9 +79,9 @@ Errors are raised before anything is written (running statistics included): x wi
 dtype (TypeError), only one of running_mean and running_var, in training a non-contiguous or
 read-only running statistic or one sharing memory with another argument, out partly
 overlapping an input (out=x is fine), training with one value per channel (ValueError with
-torch's message), momentum=None without num_batches_tracked. NaN in x makes its channel's statistics, running
-statistics and outputs NaN, as in torch; in BN+ReLU's backward a NaN z passes dy, as torch's
-threshold_backward does. An empty batch in training gives NaN mean/invstd and leaves the
+torch's message), momentum=None without num_batches_tracked. NaN in x makes its channel's
+statistics, running statistics and outputs NaN, as in torch; in BN+ReLU's backward a NaN z
+passes dy, as torch's threshold_backward does. An empty batch in training gives NaN mean/invstd and leaves the
 running statistics untouched (torch leaves them too).
 """
 
@@ -95,9 +95,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .. import cuda
-from ..backend import array_module, check_writable, dtype_name, resolve
+from ..backend import array_module, check_no_overlap, check_writable, dtype_name, resolve
 from ..cpu_jit import threaded
-from ._apply import check_disjoint
 
 #: NCHW inputs whose spatial extent B is at least this use the rows reduction on the CPU.
 CPU_ROWS_MIN = 64
@@ -1182,8 +1181,8 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
         read = {"x": xn, "weight": w, "bias": b}
         y = call.output(out, xn, inputs={**read, "running_mean": rm, "running_var": rv})
         if update:  # written after other arrays were read or before they are: no overlap at all
-            check_disjoint(op, "running_mean", rm, {**read, "running_var": rv})
-            check_disjoint(op, "running_var", rv, read)
+            check_no_overlap(op, "running_mean", rm, {**read, "running_var": rv})
+            check_no_overlap(op, "running_var", rv, read)
         cdt = _compute_dtype_name(x_dt)
         mean, invstd = _alloc(call, C, cdt), _alloc(call, C, cdt)
         A, C3, B = _layout(shape, channels_last)
