@@ -342,6 +342,8 @@ class Call:
         if self.kind == "numpy" and self.device != "cpu":  # NumPy data on the CUDA simulator
             a = _simulator().device_view(a)
         if self.kind == "torch":
+            if a.requires_grad and sys.modules["torch"].is_grad_enabled():
+                raise RuntimeError(_no_grad_message(self.op, name))
             a = a.detach()
             if self.device == "cpu":
                 a = a.numpy()
@@ -406,6 +408,24 @@ class Call:
             handle = torch.cuda.current_stream(device_id).cuda_stream
             stack.enter_context(cupy.cuda.ExternalStream(handle, device_id))
         return stack
+
+
+def _no_grad_message(op: str, name: str) -> str:
+    """Why a tensor that requires grad (grad mode on) is refused: gpunn.ops results have no
+    grad_fn, so handing one back would silently cut the graph; the differentiable op of
+    gpunn.torch.nn.functional is named where there is one."""
+    base = op.removesuffix("_forward")
+    base = "gelu" if base == "gelu_tanh" else base
+    where = "gpunn.torch.nn.functional"
+    try:
+        functional = importlib.import_module(where)
+        if base in functional.__all__:
+            where = f"{where}.{base}"
+    except ImportError:
+        pass
+    return (f"{op}: {name} requires grad and grad mode is on, but gpunn.ops results carry no "
+            f"gradient (the graph would be cut silently); use {where}, whose ops are "
+            f"differentiable, or pass {name}.detach() or call under torch.no_grad()")
 
 
 def _simulator():

@@ -351,9 +351,12 @@ def test_torch_tensors(rng):
     like = dropout_mask((7, 300), 0.25, 6, 1, like=x)
     assert isinstance(like, torch.Tensor) and like.dtype == torch.bool
     assert torch.equal(like, mask)
-    x.requires_grad_()
-    assert isinstance(dropout(x, 0.5, seed=1), torch.Tensor)
-    assert dropout(x, 0.5, training=False) is x
+    x.requires_grad_()  # no silent detach: gpunn.torch.nn.functional.dropout is differentiable
+    with pytest.raises(RuntimeError, match=r"gpunn\.torch\.nn\.functional\.dropout"):
+        dropout(x, 0.5, seed=1)
+    with torch.no_grad():
+        assert isinstance(dropout(x, 0.5, seed=1), torch.Tensor)
+        assert dropout(x, 0.5, training=False) is x
 
 
 def test_mask_shapes_and_like():

@@ -347,3 +347,75 @@ def test_saved_bytes_against_torch():
     z = torch.randn(16, 10, **F64, requires_grad=True) * 1
     t = torch.randint(10, (16,))
     assert saved_bytes(F.cross_entropy, z, t) == z.numel() * 8 + 16 * 8 + 16 * 8
+
+
+# --- gpunn.ops never detaches silently ---------------------------------------------------------
+
+
+def _ops_calls():
+    """Every array-taking op of gpunn.ops, called on float64 tensors; ``g`` (requires grad)
+    goes where the name says."""
+    from gpunn import ops
+
+    x, dy = torch.randn(4, 3, 2, 2, **F64), torch.randn(4, 3, 2, 2, **F64)
+    m, s = torch.zeros(3, **F64), torch.ones(3, **F64)
+    z, t = torch.randn(5, 4, **F64), torch.tensor([0, 3, 1, 2, 2])
+    calls = {}
+    for name in ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softmax",
+                 "log_softmax"):
+        calls[name] = ("x", lambda g, f=getattr(ops, name): f(g))
+        calls[f"{name}_backward"] = (
+            "dy", lambda g, f=getattr(ops, f"{name}_backward"): f(g, x))
+    calls["gelu(tanh)"] = ("x", lambda g: ops.gelu(g, approximate="tanh"))
+    for name in ("batch_norm", "batch_norm_forward", "batch_norm_relu",
+                 "batch_norm_relu_forward"):
+        calls[name] = ("x", lambda g, f=getattr(ops, name): f(g, m.clone(), s.clone(),
+                                                                training=True))
+        calls[f"{name}(weight)"] = ("weight", lambda g, f=getattr(ops, name): f(
+            x, None, None, g[0, :, 0, 0].contiguous(), training=True))
+    calls["batch_norm_backward"] = ("dy", lambda g: ops.batch_norm_backward(g, x, m, s))
+    calls["batch_norm_relu_backward"] = ("dy",
+                                         lambda g: ops.batch_norm_relu_backward(g, x, m, s))
+    calls["dropout"] = ("x", lambda g: ops.dropout(g, 0.5, seed=1))
+    calls["dropout_backward"] = ("dy", lambda g: ops.dropout_backward(g, 0.5, 1))
+    rows = lambda g: g.reshape(4, -1)[:, :4].contiguous()  # noqa: E731  (4, 4) logits
+    calls["cross_entropy"] = ("logits", lambda g: ops.cross_entropy(rows(g), t[:4]))
+    calls["cross_entropy_forward"] = ("logits",
+                                      lambda g: ops.cross_entropy_forward(rows(g), t[:4]))
+    calls["cross_entropy_backward"] = ("logits",
+                                       lambda g: ops.cross_entropy_backward(1.0, rows(g), t[:4]))
+    calls["nll_loss"] = ("log_probs", lambda g: ops.nll_loss(rows(g), t[:4]))
+    calls["nll_loss_backward"] = ("dloss", lambda g: ops.nll_loss_backward(g.sum(), z, t))
+    calls["mse_loss"] = ("target", lambda g: ops.mse_loss(x, g))
+    calls["mse_loss_backward"] = ("input", lambda g: ops.mse_loss_backward(1.0, g, x))
+    calls["augment"] = ("x", lambda g: ops.augment(g, 3, degrees=10.0))
+    calls["affine_warp"] = ("theta", lambda g: ops.affine_warp(
+        x, g.reshape(-1)[:24].reshape(4, 2, 3).contiguous()))
+    return calls
+
+
+CALLS = list(_ops_calls())
+
+
+@pytest.mark.parametrize("case", CALLS)
+def test_ops_refuse_tensors_that_require_grad(case):
+    """gpunn.ops given a tensor that requires grad, grad mode on: a RuntimeError naming the
+    argument and gpunn.torch.nn.functional (the op itself where it has a differentiable
+    twin), before anything is computed; under torch.no_grad() the same call runs."""
+    arg, call = _ops_calls()[case]
+    g = torch.randn(4, 3, 2, 2, **F64).requires_grad_()
+    base = case.split("(")[0].removesuffix("_forward")
+    where = (rf"gpunn\.torch\.nn\.functional\.{base}\b" if base in F.__all__
+             else r"gpunn\.torch\.nn\.functional")
+    with pytest.raises(RuntimeError, match=rf"{arg} requires grad.*{where}"):
+        call(g)
+    with torch.no_grad():
+        call(g)
+    call(g.detach())
+
+
+def test_every_op_of_gpunn_ops_is_covered():
+    from gpunn import ops
+
+    names = {c.split("(")[0] for c in CALLS}
+    assert set(ops.__all__) - names == {"random_affine", "dropout_mask"}  # take no tensor data
