@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import operator
+from itertools import repeat
+from operator import attrgetter
 
 import numpy as np
 
@@ -172,17 +174,20 @@ class FusedStep:
         hypers = [self._hyper(group) for group in self.param_groups]
         ready, pending = [], []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
-            by_dtype: dict = {}  # one table per dtype (a kernel has one)
-            for p in group["params"]:
-                grad = p.grad
-                if grad is not None:
-                    a = self._array(p)
-                    entry = by_dtype.get(a.dtype)
-                    if entry is None:
-                        entry = by_dtype[a.dtype] = ([], [], [])
-                    entry[0].append(p)
-                    entry[1].append(a)
-                    entry[2].append(grad)
+            params = group["params"]
+            grads = [p.grad for p in params]
+            arrays = list(map(self._array, params))
+            dtypes = set(map(attrgetter("dtype"), arrays))
+            if len(dtypes) == 1 and all(map(operator.is_not, grads, repeat(None))):
+                by_dtype = {dtypes.pop(): (params, arrays, grads)}  # the common case
+            else:  # one table per dtype (a kernel has one), parameters with a gradient
+                by_dtype = {}
+                for p, a, grad in zip(params, arrays, grads):
+                    if grad is not None:
+                        entry = by_dtype.setdefault(a.dtype, ([], [], []))
+                        entry[0].append(p)
+                        entry[1].append(a)
+                        entry[2].append(grad)
             for dtype, (params, arrays, grads) in by_dtype.items():
                 table, new = self._table((index, _dtype_name(dtype)), group, h, params, arrays)
                 ready.append((table.bind_grads(grads), h))
