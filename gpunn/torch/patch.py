@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from .distributed import SyncBatchNorm, SyncBatchNormReLU
 from .nn import modules as gm
 
 #: torch class -> gpunn class
@@ -27,16 +28,18 @@ SWAPS = {
     torch.nn.Dropout: gm.Dropout, torch.nn.BatchNorm1d: gm.BatchNorm1d,
     torch.nn.BatchNorm2d: gm.BatchNorm2d, torch.nn.BatchNorm3d: gm.BatchNorm3d,
     torch.nn.CrossEntropyLoss: gm.CrossEntropyLoss, torch.nn.NLLLoss: gm.NLLLoss,
-    torch.nn.MSELoss: gm.MSELoss,
+    torch.nn.MSELoss: gm.MSELoss, torch.nn.SyncBatchNorm: SyncBatchNorm,
 }
 #: batch norm class (torch's or gpunn's) -> the fused BatchNormReLU of its dimensionality
 FUSED = {torch.nn.BatchNorm1d: gm.BatchNormReLU1d, torch.nn.BatchNorm2d: gm.BatchNormReLU2d,
          torch.nn.BatchNorm3d: gm.BatchNormReLU3d, gm.BatchNorm1d: gm.BatchNormReLU1d,
-         gm.BatchNorm2d: gm.BatchNormReLU2d, gm.BatchNorm3d: gm.BatchNormReLU3d}
+         gm.BatchNorm2d: gm.BatchNormReLU2d, gm.BatchNorm3d: gm.BatchNormReLU3d,
+         torch.nn.SyncBatchNorm: SyncBatchNormReLU, SyncBatchNorm: SyncBatchNormReLU}
 #: gpunn class -> torch class
 RESTORE = {**{new: old for old, new in SWAPS.items()},
            gm.BatchNormReLU1d: torch.nn.BatchNorm1d, gm.BatchNormReLU2d: torch.nn.BatchNorm2d,
-           gm.BatchNormReLU3d: torch.nn.BatchNorm3d, gm.FusedReLU: torch.nn.ReLU}
+           gm.BatchNormReLU3d: torch.nn.BatchNorm3d, SyncBatchNormReLU: torch.nn.SyncBatchNorm,
+           gm.FusedReLU: torch.nn.ReLU}
 
 
 class Swap(NamedTuple):
