@@ -79,6 +79,21 @@ def _needs_torch_cuda(item) -> bool:
 SIM_LARGE = 1 << 16
 
 
+#: gpu tests whose large cases all run under the simulator too: only they launch some kernel
+#: instantiations (softmax's and cross-entropy's long-row and widest held-items kernels per
+#: dtype), which GPUNN_CUDA_SIM_COVERAGE counts.
+SIM_EVERY_SIZE = {("test_softmax", "test_cuda_matches_reference"),
+                  ("test_losses", "test_cuda_cross_entropy_matches_reference"),
+                  ("test_losses", "test_cuda_nll_matches_reference")}
+
+
+def sim_size(gpu, sim):
+    """A test size: ``gpu`` on a GPU, ``sim`` under the CUDA simulator (a CPU running a fiber
+    per CUDA thread is ~10^3 times slower). ``sim`` must still take the same kernel paths
+    (several blocks, several partial sums), and the assertions stay the same."""
+    return sim if simulated() else gpu
+
+
 def _elements(value) -> int:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
@@ -118,7 +133,7 @@ def pytest_collection_modifyitems(config, items):
             params = getattr(getattr(item, "callspec", None), "params", {})
             if max((_elements(v) for v in params.values()), default=0) >= SIM_LARGE:
                 key = (item.module.__name__, item.originalname)
-                if key in seen_large:
+                if key in seen_large and key not in SIM_EVERY_SIZE:
                     item.add_marker(large)
                 seen_large.add(key)
         return
