@@ -82,11 +82,13 @@ def optimizers(rank, world, check):
 
     def model():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        # the last bias has one element: rank 1's FSDP2 shard of it is empty
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3),
+                                   torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
     def run(wrap, make_opt, steps=3):
         m = wrap(model())
-        opt = make_opt(m.parameters())
+        opt = make_opt(list(m.parameters()))
         g = torch.Generator().manual_seed(10 + rank)
         for _ in range(steps):
             opt.zero_grad()
@@ -94,19 +96,58 @@ def optimizers(rank, world, check):
             opt.step()
         return m
 
-    def same(name, a, b, tol=1e-5):
-        for p, q in zip(a.parameters(), b.parameters()):
-            p = p.to_local() if hasattr(p, "to_local") else p
-            q = q.to_local() if hasattr(q, "to_local") else q
-            err = float((p - q).norm() / q.norm()) if q.numel() else 0.0
+    def same(name, a, b, wrap, tol=1e-5):
+        """The updates (from the same initial weights) agree."""
+        local = lambda p: (p.to_local() if hasattr(p, "to_local") else p).detach()
+        for p, q, s in zip(a.parameters(), b.parameters(), wrap(model()).parameters()):
+            p, q, s = local(p), local(q), local(s)
+            err = float((p - q).norm() / (q - s).norm()) if q.numel() else 0.0
             check(name, err <= tol, f"relative error {err:.3g}")
 
     ddp = lambda m: DDP(m)
     same("ddp", run(ddp, lambda ps: gt.Adam(ps, lr=1e-2, weight_decay=0.1)),
-         run(ddp, lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, foreach=False)))
+         run(ddp, lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, foreach=False)), ddp)
     same("zero", run(ddp, lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=gt.AdamW, lr=1e-2)),
          run(ddp, lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=torch.optim.AdamW, lr=1e-2,
-                                                     foreach=False)))
+                                                     foreach=False)), ddp)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        check("fsdp2", True, "")
+        print("fsdp2 unavailable", flush=True)
+        return
+
+    def fsdp(m):
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(m)
+        return m
+
+    class Clipped:
+        def __init__(self, opt, params, norm):
+            self.opt, self.params, self.norm = opt, list(params), norm
+        def zero_grad(self):
+            self.opt.zero_grad()
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(self.params, self.norm)
+            self.opt.step()
+
+    m = fsdp(model())
+    opt = gt.AdamW(m.parameters(), lr=1e-2)
+    m(torch.randn(5, 6)).sum().backward()
+    opt.step()
+    for p in m.parameters():  # the states are the shards' size; the step wrote the shard itself
+        check("fsdp2 states", opt.state[p]["exp_avg"].shape == p.to_local().shape, "shape")
+        check("fsdp2 memory", gt.optim._local(p).data_ptr() == p.to_local().data_ptr(), "view")
+    same("fsdp2", run(fsdp, lambda ps: gt.AdamW(ps, lr=1e-2)),
+         run(fsdp, lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False)), fsdp)
+    for algo in ("SGD", "Adam"):
+        kw = dict(lr=0.05, momentum=0.9) if algo == "SGD" else dict(lr=1e-2)
+        same(f"fsdp2 max_grad_norm {algo}",
+             run(fsdp, lambda ps: getattr(gt, algo)(ps, max_grad_norm=0.05, **kw)),
+             run(fsdp, lambda ps: Clipped(getattr(torch.optim, algo)(ps, foreach=False, **kw), ps, 0.05)),
+             fsdp)
 
 
 def rank_main(rank, world, port, scenario, results):
@@ -184,8 +225,8 @@ def test_sync_batch_norm_two_processes_match_one(syncbn_run):
     assert syncbn_run.stdout.count(" done") == 2 * 8  # 8 cases on each rank
 
 
-def test_optimizers_under_ddp_and_zero(optim_run):
-    _assert_clean(optim_run, ["ddp", "zero"])
+def test_optimizers_under_ddp_zero_and_fsdp2(optim_run):
+    _assert_clean(optim_run, ["ddp", "zero", "fsdp2"])
 
 
 def test_sync_batch_norm_without_process_group_is_batch_norm():

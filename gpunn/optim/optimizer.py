@@ -89,6 +89,18 @@ class FusedStep:
     def _array(p):
         return p.data
 
+    @staticmethod
+    def _grads(params) -> list:
+        """The gradient the step reads for each parameter (hook: gpunn.torch reads the
+        local shard of a DTensor's, FSDP2)."""
+        return [p.grad for p in params]
+
+    def _totals(self, tables):
+        """The totals of every gradient of the step (:func:`grad_totals`) that clipping and
+        the inf/NaN check use, or None where one table's own suffice. Hook: gpunn.torch
+        combines them over the ranks holding shards of DTensor parameters (FSDP2)."""
+        return grad_totals(tables) if len(tables) > 1 else None
+
     def _hyper(self, group):
         return hyper(self.algorithm, group)
 
@@ -175,7 +187,7 @@ class FusedStep:
         ready, pending = [], []
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
             params = group["params"]
-            grads = [p.grad for p in params]
+            grads = self._grads(params)
             arrays = list(map(self._array, params))
             dtypes = set(map(attrgetter("dtype"), arrays))
             if len(dtypes) == 1 and all(map(operator.is_not, grads, repeat(None))):
@@ -201,8 +213,8 @@ class FusedStep:
             self.state.update(states)
             self._tables[key] = table
         totals = None
-        if len(ready) > 1 and any(needs_grad_pass(h, grad_scale, found_inf) for _, h in ready):
-            totals = grad_totals([t for t, _ in ready])
+        if ready and any(needs_grad_pass(h, grad_scale, found_inf) for _, h in ready):
+            totals = self._totals([t for t, _ in ready])
         flags = [table.run(h, grad_scale, found_inf, totals) for table, h in ready]
         self.skip_flags = flags
         return flags

@@ -7,17 +7,80 @@ plus gpunn's keyword-only options (``l1``, ``max_grad_norm``, ``skip_nonfinite``
 ``master_weights``, ``backend``), and works with ``torch.optim.lr_scheduler`` and
 ``torch.amp.GradScaler`` unchanged: the scaler hands its scale and found-inf flag to the step
 (``_step_supports_amp_scaling``), which unscales and skips on the device, without a host
-sync. CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels. Param groups, state
+sync. CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels. Under FSDP2
+(``fully_shard``: DTensor parameters) the step updates each rank's local shards and
+``max_grad_norm`` clips by the norm over all shards of all ranks. Param groups, state
 and state dicts hold torch's keys, so checkpoints move to and from ``torch.optim``; the
 optimizers deep-copy, pickle and ``torch.save`` as torch's do.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..optim.fused import grad_totals
 from ..optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
                                RMSpropOptions, SGDOptions, check_new_params, checked_load)
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _local(t):
+    """A DTensor's local shard, its memory itself (not a copy); any other tensor (or None)
+    as it is."""
+    if t is None or type(t) in _PLAIN or not isinstance(t, _dtensor()):
+        return t
+    return t._local_tensor
+
+
+def _shard_groups(params) -> list:
+    """The process groups over which the DTensor ``params`` are sharded (one per sharded
+    mesh dimension; replicated dimensions hold copies); [] without DTensors. All must be
+    sharded over the same groups, and none may be a plain tensor (its norm would be counted
+    once per rank): ValueError otherwise."""
+    layouts, plain = {}, 0
+    for p in params:
+        if type(p) in _PLAIN or not isinstance(p, _dtensor()):
+            plain += 1
+            continue
+        groups = [p.device_mesh.get_group(i) for i, placement in enumerate(p.placements)
+                  if placement.is_shard()]
+        layouts[tuple(g.group_name for g in groups)] = groups
+    if not layouts:
+        return []
+    if len(layouts) > 1 or plain:
+        raise ValueError("max_grad_norm/skip_nonfinite over DTensor parameters needs every "
+                         "parameter of the step sharded alike (over the same process groups; "
+                         f"found {len(layouts)} shardings and {plain} plain tensors)")
+    return next(iter(layouts.values()))
+
+
+def _combine_totals(totals, groups):
+    """Gradient totals of every rank of ``groups``: host totals (norm, any inf/NaN) are
+    gathered and combined (hypot, any); device totals [sum of squares, inf/NaN count] are
+    summed in place by an all-reduce."""
+    import torch.distributed as dist
+
+    if isinstance(totals, tuple):
+        norm, bad = totals
+        for group in groups:
+            mine = torch.tensor([norm, float(bad)], dtype=torch.float64)
+            every = mine.new_empty(2 * dist.get_world_size(group))
+            dist.all_gather_into_tensor(every, mine, group=group)
+            norm, bad = math.hypot(*every[0::2].tolist()), bool(every[1::2].any())
+        return norm, bad
+    shared = torch.from_dlpack(totals)
+    for group in groups:
+        dist.all_reduce(shared, group=group)
+    return totals
 
 
 class Optimizer(FusedStep, torch.optim.Optimizer):
@@ -38,7 +101,22 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
 
     @staticmethod
     def _array(p):
-        return p
+        """The memory the step updates: a DTensor parameter's (FSDP2) local shard."""
+        return _local(p)
+
+    @staticmethod
+    def _grads(params) -> list:
+        return [_local(p.grad) for p in params]
+
+    def _totals(self, tables):
+        """With DTensor parameters sharded over a process group (FSDP2), the step's gradient
+        norm and inf/NaN flag are those of all shards of all ranks (as ``clip_grad_norm_``
+        on DTensors): each rank's totals are combined over the mesh dimensions the
+        parameters are sharded on. Plain parameters: the base class's."""
+        groups = _shard_groups([p for t in tables for p in t.params])
+        if not groups:
+            return super()._totals(tables)
+        return _combine_totals(grad_totals(tables), groups)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's, but a parameter listed twice is refused (torch warns and steps it twice)
