@@ -441,53 +441,56 @@ def train(config: TrainConfig, out_dir=None, *, resume: bool = False, overwrite:
                     os.remove(os.path.join(out, name))
         _write_json(os.path.join(out, CONFIG_FILE), config.to_dict())
     train_set, test_set = data if data is not None else datasets(config)
-    members, probs, trained, saved = [], None, 0, None
+    members, probs, trained = [], None, 0
+    k, trainer, saved = 0, None, None  # saved: (path, member, epoch) of the last checkpoint
     start = time.perf_counter()
-    with backward_compiler(config, train_set) as compile_backward, \
-            compile_notice(say if progress else None, on_first=compile_backward):
-        for k in range(config.ensemble):
-            trainer = build(config, train_set, test_set, k, progress)
-            path = None if out is None else checkpoint_path(out, k)
-            if resume and path is not None:
-                if os.path.exists(path):
-                    trainer.load(path)
-                    say(f"{trainer.name}: already finished ({trainer.epoch} of "
-                        f"{trainer.epochs} epochs, checkpoint {path})"
-                        if trainer.epoch >= trainer.epochs else
-                        f"{trainer.name}: resuming from epoch {trainer.epoch} of "
-                        f"{trainer.epochs} (checkpoint {path})")
-                else:
-                    say(f"{trainer.name}: no checkpoint yet ({path}), starting it")
-            done_before = trainer.epoch
-            try:
+    try:
+        with backward_compiler(config, train_set) as compile_backward, \
+                compile_notice(say if progress else None, on_first=compile_backward):
+            for k in range(config.ensemble):
+                trainer = None
+                trainer = build(config, train_set, test_set, k, progress)
+                path = None if out is None else checkpoint_path(out, k)
+                if resume and path is not None:
+                    if os.path.exists(path):
+                        trainer.load(path)
+                        say(f"{trainer.name}: already finished ({trainer.epoch} of "
+                            f"{trainer.epochs} epochs, checkpoint {path})"
+                            if trainer.epoch >= trainer.epochs else
+                            f"{trainer.name}: resuming from epoch {trainer.epoch} of "
+                            f"{trainer.epochs} (checkpoint {path})")
+                    else:
+                        say(f"{trainer.name}: no checkpoint yet ({path}), starting it")
+                done_before = trainer.epoch
                 trainer.fit(path)
-            except KeyboardInterrupt:
+                trained += trainer.epoch - done_before
                 if trainer.saved_epoch is not None:
                     saved = (path, k, trainer.saved_epoch)
-                raise Interrupted(k, config.ensemble, min(trainer.epoch + 1, trainer.epochs),
-                                  trainer.epochs, *(saved or (None, None, None))) from None
-            trained += trainer.epoch - done_before
-            if trainer.saved_epoch is not None:
-                saved = (path, k, trainer.saved_epoch)
-            p = trainer.predict_proba(test_set)
-            probs = p if probs is None else probs + p
-            members.append({"seed": trainer.seed, **trainer.evaluate(test_set),
-                            "history": trainer.history})
-    ensemble = scores(probs / config.ensemble, test_set.y)
-    epoch_times = [h["epoch_seconds"] for m in members for h in m["history"]]
-    result = {
-        "config": config.to_dict(), "device": config.resolved_device(),
-        "data": {"name": train_set.name, "train": len(train_set), "test": len(test_set),
-                 "classes": train_set.num_classes},
-        "members": members,
-        "ensemble": ensemble,
-        "test_accuracy": ensemble["accuracy"],
-        "seconds_per_epoch": float(np.median(epoch_times)) if epoch_times else math.nan,
-        "epochs_trained": trained,
-        "total_seconds": time.perf_counter() - start,
-    }
-    if out is not None:
-        write_report(result, out)
+                p = trainer.predict_proba(test_set)
+                probs = p if probs is None else probs + p
+                members.append({"seed": trainer.seed, **trainer.evaluate(test_set),
+                                "history": trainer.history})
+        ensemble = scores(probs / config.ensemble, test_set.y)
+        epoch_times = [h["epoch_seconds"] for m in members for h in m["history"]]
+        result = {
+            "config": config.to_dict(), "device": config.resolved_device(),
+            "data": {"name": train_set.name, "train": len(train_set), "test": len(test_set),
+                     "classes": train_set.num_classes},
+            "members": members,
+            "ensemble": ensemble,
+            "test_accuracy": ensemble["accuracy"],
+            "seconds_per_epoch": float(np.median(epoch_times)) if epoch_times else math.nan,
+            "epochs_trained": trained,
+            "total_seconds": time.perf_counter() - start,
+        }
+        if out is not None:
+            write_report(result, out)
+    except KeyboardInterrupt:
+        if trainer is not None and trainer.saved_epoch is not None and out is not None:
+            saved = (checkpoint_path(out, k), k, trainer.saved_epoch)
+        epoch = 1 if trainer is None else min(trainer.epoch + 1, config.epochs)
+        raise Interrupted(k, config.ensemble, epoch, config.epochs,
+                          *(saved or (None, None, None))) from None
     return result
 
 

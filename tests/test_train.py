@@ -364,6 +364,20 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, c
     assert len(json.loads((out / "metrics.json").read_text())["members"][0]["history"]) == 3
 
 
+def test_ctrl_c_after_the_last_epoch_still_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *QUICK_RUN, "--out", str(out)]
+
+    def interrupted(self, dataset):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "predict_proba", interrupted)  # in the evaluation
+    assert cli.main(argv) == 130
+    line = capsys.readouterr().err.strip()
+    assert f"last checkpoint {out / 'checkpoint-0.npz'} (epoch 3 of 3)" in line
+    assert line.endswith("--resume")
+
+
 def test_ctrl_c_before_any_checkpoint_says_start_again(tmp_path, monkeypatch, capsys):
     argv = ["train", *QUICK_RUN, "--out", str(tmp_path / "run"), "--overwrite"]
     _interrupt_in_epoch(monkeypatch, 1)
