@@ -73,6 +73,10 @@ def array_kind(a, name: str) -> str:
     """'numpy', 'cupy' or 'torch', for an array gpunn can address directly (plain memory in
     native byte order); anything else is a TypeError naming the argument."""
     if isinstance(a, np.ndarray):
+        if type(a) is not np.ndarray and type(a) is not np.memmap:
+            raise TypeError(f"{name} is a {type(a).__name__}, a NumPy array subclass whose "
+                            "indexing or data gpunn cannot treat as a plain array; pass "
+                            f"np.asarray({name})")
         if not a.dtype.isnative:
             raise TypeError(f"{name} has non-native byte order (dtype {a.dtype.str}); gpunn "
                             f"computes in native order: pass {name}.astype("

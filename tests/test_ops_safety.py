@@ -569,8 +569,6 @@ def test_no_numba_error_reaches_the_user(case, variant):
         assert_close(result, case.call(inputs(case), None, "cpu"), "float32")
 
 
-@pytest.mark.xfail(strict=True, reason="needs backend.array_kind to refuse ndarray subclasses "
-                   "other than np.memmap (not the ops' file)")
 def test_numpy_matrix_is_refused_not_written_out_of_bounds():
     """An np.matrix stays 2-D when flattened (reshape(-1) is (1, n)), so the cpu kernels'
     flat loops indexed rows: a backward wrote far past its output (a segfault). Crash
