@@ -368,10 +368,10 @@ def test_ctrl_c_after_the_last_epoch_still_names_the_checkpoint(tmp_path, monkey
     out = tmp_path / "run"
     argv = ["train", *QUICK_RUN, "--out", str(out)]
 
-    def interrupted(self, dataset):
+    def interrupted(result, folder):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "predict_proba", interrupted)  # in the evaluation
+    monkeypatch.setattr("gpunn.train.write_report", interrupted)  # writing the report
     assert cli.main(argv) == 130
     line = capsys.readouterr().err.strip()
     assert f"last checkpoint {out / 'checkpoint-0.npz'} (epoch 3 of 3)" in line
