@@ -112,7 +112,7 @@ def test_numba_kernels_load_from_the_disk_cache(tmp_path):
     code = """
         import numpy as np, gpunn.ops as ops
         from gpunn.ops.activations import _cpu_tanh
-        ops.tanh(np.ones(5, np.float32))
+        ops.tanh(np.ones(1 << 16, np.float32))  # the parallel kernel (small calls run its twin)
         print(sum(_cpu_tanh.stats.cache_hits.values()), sum(_cpu_tanh.stats.cache_misses.values()))
     """
     first = _run(code, NUMBA_CACHE_DIR=str(tmp_path))
