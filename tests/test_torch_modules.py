@@ -240,3 +240,20 @@ def test_patched_training_matches_unpatched(which):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(patched.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_bench_torch_suite_quick():
+    """``gpunn bench torch --quick``: every case checks ok (patched and plain steps agree with
+    dropout off), and the saved bytes are what the ops promise."""
+    from gpunn.bench import harness
+    from gpunn.bench import torch as suite
+
+    records = suite.run(harness.Options(quick=True, progress=False))
+    assert {(r.op, r.impl) for r in records} == {
+        (op, impl) for op in ("train step cnn", "train step mlp", "dropout", "batch_norm_relu",
+                              "cross_entropy") for impl in ("gpunn", "torch")}
+    assert all(r.status == "ok" and r.median_s for r in records), [
+        (r.op, r.impl, r.status, r.note) for r in records]
+    saved = {(r.op, r.impl): r for r in records if r.direction == "fwd+bwd"}
+    assert saved["dropout", "gpunn"].saved_bytes == 8
+    assert saved["batch_norm_relu", "gpunn"].saved_ratio_vs_torch <= 0.51

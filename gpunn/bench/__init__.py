@@ -14,5 +14,6 @@ SUITES = {
     "dropout": "gpunn.bench.dropout",
     "losses": "gpunn.bench.losses",
     "optim": "gpunn.bench.optim",
+    "torch": "gpunn.bench.torch",
     "train": "gpunn.bench.train",
 }
