@@ -419,3 +419,47 @@ def test_every_op_of_gpunn_ops_is_covered():
 
     names = {c.split("(")[0] for c in CALLS}
     assert set(ops.__all__) - names == {"random_affine", "dropout_mask"}  # take no tensor data
+
+
+# --- CUDA tensors (a GPU only: the simulator has no CUDA torch tensors) ----------------------
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_gradcheck_16bit_autocast_and_streams():
+    """On CUDA tensors: gradcheck (float64) of every op family, channels_last batch norm,
+    float16/bfloat16 against torch in float32, autocast dtypes, and work queued on torch's
+    current stream (a side stream gives the same result)."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    dev = dict(device="cuda", dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 5, **dev).requires_grad_()
+    w, b = torch.rand(3, **dev).add_(0.5).requires_grad_(), torch.randn(3, **dev).requires_grad_()
+    z, t = torch.randn(6, 5, **dev).requires_grad_(), torch.tensor([0, 4, 1, 2, -100, 3],
+                                                                   device="cuda")
+    gradcheck(lambda x: F.gelu(x, approximate="tanh"), x)
+    gradcheck(lambda x: F.log_softmax(x, 1), x)
+    gradcheck(lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, True), channels_last(x),
+              w, b)
+    gradcheck(lambda x: (torch.manual_seed(0), F.dropout(x, 0.3))[1], x)
+    gradcheck(lambda z: F.cross_entropy(z, t, label_smoothing=0.1), z)
+    gradcheck(lambda z: F.mse_loss(z, torch.ones_like(z), reduction="sum"), z)
+    for dtype in (torch.float16, torch.bfloat16):
+        h = torch.randn(8, 3, 4, 4, device="cuda").to(dtype).requires_grad_()
+        y = F.batch_norm(h, None, None, torch.ones(3, device="cuda"), None, True)
+        ref = TF.batch_norm(h.float(), None, None, None, None, True)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+        y.float().sum().backward()
+        assert h.grad.dtype == dtype and torch.isfinite(h.grad.float()).all()
+    with torch.autocast("cuda", dtype=torch.float16):
+        h = torch.randn(8, 10, device="cuda").half()
+        assert F.relu(h).dtype == torch.float16
+        assert F.softmax(h, 1).dtype == torch.float32
+        assert F.cross_entropy(h, torch.randint(10, (8,), device="cuda")).dtype == torch.float32
+    big = torch.randn(1 << 20, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = F.silu(big)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y, TF.silu(big))
