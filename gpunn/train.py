@@ -575,6 +575,23 @@ def compile_backward_kernels(in_features: int, num_classes: int, width: int, dep
         AdamW(model.parameters(), lr=lr, weight_decay=weight_decay).step()
 
 
+def backward_compiler_command(args: list) -> list[str]:
+    """The command running ``compile_backward_kernels(*args)`` with this very gpunn (loaded
+    from its folder, not from whichever the second interpreter's path finds first)."""
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    init = os.path.join(package, "__init__.py")
+    return [sys.executable, "-c", (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('gpunn', {init!r}, "
+        f"submodule_search_locations=[{package!r}])\n"
+        "sys.modules['gpunn'] = module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from gpunn.train import compile_backward_kernels\n"
+        f"compile_backward_kernels(*{args!r})\n")]
+
+
 @contextlib.contextmanager
 def backward_compiler(config: TrainConfig, train_set: Dataset):
     """Yields a function that starts :func:`compile_backward_kernels` for this job in a
@@ -583,7 +600,6 @@ def backward_compiler(config: TrainConfig, train_set: Dataset):
     two halves of the step compile side by side (measured: the batch norm backward alone
     is ~10 s of the ~35 s of CPU the job's kernels take to compile)."""
     import subprocess
-    import sys
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     started = []
@@ -593,14 +609,9 @@ def backward_compiler(config: TrainConfig, train_set: Dataset):
             return
         args = [int(np.prod(train_set.sample_shape)), train_set.num_classes, config.width,
                 config.depth, config.dropout, config.lr, config.weight_decay]
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])}
         started.append(subprocess.Popen(
-            [sys.executable, "-c", "from gpunn.train import "
-             f"compile_backward_kernels as c; c(*{args!r})"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True))
+            backward_compiler_command(args), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
 
     try:
         yield start

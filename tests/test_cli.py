@@ -93,8 +93,8 @@ def test_help_imports_no_kernel_code():
         "        pass\n"
         "heavy = ('numba', 'torch', 'scipy', 'sklearn', 'matplotlib', 'cupy', 'gpunn.ops',\n"
         "         'gpunn.train', 'gpunn.nn', 'gpunn.optim')\n"
-        "print('LOADED', sorted({m for m in sys.modules\n"
-        "                        if m in heavy or m.startswith(tuple(h + '.' for h in heavy))}))\n")
+        "under = tuple(h + '.' for h in heavy)\n"
+        "print('LOADED', sorted(m for m in sys.modules if m in heavy or m.startswith(under)))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr

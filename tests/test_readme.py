@@ -16,7 +16,8 @@ def python_blocks(text: str) -> list[str]:
 
 
 def test_python_blocks_are_found():
-    blocks = python_blocks("intro\n```python\na = 1\n```\n```bash\nls\n```\n```python\nb = a\n```\n")
+    text = "intro\n```python\na = 1\n```\n```bash\nls\n```\n```python\nb = a\n```\n"
+    blocks = python_blocks(text)
     assert blocks == ["a = 1\n", "b = a\n"]
 
 

@@ -554,3 +554,14 @@ def test_the_second_compiler_covers_the_backward_half_of_a_step():
     with training_threads("cpu"):
         trainer.train_step(*next(trainer.batches(0)))
     assert {k: set(k.signatures) for k in kernels} == before
+
+
+def test_the_second_compilers_command_runs_this_gpunn(tmp_path):
+    from gpunn.train import backward_compiler_command
+
+    command = backward_compiler_command([64, 10, 16, 1, 0.2, 3e-3, 1e-2])
+    command[-1] += "import gpunn; print(gpunn.__file__)\n"
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(ROOT / "gpunn" / "__init__.py")
