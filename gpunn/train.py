@@ -518,7 +518,8 @@ def summary(result: dict) -> str:
 def compile_notice(say=None, on_first=None):
     """While the block runs, tell when Numba compiles a kernel (its cache is cold: the first
     run, or after an upgrade): one line before the first, then one per kernel with its time,
-    and the total; ``say=None``: silent. ``on_first()`` runs as the first compile starts."""
+    and the total; ``say=None``: silent. ``on_first()`` runs as the first compile starts (a
+    text it returns is said too)."""
     if (say is None and on_first is None) or not _backend.has_numba():
         yield
         return
@@ -536,8 +537,9 @@ def compile_notice(say=None, on_first=None):
             if self.depth == 0:
                 if self.count == 0:
                     say("compiling CPU kernels (first run only: Numba caches them on disk)")
-                    if on_first is not None:
-                        on_first()
+                    note = on_first() if on_first is not None else None
+                    if note:
+                        say(note)
                 self.t0 = time.perf_counter()
             self.depth += 1
 
@@ -595,8 +597,8 @@ def backward_compiler_command(args: list) -> list[str]:
 @contextlib.contextmanager
 def backward_compiler(config: TrainConfig, train_set: Dataset):
     """Yields a function that starts :func:`compile_backward_kernels` for this job in a
-    second process (once; on the host, with two or more CPUs); the process is stopped when
-    the block ends. On a cold cache the trainer calls it as its first kernel compiles: the
+    second process (once; on the host, with two or more CPUs) and returns a line saying so
+    (None when it starts nothing); the process is stopped when the block ends. On a cold cache the trainer calls it as its first kernel compiles: the
     two halves of the step compile side by side (measured: the batch norm backward alone
     is ~10 s of the ~35 s of CPU the job's kernels take to compile)."""
     import subprocess
@@ -606,12 +608,13 @@ def backward_compiler(config: TrainConfig, train_set: Dataset):
 
     def start():
         if started or config.resolved_device() != "cpu" or (cpus or 1) < 2:
-            return
+            return None
         args = [int(np.prod(train_set.sample_shape)), train_set.num_classes, config.width,
                 config.depth, config.dropout, config.lr, config.weight_decay]
         started.append(subprocess.Popen(
             backward_compiler_command(args), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        return "  (the backward pass's kernels compile in a second process meanwhile)"
 
     try:
         yield start

@@ -565,3 +565,33 @@ def test_the_second_compilers_command_runs_this_gpunn(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(ROOT / "gpunn" / "__init__.py")
+
+
+def test_compile_notice_says_what_compiles():
+    from numba import njit
+
+    from gpunn.train import compile_notice
+
+    lines, firsts = [], []
+
+    def first():
+        firsts.append(1)
+        return "  (a note)"
+
+    @njit
+    def fresh(x):
+        return x + 1
+
+    with compile_notice(lines.append, on_first=first):
+        fresh(1)
+        fresh(2)  # compiled already: nothing more
+        fresh(1.5)
+    assert firsts == [1]
+    assert lines[0] == "compiling CPU kernels (first run only: Numba caches them on disk)"
+    assert lines[1] == "  (a note)"
+    assert [line.split(" ")[3] for line in lines[2:4]] == [
+        "test_train.test_compile_notice_says_what_compiles.<locals>.fresh"] * 2
+    assert lines[4].startswith("compiled 2 CPU kernels in ") and len(lines) == 5
+    with compile_notice(lines.append):
+        fresh(3)
+    assert len(lines) == 5  # nothing compiled: nothing said
