@@ -48,6 +48,33 @@ def assert_close(out, ref, dtype):
     assert err <= bound, f"relative error {err:.3g} > {bound:g} ({dtype})"
 
 
+def array_bytes(a):
+    """What identifies an array's contents exactly (NumPy or torch): dtype, shape, bytes."""
+    if a is None:
+        return None
+    if type(a).__module__.split(".")[0] == "torch":
+        a = a.detach().contiguous().numpy()
+    a = np.asarray(a)
+    return a.dtype.str, a.shape, a.tobytes()
+
+
+def functional_step(algo, params, grads, states, steps, options, **kwargs):
+    """One gpunn functional optimizer step; ``states`` maps slot names to lists."""
+    from gpunn.optim import functional as F
+
+    o = dict(options, **kwargs)
+    if algo == "sgd":
+        return F.sgd(params, grads, states.get("momentum_buffer"), steps, **o)
+    if algo == "adagrad":
+        return F.adagrad(params, grads, states["sum"], steps, **o)
+    if algo == "rmsprop":
+        return F.rmsprop(params, grads, states["square_avg"], states.get("grad_avg"),
+                         states.get("momentum_buffer"), steps, **o)
+    fn = F.adam if algo == "adam" else F.adamw
+    return fn(params, grads, states["exp_avg"], states["exp_avg_sq"],
+              states.get("max_exp_avg_sq"), steps, **o)
+
+
 def has_gpu() -> bool:
     return backend.cuda_device_count() > 0 and not simulated()
 

@@ -21,7 +21,7 @@ import gpunn.torch as gt
 from gpunn.nn import Parameter
 from gpunn.optim import functional as F
 from gpunn.optim.fused import CHUNK, chunk_list
-from conftest import HOST_BACKENDS, TOLERANCE, assert_close, rel_err
+from conftest import HOST_BACKENDS, TOLERANCE, assert_close, functional_step, rel_err
 
 # algorithm: (gpunn.optim class, gpunn.torch class, torch.optim class)
 CLASSES = {
@@ -358,21 +358,6 @@ def _slots(algo, options):
         return ("square_avg",) + (("momentum_buffer",) if options.get("momentum", 0) else ()) \
             + (("grad_avg",) if options.get("centered") else ())
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if options.get("amsgrad") else ())
-
-
-def functional_step(algo, params, grads, states, steps, options, **kwargs):
-    """One gpunn functional step; ``states`` maps slot names to lists."""
-    o = dict(options, **kwargs)
-    if algo == "sgd":
-        return F.sgd(params, grads, states.get("momentum_buffer"), steps, **o)
-    if algo == "adagrad":
-        return F.adagrad(params, grads, states["sum"], steps, **o)
-    if algo == "rmsprop":
-        return F.rmsprop(params, grads, states["square_avg"], states.get("grad_avg"),
-                         states.get("momentum_buffer"), steps, **o)
-    fn = F.adam if algo == "adam" else F.adamw
-    return fn(params, grads, states["exp_avg"], states["exp_avg_sq"],
-              states.get("max_exp_avg_sq"), steps, **o)
 
 
 def torch_functional_step(algo, params, grads, states, steps, options):

@@ -26,7 +26,7 @@ import gpunn.optim as go
 import gpunn.torch as gt
 from gpunn.nn import Parameter
 from gpunn.optim import functional as F
-from conftest import HOST_BACKENDS, TOLERANCE, rel_err
+from conftest import HOST_BACKENDS, TOLERANCE, array_bytes, functional_step, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,15 +153,6 @@ def carve_strided(arena, shape, rng, tag=None):
     arena.fill(start, _random(rng, 2 * n, arena.dtype), tag)
     strides = Spec(0, shape).strides
     return Spec(start, shape, tuple(2 * s for s in strides))
-
-
-def _bytes(a):
-    if a is None:
-        return None
-    if isinstance(a, torch.Tensor):
-        a = a.detach().contiguous().numpy()
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 # --- The optimizer fuzz ---------------------------------------------------------------------------
@@ -484,11 +475,11 @@ class Fuzz:
     # the step and its checks
 
     def snapshot(self):
-        owned = [_bytes(g[1]) for g in self.grads if isinstance(g, tuple)]
+        owned = [array_bytes(g[1]) for g in self.grads if isinstance(g, tuple)]
         states = []
         for p in self.ours:
             state = self.opt.state[p] if p in self.opt.state else {}
-            states.append({k: _bytes(v) for k, v in state.items()})
+            states.append({k: array_bytes(v) for k, v in state.items()})
         shapes = [(tuple(p.data.shape), None if p.grad is None else tuple(p.grad.shape))
                   for p in self.ours]
         return (self.arena.buf.tobytes(), self.steps_arena.buf.tobytes(), owned, states, shapes)
@@ -636,20 +627,6 @@ NEEDS_STATE = ("state_shape", "state_dtype", "read_only_state", "state_overlaps_
                "transposed_state", "shared_state")
 
 
-def _functional_call(algo, options, extra, params, grads, states, steps, backend):
-    o = dict(options, **extra, backend=backend)
-    if algo == "sgd":
-        return F.sgd(params, grads, states.get("momentum_buffer"), steps, **o)
-    if algo == "adagrad":
-        return F.adagrad(params, grads, states["sum"], steps, **o)
-    if algo == "rmsprop":
-        return F.rmsprop(params, grads, states["square_avg"], states.get("grad_avg"),
-                         states.get("momentum_buffer"), steps, **o)
-    fn = F.adam if algo == "adam" else F.adamw
-    return fn(params, grads, states["exp_avg"], states["exp_avg_sq"],
-              states.get("max_exp_avg_sq"), steps, **o)
-
-
 def run_functional_fuzz(backend, corruption, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     algo, options, extra = data.draw(configs(), label="config")
@@ -758,14 +735,15 @@ def run_functional_fuzz(backend, corruption, data):
         corruption = "none"
     note(f"corruption: {corruption} at {i}")
     everything = [params, grads, steps, *states.values()]
-    before = ([[_bytes(a) for a in lst] for lst in everything], arena.buf.tobytes(),
+    before = ([[array_bytes(a) for a in lst] for lst in everything], arena.buf.tobytes(),
               steps_arena.buf.tobytes())
     try:
-        skipped = _functional_call(algo, options, extra, params, grads, states, steps, backend)
+        skipped = functional_step(algo, params, grads, states, steps, options, **extra,
+                                  backend=backend)
     except CLEAR as e:
         assert str(e), f"{type(e).__name__} without a message"
         assert arena.guards_intact() and steps_arena.guards_intact(), "a guard element changed"
-        after = ([[_bytes(a) for a in lst] for lst in everything], arena.buf.tobytes(),
+        after = ([[array_bytes(a) for a in lst] for lst in everything], arena.buf.tobytes(),
                  steps_arena.buf.tobytes())
         assert after == before, f"the failed call changed something: {e}"
         note(f"refused: {type(e).__name__}: {e}")
