@@ -67,7 +67,7 @@ def snapshot(opt, *extra):
     return out + [array_bytes(a) for a in extra]
 
 
-def _arraysarray_bytes(*lists):
+def _arrays_bytes(*lists):
     return [[array_bytes(a) for a in (lst or [])] for lst in lists]
 
 
@@ -392,7 +392,7 @@ def test_read_only_memmap_parameter_subprocess(tmp_path):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("algo", list(ALGOS))
-def test_read_only_parameter_fromarray_bytes(algo, backend, rng):
+def test_read_only_parameter_from_bytes(algo, backend, rng):
     """A parameter over immutable bytes (np.frombuffer): ValueError naming it; the bytes and
     the other parameter unchanged, no state created."""
     go_cls, _, _, options = ALGOS[algo]
@@ -442,11 +442,11 @@ def test_functional_read_only_argument(algo, backend, which, index, pattern, rng
     slot = SLOTS[algo][0]
     target = {"params": params, "state": states[slot], "steps": steps}[which]
     target[index].flags.writeable = False
-    before = _arraysarray_bytes(params, grads, steps, *states.values())
+    before = _arrays_bytes(params, grads, steps, *states.values())
     with pytest.raises(ValueError, match=READ_ONLY) as info:
         _functional(algo, params, grads, states, steps, backend=backend)
     assert re.search(pattern or slot, str(info.value)), str(info.value)
-    assert _arraysarray_bytes(params, grads, steps, *states.values()) == before
+    assert _arrays_bytes(params, grads, steps, *states.values()) == before
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -457,11 +457,11 @@ def test_functional_read_only_master_copy(backend, rng):
     masters = [p.copy() for p in params]
     for m in masters:
         m.flags.writeable = False
-    before = _arraysarray_bytes(params, grads, steps, masters, *states.values())
+    before = _arrays_bytes(params, grads, steps, masters, *states.values())
     with pytest.raises(ValueError, match="master"):
         _functional("adam", params, grads, states, steps, master_params=masters,
                     backend=backend)
-    assert _arraysarray_bytes(params, grads, steps, masters, *states.values()) == before
+    assert _arrays_bytes(params, grads, steps, masters, *states.values()) == before
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -476,7 +476,7 @@ def test_read_only_gradient_is_accepted(algo, backend, rng):
             grads = [np.frombuffer(g.tobytes(), g.dtype).reshape(g.shape) for g in grads]
             assert not grads[0].flags.writeable
         _functional(algo, params, grads, states, steps, backend=backend)
-        results.append(_arraysarray_bytes(params, steps, *states.values()))
+        results.append(_arrays_bytes(params, steps, *states.values()))
     assert results[0] == results[1]
 
 
@@ -521,10 +521,10 @@ def test_functional_big_endian_arrays_are_refused(backend, role, rng):
     params, grads, states, steps = functional_inputs(rng, "adam", shapes=[(4,), (4,)])
     be = _big_endian(np.arange(4, dtype=np.float32) - 0.5)
     {"params": params, "grads": grads, "state": states["exp_avg"]}[role][1] = be
-    before = _arraysarray_bytes(params, grads, steps, *states.values())
+    before = _arrays_bytes(params, grads, steps, *states.values())
     with pytest.raises(TypeError, match="byte order"):
         _functional("adam", params, grads, states, steps, backend=backend)
-    assert _arraysarray_bytes(params, grads, steps, *states.values()) == before
+    assert _arrays_bytes(params, grads, steps, *states.values()) == before
 
 
 # --- 4. Tensor subclasses, sparse and meta tensors, FSDP2 ------------------------------------------
@@ -703,10 +703,10 @@ def test_negative_step_count_is_refused(algo, backend, rng):
     advanced, no parameter NaN, nothing changed."""
     params, grads, states, steps = functional_inputs(rng, algo)
     steps[2][...] = -1.0
-    before = _arraysarray_bytes(params, grads, steps, *states.values())
+    before = _arrays_bytes(params, grads, steps, *states.values())
     with pytest.raises(ValueError, match=r"state_steps\[2\]"):
         _functional(algo, params, grads, states, steps, backend=backend)
-    assert _arraysarray_bytes(params, grads, steps, *states.values()) == before
+    assert _arrays_bytes(params, grads, steps, *states.values()) == before
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -778,10 +778,10 @@ def test_bad_host_grad_scale_is_refused(algo, backend, scale, rng):
         opt.step(grad_scale=scale)
     assert snapshot(opt) == before
     p, g, s, t = functional_inputs(rng, algo)
-    before = _arraysarray_bytes(p, g, t, *s.values())
+    before = _arrays_bytes(p, g, t, *s.values())
     with pytest.raises(ValueError, match="grad_scale"):
         _functional(algo, p, g, s, t, grad_scale=scale, backend=backend)
-    assert _arraysarray_bytes(p, g, t, *s.values()) == before
+    assert _arrays_bytes(p, g, t, *s.values()) == before
 
 
 DEVICE_SCALES = {
@@ -990,7 +990,7 @@ def test_optimizer_unpickled_in_a_fresh_process(tmp_path, rng):
     topt.step()
     cases["gpunn.torch"] = (buf.getvalue(), [p.detach().numpy().copy() for p in tparams])
     path = tmp_path / "optimizers.pkl"
-    path.writearray_bytes(pickle.dumps({"cases": cases, "grads": grads[1]}))
+    path.write_bytes(pickle.dumps({"cases": cases, "grads": grads[1]}))
     out = run_python("""
         import io, pickle, sys
         import numpy as np, torch
