@@ -479,6 +479,36 @@ def test_cuda_augment_is_warp_of_random_affine(dtype, shape, rng):
         assert not torch.equal(augment(x, SEED, offset + 1, **OPTIONS), y)
 
 
+def _cupy_array(cupy, x, dtype):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return cupy.asarray(x.astype(ml_dtypes.bfloat16))
+    return cupy.asarray(x.astype(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_every_dtype_on_cupy_arrays(dtype, rng):
+    """Both kernels in every dtype on CuPy arrays (no torch tensor: the CUDA simulator runs it
+    too) against the host reference of the same rounded input, in the compute type."""
+    cupy = pytest.importorskip("cupy")
+    shape = (5, 3, 17, 23)
+    x = _cupy_array(cupy, rng.standard_normal(shape), dtype)
+    ctype = np.float64 if dtype == "float64" else np.float32
+    xh = cupy.asnumpy(x).astype(np.float64).astype(ctype)
+    theta = random_thetas(rng, shape[0], ctype)
+    y = affine_warp(x, cupy.asarray(theta))
+    assert isinstance(y, cupy.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+    got = cupy.asnumpy(y).astype(np.float64)
+    assert_warp_close(got, affine_warp(xh, theta, backend="numpy"), dtype, shape)
+    assert_warp_close(got, torch_warp(xh, theta), dtype, shape)
+    z = augment(x, SEED, 7, **OPTIONS)
+    assert isinstance(z, cupy.ndarray) and z.dtype == x.dtype
+    ref = augment(xh, SEED, 7, backend="numpy", **OPTIONS)
+    assert_warp_close(cupy.asnumpy(z).astype(np.float64), ref, dtype, shape)
+
+
 @pytest.mark.gpu
 def test_cuda_cupy_arrays_out_and_bad_input(rng):
     cupy = pytest.importorskip("cupy")

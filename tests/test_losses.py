@@ -523,8 +523,10 @@ def test_bench_suite_runs_and_checks(rng):
 # --- GPU: every dtype, every launch shape -----------------------------------------------------
 
 GPU_DTYPES = ["float32", "float16", "bfloat16", "float64"]
-GPU_SHAPES = [(1, 1), (3, 7), (33, 100), (9, 1000), (17, 1024), (5, 1025), (8, 4096), (3, 8193),
-              (2, 32768), (2, 32769), (1, 200003), (4000, 64)]
+#: Rows of every launch: 4, 8, 16 and 32 held items per thread (n = 7, 200, 1000, 32768), the
+#: long-row kernel (32769 and more), several blocks per row set (4000 rows).
+GPU_SHAPES = [(1, 1), (3, 7), (33, 100), (6, 200), (9, 1000), (17, 1024), (5, 1025), (8, 4096),
+              (3, 8193), (2, 32768), (2, 32769), (1, 200003), (4000, 64)]
 
 
 def _device(cupy, a, dtype):
