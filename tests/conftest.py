@@ -108,8 +108,11 @@ SIM_LARGE = 1 << 16
 
 #: gpu tests whose large cases all run under the simulator too: only they launch some kernel
 #: instantiations (softmax's and cross-entropy's long-row and widest held-items kernels per
-#: dtype), which GPUNN_CUDA_SIM_COVERAGE counts.
+#: dtype), which GPUNN_CUDA_SIM_COVERAGE counts, or check an accuracy per size or layout
+#: (batch norm at mean 1e4, a float16 MSE gradient that is subnormal at 10^6 elements).
 SIM_EVERY_SIZE = {("test_softmax", "test_cuda_matches_reference"),
+                  ("test_batchnorm", "test_cuda_large_mean_stays_accurate"),
+                  ("test_losses", "test_cuda_mse_matches_reference"),
                   ("test_losses", "test_cuda_cross_entropy_matches_reference"),
                   ("test_losses", "test_cuda_nll_matches_reference")}
 
@@ -131,21 +134,8 @@ def _elements(value) -> int:
     return 0
 
 
-#: gpu tests that fail on the simulator for a reason of the library or the test, not the
-#: simulator (strict: a fix makes them XPASS, and the entry must go).
-SIM_KNOWN_FAILURES = {
-    "tests/test_optim.py::test_cuda_parameters_on_another_device_change_nothing":
-        "the step refuses a host gradient by array kind ('grads[2] is a numpy array, the "
-        "parameters are cupy') before the device check the test expects ('is on cpu')",
-}
-
-
 def pytest_collection_modifyitems(config, items):
     if simulated():
-        for item in items:
-            if item.nodeid in SIM_KNOWN_FAILURES:
-                item.add_marker(pytest.mark.xfail(reason=SIM_KNOWN_FAILURES[item.nodeid],
-                                                  strict=True))
         torch_cuda = pytest.mark.skip(reason="needs CUDA torch tensors (the CUDA simulator has "
                                              "none)")
         large = pytest.mark.skip(reason="a large size, run once per test under the CUDA "

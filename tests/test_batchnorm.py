@@ -332,6 +332,12 @@ def test_cpu_deterministic(shape, channels_last, rng):
 # --- numerics, layouts, fusion --------------------------------------------------------------------
 
 
+#: Bounds on the statistics at mean 1e4, spread 1: a few float32 roundings of the spread-sized
+#: partial sums (measured 1e-8 to 1.1e-7 on every backend; the CUDA kernel's float32 merge gave
+#: 1.4-1.7e-5 before it shifted by a per-channel pivot).
+LARGE_MEAN_STATS = {"float32": 5e-7, "float64": 1e-12}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("shape,channels_last", [((64, 3, 1000), False), ((4096, 5), False),
@@ -346,7 +352,7 @@ def test_large_mean_stays_accurate(shape, channels_last, backend, dtype, rng):
     y, mean, invstd = bn.batch_norm_forward(x, rm, rv, w, b, True, channels_last=channels_last,
                                             backend=backend)
     for name, got in (("mean", mean), ("invstd", invstd), ("rm", rm), ("rv", rv)):
-        assert rel_err(got, ref[name]) <= TOLERANCE[dtype], name
+        assert rel_err(got, ref[name]) <= LARGE_MEAN_STATS[dtype], name
     # y from the saved (rounded) statistics, in float64
     m64 = per_channel(np.asarray(mean, np.float64), shape, channels_last)
     s64 = per_channel(np.asarray(invstd, np.float64) * w, shape, channels_last)
@@ -879,7 +885,7 @@ def test_cuda_large_mean_stays_accurate(shape, channels_last, dtype, rng):
     y, mean, invstd = bn.batch_norm_forward(d[0], d[3], d[4], d[1], d[2], True,
                                             channels_last=channels_last)
     for name, got in (("mean", mean), ("invstd", invstd), ("rm", d[3]), ("rv", d[4])):
-        assert rel_err(cupy.asnumpy(got), ref[name]) <= TOLERANCE[dtype], name
+        assert rel_err(cupy.asnumpy(got), ref[name]) <= LARGE_MEAN_STATS[dtype], name
     m64 = per_channel(cupy.asnumpy(mean).astype(np.float64), shape, channels_last)
     s64 = per_channel(cupy.asnumpy(invstd).astype(np.float64) * w, shape, channels_last)
     y_saved = (x.astype(np.float64) - m64) * s64 + per_channel(b, shape, channels_last)
