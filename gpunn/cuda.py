@@ -6,7 +6,7 @@ in one NVRTC call the first time any of them is used on a device. Local ``#inclu
 lines are inlined here, so the text handed to NVRTC is self-contained (no include paths) and
 CuPy's on-disk cache, keyed by that text and the options, never serves a stale build.
 
-The same :func:`source` and :data:`NVRTC_OPTIONS` are what the CI test compiles for sm_80
+The same :meth:`Family.text` and :data:`NVRTC_OPTIONS` are what the CI test compiles for sm_80
 and sm_90 without a GPU (tests/test_cuda_compile.py).
 """
 
@@ -61,13 +61,45 @@ def ctype(dtype) -> str:
     return CTYPES[np.dtype(dtype).name]
 
 
-class Family:
-    """The instantiations of one ``kernels/<family>.cu`` that gpunn launches."""
+def cpp_constant(name: str, value) -> str:
+    """One ``constexpr`` definition: bool, int (``int`` when it fits 32 bits, else
+    ``long long``) or float (``double``, exact: Python's repr round-trips)."""
+    if isinstance(value, bool):
+        return f"constexpr bool {name} = {'true' if value else 'false'};"
+    if isinstance(value, int):
+        ctype = "int" if -2**31 <= value < 2**31 else "long long"
+        return f"constexpr {ctype} {name} = {value};"
+    if isinstance(value, float):
+        return f"constexpr double {name} = {value!r};"
+    raise TypeError(f"constant {name}: expected a bool, int or float, got {type(value).__name__}")
 
-    def __init__(self, name: str, expressions: list[str]):
+
+class Family:
+    """The instantiations of one ``kernels/<family>.cu`` that gpunn launches, and the constants
+    its launcher and kernels share (block sizes, chunk lengths, flag bits, row layouts).
+
+    The constants are defined once, in Python, and reach the kernels as a ``constexpr`` prelude
+    in namespace ``gpunn`` ahead of the file's text (:meth:`text`): what NVRTC, the CUDA
+    simulator and the compile test all compile."""
+
+    def __init__(self, name: str, expressions: list[str], constants: dict | None = None):
         self.name = name
         self.expressions = tuple(expressions)
+        self.constants = dict(constants or {})
         FAMILIES[name] = self
+
+    def prelude(self) -> str:
+        """The constants as C++ (empty when there are none)."""
+        if not self.constants:
+            return ""
+        lines = [cpp_constant(k, v) for k, v in self.constants.items()]
+        return ("// Generated from gpunn's Python launcher (gpunn.cuda.Family.constants).\n"
+                "namespace gpunn {\n" + "\n".join(lines) + "\n}  // namespace gpunn\n")
+
+    def text(self) -> str:
+        """The compiled text: the constants' prelude, then ``kernels/<name>.cu`` with its
+        includes inlined."""
+        return self.prelude() + source(self.name)
 
     def function(self, expression: str):
         """The compiled kernel for one of this family's name expressions, on the current device
@@ -84,7 +116,7 @@ class Family:
 def _module(family: Family, device_id: int):
     import cupy
 
-    return cupy.RawModule(code=source(family.name), options=NVRTC_OPTIONS,
+    return cupy.RawModule(code=family.text(), options=NVRTC_OPTIONS,
                           name_expressions=family.expressions)
 
 

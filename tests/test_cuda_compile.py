@@ -1,7 +1,7 @@
 """Every CUDA kernel gpunn launches compiles for sm_80 and sm_90, without a GPU.
 
-The text and options are exactly what run time uses (``gpunn.cuda.source`` and
-``gpunn.cuda.NVRTC_OPTIONS``); the kernels are the name expressions each op module declares
+The text and options are exactly what run time uses (``Family.text()``: the launcher's
+constants as a prelude, then the source; and ``gpunn.cuda.NVRTC_OPTIONS``); the kernels are the name expressions each op module declares
 as a ``gpunn.cuda.Family``. NVRTC is called through ctypes from the ``nvidia-cuda-nvrtc`` pip
 package (or a CUDA toolkit), so neither CuPy nor a driver is needed.
 """
@@ -80,7 +80,7 @@ def _check(lib, status: int, call: str) -> None:
 
 def compile_family(lib, family: gpunn.cuda.Family, arch: str) -> dict[str, str]:
     """Compile a family's source for ``arch``; return {name expression: lowered name}."""
-    source = gpunn.cuda.source(family.name).encode()
+    source = family.text().encode()
     options = [*gpunn.cuda.NVRTC_OPTIONS, f"--gpu-architecture={arch}"]
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source,

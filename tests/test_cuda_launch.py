@@ -32,3 +32,20 @@ def test_grid_is_one_full_wave(fake_h100, regs, block, per_sm):
     assert cuda.grid_for(10**9, block, kernel) == 132 * per_sm
     assert cuda.grid_for(5 * block, block, kernel) == 5  # fewer when the work needs fewer
     assert cuda.grid_for(0, block, kernel) == 1
+
+
+def test_family_constants_become_a_constexpr_prelude():
+    family = cuda.Family("test_constants", [], {"BLOCK": 256, "CHUNK": 1 << 40, "FLAG": True,
+                                                "SCALE": 0.1})
+    try:
+        prelude = family.prelude()
+        for line in ("constexpr int BLOCK = 256;", "constexpr long long CHUNK = 1099511627776;",
+                     "constexpr bool FLAG = true;", "constexpr double SCALE = 0.1;"):
+            assert line in prelude
+        assert prelude.index("namespace gpunn {") < prelude.index("BLOCK")
+        assert cuda.Family("test_none", []).prelude() == ""
+        with pytest.raises(TypeError, match="constant NAME: expected a bool, int or float"):
+            cuda.cpp_constant("NAME", "256")
+    finally:
+        cuda.FAMILIES.pop("test_constants")
+        cuda.FAMILIES.pop("test_none")

@@ -182,10 +182,12 @@ def _family_future(family):
     from .. import cuda
 
     def compile_family():
-        return _load(family.name, build.kernel_source(cuda.kernel_dir(), family.name),
+        return _load(family.name,
+                     family.prelude() + build.kernel_source(cuda.kernel_dir(), family.name),
                      family.expressions)
 
-    return build.submit(("family", family.name, family.expressions), compile_family)
+    return build.submit(("family", family.name, family.expressions,
+                         tuple(family.constants.items())), compile_family)
 
 
 def function(family, expression: str) -> Kernel:
