@@ -538,8 +538,10 @@ def grads_of(model):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_plan_equals_unfused_layers_and_torch(rng, device, dtype):
     fused, plain = mlp(dtype).to(device), mlp(dtype, relu=PlainReLU).to(device)
-    assert [f for _, _, f in fused._plan] == [False, True, False, True, False]
-    assert not any(f for _, _, f in plain._plan) and len(plain._plan) == 7
+    assert [step is not layer for _, layer, step in fused._plan] == [False, True, False, True,
+                                                                    False]
+    assert [i for i, _, _ in fused._plan] == [0, 1, 3, 4, 6]
+    assert all(step is layer for _, layer, step in plain._plan) and len(plain._plan) == 7
     np.testing.assert_array_equal(host(fused.arena.data), host(plain.arena.data))
     ref = torch_module_from(fused.state_dict(), torch_mlp())
     for training in (True, False):
@@ -561,6 +563,33 @@ def test_fused_plan_equals_unfused_layers_and_torch(rng, device, dtype):
         for name, buf in ref.named_buffers():
             assert_close(host(fused.state_dict()[name]), buf, dtype)
             assert_close(host(plain.state_dict()[name]), buf, dtype)
+
+
+def test_sequential_runs_the_step_a_layer_fuses_with_the_next():
+    """Sequential knows no layer class: each layer's fused_with decides what runs."""
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, dy, input_grad=True):
+            return 2 * dy if input_grad else None
+
+    class DoubleTwiceThenAddOne:  # not 4x, so that running the two layers would show
+        def forward(self, x):
+            return 4 * x + 1
+
+        def backward(self, dy, input_grad=True):
+            return 4 * dy + 1
+
+    class FusingDouble(Double):
+        def fused_with(self, following):
+            return DoubleTwiceThenAddOne() if isinstance(following, Double) else None
+
+    model = nn.Sequential(FusingDouble(), Double(), FusingDouble())
+    assert [i for i, _, _ in model._plan] == [0, 2]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(model(x), 2 * (4 * x + 1))
+    np.testing.assert_array_equal(model.backward(np.ones_like(x)), 4 * 2 + 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,9 +12,10 @@ from .arena import Arena
 from .layers import (ELU, GELU, BatchNorm1d, BatchNorm2d, Dropout, Flatten, LeakyReLU, Linear,
                      LogSoftmax, ReLU, Sigmoid, SiLU, Softmax, Tanh)
 from .losses import CrossEntropyLoss, MSELoss
-from .module import Module, Sequential, ShapeError
+from .module import Module, ShapeError
 from .parameter import Parameter
 from .regularization import l1_penalty, l2_penalty
+from .sequential import Sequential
 
 __all__ = [
     "Arena", "BatchNorm1d", "BatchNorm2d", "CrossEntropyLoss", "Dropout", "ELU", "Flatten",

@@ -274,9 +274,27 @@ class _BatchNorm(Module):
     def backward_relu(self, dy, input_grad=True):
         return self._grad(dy, True, input_grad)
 
+    def fused_with(self, following):
+        """A ReLU (exactly: not a subclass, which may change the math) folds into the fused
+        ``batch_norm_relu`` op."""
+        return _BatchNormReLU(self) if type(following) is ReLU else None
+
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class _BatchNormReLU:
+    """relu(bn(x)) as one op: the step Sequential runs for a BatchNorm then a ReLU."""
+
+    def __init__(self, batch_norm: _BatchNorm):
+        self.batch_norm = batch_norm
+
+    def forward(self, x):
+        return self.batch_norm.forward_relu(x)
+
+    def backward(self, dy, input_grad=True):
+        return self.batch_norm.backward_relu(dy, input_grad)
 
 
 class BatchNorm1d(_BatchNorm):

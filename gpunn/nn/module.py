@@ -1,4 +1,4 @@
-"""Module, the base of every layer, and Sequential.
+"""Module, the base of every layer.
 
 There is no autograd engine: every module has an explicit ``forward(x)`` that keeps what its
 ``backward`` needs, and ``backward(dy, input_grad=True)`` that adds the gradients of its
@@ -305,6 +305,12 @@ class Module:
 
     # --- compute ------------------------------------------------------------------------------
 
+    def fused_with(self, following: Module):
+        """A step (``forward(x)``, ``backward(dy, input_grad)``) that runs this layer and then
+        ``following`` as one op, or None: :class:`~gpunn.nn.Sequential` asks each layer about
+        the next one, so it knows no layer class."""
+        return None
+
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
@@ -323,70 +329,3 @@ class Module:
         lines = [f"  ({name}): {m!r}".replace("\n", "\n  ") for name, m in self._modules.items()]
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
 
-
-class Sequential(Module):
-    """Layers applied in order; packs its parameters into one arena.
-
-    A BatchNorm followed by a ReLU runs as the fused ``batch_norm_relu`` op (one pass for the
-    output, the ReLU mask recomputed in the backward): the same numbers as the two layers."""
-
-    def __init__(self, *layers: Module):
-        super().__init__()
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise TypeError(f"Sequential: layer {i} must be a gpunn.nn.Module, got "
-                                f"{type(layer).__name__}")
-            setattr(self, str(i), layer)
-        self.layers = tuple(layers)
-        self._plan = self._fused_plan()
-        trainable = [i for i, layer in enumerate(self.layers) if layer.parameters()]
-        self._first_trainable = trainable[0] if trainable else len(self.layers)
-        self.flatten_parameters()
-
-    def _fused_plan(self):
-        """(index, layer, fuse_relu) steps: a ReLU right after a BatchNorm is folded into it."""
-        from .layers import ReLU, _BatchNorm
-
-        plan, i = [], 0
-        while i < len(self.layers):
-            layer = self.layers[i]
-            fuse = (isinstance(layer, _BatchNorm) and i + 1 < len(self.layers)
-                    and type(self.layers[i + 1]) is ReLU)
-            plan.append((i, layer, fuse))
-            i += 2 if fuse else 1
-        return plan
-
-    def __getitem__(self, index):
-        return self.layers[index]
-
-    def __len__(self):
-        return len(self.layers)
-
-    def forward(self, x):
-        check_array("Sequential", "x", x, self.device)
-        self._saved = None  # until every layer has run: a failed forward has no backward
-        for i, layer, fuse in self._plan:
-            try:
-                x = layer.forward_relu(x) if fuse else layer.forward(x)
-            except ShapeError as e:
-                raise ShapeError(f"Sequential layer {i} ({type(layer).__name__}): {e}") from None
-        self._saved = (tuple(x.shape), x.dtype)
-        return x
-
-    def backward(self, dy, input_grad: bool = True):
-        """dy is checked against the forward's output (array kind, dtype, shape) before any
-        layer accumulates a gradient."""
-        shape, dtype = self._forward_state()
-        check_array("Sequential backward", "dy", dy, self.device)
-        if tuple(dy.shape) != shape:
-            raise ShapeError(f"Sequential backward: dy has shape {tuple(dy.shape)}, expected "
-                             f"{shape} (the forward's output)")
-        if dy.dtype != dtype:
-            raise TypeError(f"Sequential backward: dy has dtype {dy.dtype}, expected {dtype} "
-                            f"(the forward's output)")
-        for i, layer, fuse in reversed(self._plan):
-            needed = input_grad or i > self._first_trainable
-            if not needed and i < self._first_trainable:
-                return None
-            dy = layer.backward_relu(dy, needed) if fuse else layer.backward(dy, needed)
-        return dy
