@@ -6,8 +6,11 @@ Backends
     cpu    fused Numba kernels on host memory.
     cuda   fused CUDA kernels (``kernels/*.cu`` compiled through CuPy) on device memory.
 
-The backend follows the data: NumPy arrays and CPU torch tensors run on ``cpu`` (``numpy``
-when Numba is missing), CuPy arrays and CUDA torch tensors on ``cuda``. ``backend=`` on an
+Numba is a required dependency (every op module compiles its CPU kernels with it), so ``cpu``
+is always available; CuPy is optional and only ``cuda`` needs it.
+
+The backend follows the data: NumPy arrays and CPU torch tensors run on ``cpu``, CuPy arrays
+and CUDA torch tensors on ``cuda``. ``backend=`` on an
 op, or else the ``GPUNN_BACKEND`` environment variable, overrides that choice; a request
 that cannot be met raises. Data never moves between host and device behind the user's back.
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from functools import cache
 from operator import attrgetter, methodcaller
 
+import numba
 import numpy as np
 
 BACKENDS = ("numpy", "cpu", "cuda")
@@ -38,11 +42,6 @@ DTYPES = {
     "cpu": ("float32", "float64"),
     "cuda": ("float16", "bfloat16", "float32", "float64"),
 }
-
-
-@cache
-def has_numba() -> bool:
-    return importlib.util.find_spec("numba") is not None
 
 
 @cache
@@ -65,8 +64,7 @@ def cuda_device_count() -> int:
 
 def available() -> tuple[str, ...]:
     """The backends this machine can run."""
-    return tuple(b for b in BACKENDS if b == "numpy" or (b == "cpu" and has_numba())
-                 or (b == "cuda" and cuda_device_count() > 0))
+    return tuple(b for b in BACKENDS if b != "cuda" or cuda_device_count() > 0)
 
 
 def array_kind(a, name: str) -> str:
@@ -293,12 +291,7 @@ SERIAL_BELOW = 1 << 16
 
 @contextlib.contextmanager
 def numba_threads(n: int):
-    """Run the Numba kernels of this block on ``n`` threads (no-op without Numba)."""
-    if not has_numba():
-        yield
-        return
-    import numba
-
+    """Run the Numba kernels of this block on ``n`` threads."""
     saved = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
@@ -465,10 +458,7 @@ def resolve(op: str, backend: str | None = None, **arrays) -> Call:
 
     requested = _requested(backend)
     if requested is None:
-        if device != "cpu":
-            chosen = "cuda"
-        else:
-            chosen = "cpu" if has_numba() else "numpy"
+        chosen = "cpu" if device == "cpu" else "cuda"
     else:
         chosen = requested
     if chosen == "cuda":
@@ -482,10 +472,7 @@ def resolve(op: str, backend: str | None = None, **arrays) -> Call:
         elif device == "cpu":
             raise ValueError(f"{op}: backend 'cuda' needs device arrays, but {first} is in host "
                              "memory; move it first (cupy.asarray, tensor.cuda())")
-    elif chosen == "cpu":
-        if not has_numba():
-            raise RuntimeError(f"{op}: the cpu backend needs Numba (pip install numba)")
-        if device != "cpu":
-            raise ValueError(f"{op}: backend 'cpu' needs host arrays, but {first} is on {device}")
+    elif chosen == "cpu" and device != "cpu":
+        raise ValueError(f"{op}: backend 'cpu' needs host arrays, but {first} is on {device}")
     size = max(math.prod(a.shape) for a in given.values())
     return Call(op=op, backend=chosen, kind=kind, device=device, size=size)

@@ -520,7 +520,7 @@ def compile_notice(say=None, on_first=None):
     run, or after an upgrade): one line before the first, then one per kernel with its time,
     and the total; ``say=None``: silent. ``on_first()`` runs as the first compile starts (a
     text it returns is said too)."""
-    if (say is None and on_first is None) or not _backend.has_numba():
+    if say is None and on_first is None:
         yield
         return
     from numba.core import event

@@ -58,14 +58,6 @@ def test_requests_that_cannot_be_met(monkeypatch):
         ops.relu(x, backend="cuda")
 
 
-def test_without_numba_the_automatic_choice_falls_back(monkeypatch):
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend, "has_numba", lambda: False)
-    assert resolve("op", x=np.ones(3)).backend == "numpy"
-    with pytest.raises(RuntimeError, match="cpu backend needs Numba"):
-        resolve("op", backend="cpu", x=np.ones(3))
-
-
 def test_mixed_array_types_and_non_arrays():
     with pytest.raises(TypeError, match="dy is a numpy array but y is a torch array"):
         ops.sigmoid_backward(np.ones(3, np.float32), torch.ones(3))

@@ -29,10 +29,12 @@ from itertools import chain
 from operator import itemgetter
 
 import numpy as np
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 from .. import cuda
-from ..backend import (array_signatures, check_writable, describe, has_numba, host_threads,
-                       resolve)
+from ..backend import array_signatures, check_writable, describe, host_threads, resolve
+from ..cpu_jit import threaded
 from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
 from .functional import Hyper, grad_norm, host_scale, needs_grad_pass, prologue, reference_step
 
@@ -377,198 +379,204 @@ def step_lists(h: Hyper, params, grads, states, steps, masters=None, grad_scale=
 
 # --- CPU: Numba kernels over the table ---------------------------------------------------------
 
-if has_numba():
-    from numba import carray, njit, prange, types
-    from numba.extending import intrinsic
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The integer ``address`` as a pointer to ``like``'s element type."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    pointer = types.CPointer(like.dtype)
 
-    from ..cpu_jit import threaded
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
 
-    @intrinsic
-    def _pointer(typingctx, address, like):
-        """The integer ``address`` as a pointer to ``like``'s element type."""
-        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
-            return None
-        pointer = types.CPointer(like.dtype)
+    return pointer(address, like), codegen
 
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(pointer))
 
-        return pointer(address, like), codegen
+@njit(parallel=True, cache=True)
+def _cpu_grad_sumsq(rows, chunks, like, scale):
+    """Per-chunk (sum of (scale g)^2 in float64, inf/NaN count, max |g|)."""
+    partial = np.zeros((chunks.shape[0], 3))
+    for c in prange(chunks.shape[0]):
+        g = _chunk(rows, chunks, c, G, like)
+        acc, bad, big = 0.0, 0.0, 0.0
+        for i in range(g.size):
+            v = np.float64(g[i])  # float() would keep float32 and overflow at 1.8e19
+            acc += (v * scale) * (v * scale)
+            bad += 0.0 if math.isfinite(v) else 1.0
+            big = max(big, abs(v))
+        partial[c, 0], partial[c, 1], partial[c, 2] = acc, bad, big
+    return partial
 
-    @njit(parallel=True, cache=True)
-    def _cpu_grad_sumsq(rows, chunks, like, scale):
-        """Per-chunk (sum of (scale g)^2 in float64, inf/NaN count, max |g|)."""
-        partial = np.zeros((chunks.shape[0], 3))
-        for c in prange(chunks.shape[0]):
-            g = _chunk(rows, chunks, c, G, like)
-            acc, bad, big = 0.0, 0.0, 0.0
-            for i in range(g.size):
-                v = np.float64(g[i])  # float() would keep float32 and overflow at 1.8e19
-                acc += (v * scale) * (v * scale)
-                bad += 0.0 if math.isfinite(v) else 1.0
-                big = max(big, abs(v))
-            partial[c, 0], partial[c, 1], partial[c, 2] = acc, bad, big
-        return partial
 
-    def _cpu_grad_norm(rows, chunks, like) -> tuple[float, bool]:
-        """(norm, any inf/NaN) of a table's gradients (functional.grad_norm's rule)."""
-        partial = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0)
-        sumsq, bad = float(np.sum(partial[:, 0])), bool(np.any(partial[:, 1]))
-        if bad or math.isfinite(sumsq):
-            return math.sqrt(sumsq), bad
-        m = float(np.max(partial[:, 2]))
-        rescaled = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0 / m)
-        return m * math.sqrt(float(np.sum(rescaled[:, 0]))), False
+def _cpu_grad_norm(rows, chunks, like) -> tuple[float, bool]:
+    """(norm, any inf/NaN) of a table's gradients (functional.grad_norm's rule)."""
+    partial = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0)
+    sumsq, bad = float(np.sum(partial[:, 0])), bool(np.any(partial[:, 1]))
+    if bad or math.isfinite(sumsq):
+        return math.sqrt(sumsq), bad
+    m = float(np.max(partial[:, 2]))
+    rescaled = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0 / m)
+    return m * math.sqrt(float(np.sum(rescaled[:, 0]))), False
 
-    @njit(cache=True)
-    def _cpu_advance(rows, step_like):
-        """Advance every step count; first, without writing, return the first row whose count
-        is not a whole number >= 0 (-1 if none)."""
-        for r in range(rows.shape[0]):
-            t = carray(_pointer(rows[r, STEP], step_like), 1)[0]
-            if not (t >= 0 and t == math.floor(t)):
-                return r
-        for r in range(rows.shape[0]):
-            carray(_pointer(rows[r, STEP], step_like), 1)[0] += np.float32(1.0)
-        return -1
 
-    # One kernel per algorithm (kernels/optim.cu: step, the same math). ``k`` holds the
-    # scalars in the compute type: (gmul, sign, weight_decay, l1, lr, beta1, beta2,
-    # 1 - beta1, 1 - beta2, eps, decay); flags pick loops outside the element loops, so
-    # every loop is branch-free and vectorizes.
+@njit(cache=True)
+def _cpu_advance(rows, step_like):
+    """Advance every step count; first, without writing, return the first row whose count
+    is not a whole number >= 0 (-1 if none)."""
+    for r in range(rows.shape[0]):
+        t = carray(_pointer(rows[r, STEP], step_like), 1)[0]
+        if not (t >= 0 and t == math.floor(t)):
+            return r
+    for r in range(rows.shape[0]):
+        carray(_pointer(rows[r, STEP], step_like), 1)[0] += np.float32(1.0)
+    return -1
 
-    @njit(inline="always")
-    def _chunk(rows, chunks, c, column, like):
-        """Elements [start, stop) of one column of chunk c's row, and its step count."""
-        r, start = chunks[c, 0], chunks[c, 1]
-        return carray(_pointer(rows[r, column], like), rows[r, N])[
-            start:min(start + CHUNK, rows[r, N])]
 
-    @njit(inline="always")
-    def _step_count(rows, chunks, c, step_like):
-        return float(carray(_pointer(rows[chunks[c, 0], STEP], step_like), 1)[0])
+# One kernel per algorithm (kernels/optim.cu: step, the same math). ``k`` holds the
+# scalars in the compute type: (gmul, sign, weight_decay, l1, lr, beta1, beta2,
+# 1 - beta1, 1 - beta2, eps, decay); flags pick loops outside the element loops, so
+# every loop is branch-free and vectorizes.
 
-    @njit(parallel=True, cache=True)
-    def _cpu_adam(rows, chunks, like, step_like, k, k64, amsgrad):
-        """``k64``: (lr, beta1, beta2, eps) in float64, for the bias corrections."""
-        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k
-        for c in prange(chunks.shape[0]):
-            t = _step_count(rows, chunks, c, step_like)
-            # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with one division, not two:
-            # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)) (the same value)
-            bc2_sqrt = math.sqrt(1.0 - k64[2] ** t)
-            step_size = type(lr)(k64[0] / (1.0 - k64[1] ** t) * bc2_sqrt)
-            eps_hat = type(lr)(k64[3] * bc2_sqrt)
-            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
-            m, v = _chunk(rows, chunks, c, S0, like), _chunk(rows, chunks, c, S1, like)
-            if amsgrad:
-                vmax = _chunk(rows, chunks, c, S2, like)
-                for i in range(p.size):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    mi = m[i] + omb1 * (gi - m[i])
-                    vi = v[i] * beta2 + omb2 * gi * gi
-                    vm = max(vmax[i], vi)
-                    m[i], v[i], vmax[i] = mi, vi, vm
-                    p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vm) + eps_hat))
-            else:
-                for i in range(p.size):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    mi = m[i] + omb1 * (gi - m[i])
-                    vi = v[i] * beta2 + omb2 * gi * gi
-                    m[i], v[i] = mi, vi
-                    p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) + eps_hat))
 
-    @njit(parallel=True, cache=True)
-    def _cpu_sgd(rows, chunks, like, step_like, k, momentum, nesterov):
-        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum
-        for c in prange(chunks.shape[0]):  # omb2 = 1 - dampening
-            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
-            if not momentum:
-                for i in range(p.size):
-                    p[i] = p[i] - lr * _gradient(p[i], g[i], gm, sign, wd, l1)
-                continue
-            b = _chunk(rows, chunks, c, S0, like)
-            if _step_count(rows, chunks, c, step_like) == 1.0:  # b = g at step 1
-                for i in range(p.size):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    b[i] = gi
-                    p[i] = p[i] - lr * (gi + beta1 * gi if nesterov else gi)
-            elif nesterov:
-                for i in range(p.size):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    bi = b[i] * beta1 + omb2 * gi
-                    b[i] = bi
-                    p[i] = p[i] - lr * (gi + beta1 * bi)
-            else:
-                for i in range(p.size):
-                    gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                    bi = b[i] * beta1 + omb2 * gi
-                    b[i] = bi
-                    p[i] = p[i] - lr * bi
+@njit(inline="always")
+def _chunk(rows, chunks, c, column, like):
+    """Elements [start, stop) of one column of chunk c's row, and its step count."""
+    r, start = chunks[c, 0], chunks[c, 1]
+    return carray(_pointer(rows[r, column], like), rows[r, N])[
+        start:min(start + CHUNK, rows[r, N])]
 
-    @njit(parallel=True, cache=True)
-    def _cpu_adagrad(rows, chunks, like, step_like, k, k64):
-        """``k64``: (lr, lr_decay, _, _) in float64."""
-        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = lr_decay
-        for c in prange(chunks.shape[0]):
-            t = _step_count(rows, chunks, c, step_like)
-            clr = type(lr)(k64[0] / (1.0 + (t - 1.0) * k64[1]))
-            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
-            s = _chunk(rows, chunks, c, S0, like)
+
+@njit(inline="always")
+def _step_count(rows, chunks, c, step_like):
+    return float(carray(_pointer(rows[chunks[c, 0], STEP], step_like), 1)[0])
+
+
+@njit(parallel=True, cache=True)
+def _cpu_adam(rows, chunks, like, step_like, k, k64, amsgrad):
+    """``k64``: (lr, beta1, beta2, eps) in float64, for the bias corrections."""
+    gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k
+    for c in prange(chunks.shape[0]):
+        t = _step_count(rows, chunks, c, step_like)
+        # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with one division, not two:
+        # lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2)) (the same value)
+        bc2_sqrt = math.sqrt(1.0 - k64[2] ** t)
+        step_size = type(lr)(k64[0] / (1.0 - k64[1] ** t) * bc2_sqrt)
+        eps_hat = type(lr)(k64[3] * bc2_sqrt)
+        p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+        m, v = _chunk(rows, chunks, c, S0, like), _chunk(rows, chunks, c, S1, like)
+        if amsgrad:
+            vmax = _chunk(rows, chunks, c, S2, like)
             for i in range(p.size):
                 gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-                si = s[i] + gi * gi
-                s[i] = si
-                p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps))
+                mi = m[i] + omb1 * (gi - m[i])
+                vi = v[i] * beta2 + omb2 * gi * gi
+                vm = max(vmax[i], vi)
+                m[i], v[i], vmax[i] = mi, vi, vm
+                p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vm) + eps_hat))
+        else:
+            for i in range(p.size):
+                gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                mi = m[i] + omb1 * (gi - m[i])
+                vi = v[i] * beta2 + omb2 * gi * gi
+                m[i], v[i] = mi, vi
+                p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) + eps_hat))
 
-    @njit(parallel=True, cache=True)
-    def _cpu_rmsprop(rows, chunks, like, step_like, k, centered, momentum):
-        for c in prange(chunks.shape[0]):  # one loop per (centered, momentum)
-            p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
-            v = _chunk(rows, chunks, c, S0, like)
-            b = _chunk(rows, chunks, c, S1, like) if momentum else v
-            a = _chunk(rows, chunks, c, S2, like) if centered else v
-            if centered:
-                if momentum:
-                    _rmsprop_chunk(p, g, v, a, b, True, True, k)
-                else:
-                    _rmsprop_chunk(p, g, v, a, b, True, False, k)
-            elif momentum:
-                _rmsprop_chunk(p, g, v, a, b, False, True, k)
-            else:
-                _rmsprop_chunk(p, g, v, a, b, False, False, k)
 
-    @njit(inline="always")
-    def _rmsprop_chunk(p, g, v, a, b, centered, momentum, k):
-        """RMSprop over one chunk; ``centered`` and ``momentum`` are literals at each call,
-        so each of the four loops compiles without branches."""
-        gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum,
-        for i in range(p.size):  # beta2 = alpha
-            gi = _gradient(p[i], g[i], gm, sign, wd, l1)
-            vi = v[i] * beta2 + omb2 * gi * gi
-            v[i] = vi
-            if centered:
-                ai = a[i] + omb2 * (gi - a[i])
-                a[i] = ai
-                d = math.sqrt(vi - ai * ai) + eps
-            else:
-                d = math.sqrt(vi) + eps
-            if momentum:
-                bi = b[i] * beta1 + gi / d
+@njit(parallel=True, cache=True)
+def _cpu_sgd(rows, chunks, like, step_like, k, momentum, nesterov):
+    gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum
+    for c in prange(chunks.shape[0]):  # omb2 = 1 - dampening
+        p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+        if not momentum:
+            for i in range(p.size):
+                p[i] = p[i] - lr * _gradient(p[i], g[i], gm, sign, wd, l1)
+            continue
+        b = _chunk(rows, chunks, c, S0, like)
+        if _step_count(rows, chunks, c, step_like) == 1.0:  # b = g at step 1
+            for i in range(p.size):
+                gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                b[i] = gi
+                p[i] = p[i] - lr * (gi + beta1 * gi if nesterov else gi)
+        elif nesterov:
+            for i in range(p.size):
+                gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                bi = b[i] * beta1 + omb2 * gi
+                b[i] = bi
+                p[i] = p[i] - lr * (gi + beta1 * bi)
+        else:
+            for i in range(p.size):
+                gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+                bi = b[i] * beta1 + omb2 * gi
                 b[i] = bi
                 p[i] = p[i] - lr * bi
-            else:
-                p[i] = p[i] - lr * (gi / d)
 
-    @njit(inline="always")
-    def _gradient(p, g, gmul, sign, weight_decay, l1):
-        """g * gmul, negated to maximize, plus L2 and L1 penalty gradients."""
-        g = g * gmul * sign
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        if l1 != 0:  # l1 * sign(p), as selects (np.sign is a call that stops vectorizing)
-            g = g + (l1 if p > 0 else (-l1 if p < 0 else l1 - l1))
-        return g
+
+@njit(parallel=True, cache=True)
+def _cpu_adagrad(rows, chunks, like, step_like, k, k64):
+    """``k64``: (lr, lr_decay, _, _) in float64."""
+    gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = lr_decay
+    for c in prange(chunks.shape[0]):
+        t = _step_count(rows, chunks, c, step_like)
+        clr = type(lr)(k64[0] / (1.0 + (t - 1.0) * k64[1]))
+        p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+        s = _chunk(rows, chunks, c, S0, like)
+        for i in range(p.size):
+            gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+            si = s[i] + gi * gi
+            s[i] = si
+            p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps))
+
+
+@njit(parallel=True, cache=True)
+def _cpu_rmsprop(rows, chunks, like, step_like, k, centered, momentum):
+    for c in prange(chunks.shape[0]):  # one loop per (centered, momentum)
+        p, g = _chunk(rows, chunks, c, P, like), _chunk(rows, chunks, c, G, like)
+        v = _chunk(rows, chunks, c, S0, like)
+        b = _chunk(rows, chunks, c, S1, like) if momentum else v
+        a = _chunk(rows, chunks, c, S2, like) if centered else v
+        if centered:
+            if momentum:
+                _rmsprop_chunk(p, g, v, a, b, True, True, k)
+            else:
+                _rmsprop_chunk(p, g, v, a, b, True, False, k)
+        elif momentum:
+            _rmsprop_chunk(p, g, v, a, b, False, True, k)
+        else:
+            _rmsprop_chunk(p, g, v, a, b, False, False, k)
+
+
+@njit(inline="always")
+def _rmsprop_chunk(p, g, v, a, b, centered, momentum, k):
+    """RMSprop over one chunk; ``centered`` and ``momentum`` are literals at each call,
+    so each of the four loops compiles without branches."""
+    gm, sign, wd, l1, lr, beta1, beta2, omb1, omb2, eps, decay = k  # beta1 = momentum,
+    for i in range(p.size):  # beta2 = alpha
+        gi = _gradient(p[i], g[i], gm, sign, wd, l1)
+        vi = v[i] * beta2 + omb2 * gi * gi
+        v[i] = vi
+        if centered:
+            ai = a[i] + omb2 * (gi - a[i])
+            a[i] = ai
+            d = math.sqrt(vi - ai * ai) + eps
+        else:
+            d = math.sqrt(vi) + eps
+        if momentum:
+            bi = b[i] * beta1 + gi / d
+            b[i] = bi
+            p[i] = p[i] - lr * bi
+        else:
+            p[i] = p[i] - lr * (gi / d)
+
+
+@njit(inline="always")
+def _gradient(p, g, gmul, sign, weight_decay, l1):
+    """g * gmul, negated to maximize, plus L2 and L1 penalty gradients."""
+    g = g * gmul * sign
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if l1 != 0:  # l1 * sign(p), as selects (np.sign is a call that stops vectorizing)
+        g = g + (l1 if p > 0 else (-l1 if p < 0 else l1 - l1))
+    return g
 
 
 def _cpu_run(table: Table, h: Hyper, grad_scale, found_inf, totals=None):
