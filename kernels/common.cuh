@@ -226,6 +226,22 @@ template <typename C> __device__ __forceinline__ void online_add(C& m, C& s, C x
   }
 }
 
+// Apply fold(v) to this thread's elements v = xr[i], i = t, t + B, ... below n (in the compute
+// type), UNROLL loads in flight before the folds.
+template <int UNROLL, typename T, typename Fold>
+__device__ __forceinline__ void fold_strided(const T* xr, long long t, long long B, long long n,
+                                             Fold fold) {
+  long long i = t;
+  for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
+    compute_t<T> v[UNROLL];
+#pragma unroll
+    for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
+#pragma unroll
+    for (int k = 0; k < UNROLL; ++k) fold(v[k]);
+  }
+  for (; i < n; i += B) fold(to_compute(xr[i]));
+}
+
 // Combine two pairs: m = max(a.m, b.m), s = a.s * exp(a.m - m) + b.s * exp(b.m - m).
 struct MaxSumOp {
   template <typename C>

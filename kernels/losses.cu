@@ -193,30 +193,17 @@ ce_forward_rows(const T* x, const L* labels, long long rows, int n, long long ig
 
 // --- cross-entropy forward: rows of any length, one pass --------------------------------------
 
-// Fold this thread's elements xr[i], i = t, t + B, ... below n, into (m, s) by online_add, or with
-// `smooth` into (m, s, tt, c) by online_add_shift; UNROLL loads in flight.
+// Fold this thread's elements of row xr (see fold_strided) into (m, s) by online_add, or with
+// `smooth` into (m, s, tt, c) by online_add_shift.
 template <int UNROLL, typename T, typename C>
 __device__ __forceinline__ void fold_row_online(const T* xr, long long t, long long B, long long n,
                                                 bool smooth, C& m, C& s, C& tt, C& c) {
-  long long i = t;
-  for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
-    C v[UNROLL];
-#pragma unroll
-    for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
-#pragma unroll
-    for (int k = 0; k < UNROLL; ++k) {
-      if (smooth)
-        online_add_shift(m, s, tt, c, v[k]);
-      else
-        online_add(m, s, v[k]);
-    }
-  }
-  for (; i < n; i += B) {
+  fold_strided<UNROLL>(xr, t, B, n, [&](C v) {
     if (smooth)
-      online_add_shift(m, s, tt, c, to_compute(xr[i]));
+      online_add_shift(m, s, tt, c, v);
     else
-      online_add(m, s, to_compute(xr[i]));
-  }
+      online_add(m, s, v);
+  });
 }
 
 template <typename T, typename L>

@@ -179,19 +179,11 @@ softmax_forward_long(const T* x, T* y, long long rows, long long n) {
 
     // this thread's (m, s) over x[t], x[t + B], ...: s = s * exp(m - m_new) + exp(x - m_new)
     MaxSum<C> p = MaxSumOp::identity<C>();
-    long long i = t;
-    for (; i + (UNROLL - 1) * B < n; i += UNROLL * B) {
-      C v[UNROLL];
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) v[k] = to_compute(xr[i + k * B]);
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) online_add(p.m, p.s, v[k]);
-    }
-    for (; i < n; i += B) online_add(p.m, p.s, to_compute(xr[i]));
+    fold_strided<UNROLL>(xr, t, B, n, [&](C v) { online_add(p.m, p.s, v); });
     const MaxSum<C> row = block_max_sum(p);
 
     const C s_term = softmax_s_term<LOG>(row.s);
-    for (i = t; i < n; i += B)
+    for (long long i = t; i < n; i += B)
       yr[i] = from_compute<T>(softmax_value<LOG>(to_compute(xr[i]), row.m, s_term));
   }
 }
