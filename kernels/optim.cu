@@ -23,11 +23,9 @@
 namespace gpunn {
 namespace optim {
 
-enum Column { P, G, S0, S1, S2, MASTER, STEP, N, COLUMNS };
+// COLUMN_* (the row layout), COLUMNS, CHUNK, UNROLL and the flag bits come from the launcher
+// (gpunn/optim/fused.py), defined ahead of this text.
 enum Algorithm { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3 };
-enum Flag { MAXIMIZE = 1, NESTEROV = 2, AMSGRAD = 4, CENTERED = 8, DECOUPLED = 16, MOMENTUM = 32 };
-constexpr long long CHUNK = 16384;
-constexpr int UNROLL = 4;
 
 template <typename X> __device__ __forceinline__ X* column(const long long* row, int c) {
   return reinterpret_cast<X*>(row[c]);
@@ -52,7 +50,7 @@ __device__ void finish(const long long* table, long long rows, double sumsq, boo
   __syncthreads();
   if (skip_shared) return;
   for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
-    float* step = column<float>(table + r * COLUMNS, STEP);
+    float* step = column<float>(table + r * COLUMNS, COLUMN_STEP);
     *step += 1.0f;
   }
 }
@@ -83,8 +81,8 @@ __global__ void grad_norm(const long long* table, long long rows, const long lon
   double bad = 0.0;
   for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
     const long long* row = table + chunks[2 * c] * COLUMNS;
-    const T* g = column<const T>(row, G);
-    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[N]);
+    const T* g = column<const T>(row, COLUMN_G);
+    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[COLUMN_N]);
     for (long long i = chunks[2 * c + 1] + threadIdx.x; i < stop; i += blockDim.x) {
       const double v = double(to_compute(g[i]));
       sumsq += v * v;
@@ -216,15 +214,16 @@ __global__ void step(const long long* table, const long long* chunks, long long 
   const bool uses_s0 = ALGO != SGD || (flags & MOMENTUM);
   for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
     const long long* row = table + chunks[2 * c] * COLUMNS;
-    T* p = column<T>(row, P);
-    const T* g = column<const T>(row, G);
-    S* s0 = column<S>(row, S0);
-    S* s1 = column<S>(row, S1);
-    S* s2 = column<S>(row, S2);
-    float* master = column<float>(row, MASTER);
-    const Scalars<C> k = scalars<C, ALGO>(double(*column<const float>(row, STEP)), control[0],
-                                          lr, beta1, beta2, eps, weight_decay, l1, flags);
-    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[N]);
+    T* p = column<T>(row, COLUMN_P);
+    const T* g = column<const T>(row, COLUMN_G);
+    S* s0 = column<S>(row, COLUMN_S0);
+    S* s1 = column<S>(row, COLUMN_S1);
+    S* s2 = column<S>(row, COLUMN_S2);
+    float* master = column<float>(row, COLUMN_MASTER);
+    const Scalars<C> k = scalars<C, ALGO>(double(*column<const float>(row, COLUMN_STEP)),
+                                          control[0], lr, beta1, beta2, eps, weight_decay, l1,
+                                          flags);
+    const long long stop = min(chunks[2 * c + 1] + CHUNK, row[COLUMN_N]);
     for (long long base = chunks[2 * c + 1] + threadIdx.x; base < stop;
          base += UNROLL * blockDim.x) {
       C pv[UNROLL], gv[UNROLL], a[UNROLL], b[UNROLL], d[UNROLL];

@@ -49,7 +49,7 @@ ALGORITHMS = {
     "adam": (3, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
 }
 
-#: Bits of ``Hyper.flags`` (the same values in kernels/optim.cu).
+#: Bits of ``Hyper.flags`` (kernels/optim.cu gets them as constants).
 MAXIMIZE, NESTEROV, AMSGRAD, CENTERED, DECOUPLED, MOMENTUM = 1, 2, 4, 8, 16, 32
 
 

@@ -1,8 +1,8 @@
 """The fused optimizer step over a table of tensors, on the cpu (Numba) and cuda backends.
 
 A :class:`Table` holds, for every parameter of a step, the addresses of the parameter, its
-gradient, its states, its float32 master copy and its step count (the same row layout as
-``kernels/optim.cu``), and a chunk list of (row, first element) pairs of ``CHUNK`` elements.
+gradient, its states, its float32 master copy and its step count (:data:`ROW`, which
+``kernels/optim.cu`` gets with CHUNK and the flag bits as constants), and a chunk list of (row, first element) pairs of ``CHUNK`` elements.
 One step is then two launches whatever the number of tensors:
 
 1. the prologue: the gradients' global L2 norm and inf/NaN check when clipping or AMP asks
@@ -38,9 +38,10 @@ from ..cpu_jit import threaded
 from .functional import ALGORITHMS, AMSGRAD, CENTERED, DECOUPLED, MAXIMIZE, MOMENTUM, NESTEROV
 from .functional import Hyper, grad_norm, host_scale, needs_grad_pass, prologue, reference_step
 
-#: Row layout (kernels/optim.cu: enum Column).
-P, G, S0, S1, S2, MASTER, STEP, N = range(8)
-COLUMNS = 8
+#: The words of a table row, in order (kernels/optim.cu reads them as COLUMN_<name>).
+ROW = ("P", "G", "S0", "S1", "S2", "MASTER", "STEP", "N")
+P, G, S0, S1, S2, MASTER, STEP, N = range(len(ROW))
+COLUMNS = len(ROW)
 #: Elements per chunk: the unit of work of one thread (cpu) or one block (cuda).
 CHUNK = 16384
 #: dtypes the fused backends take for parameters.
@@ -617,12 +618,17 @@ def _cpu_step_run(table: Table, h: Hyper, grad_scale, found_inf, totals):
 # --- CUDA: kernels/optim.cu ----------------------------------------------------------------------
 
 BLOCK = 256
+#: Loads in flight per thread in the update kernel.
+UNROLL = 4
 _STEP_TYPES = {"float16": ("gpunn::half", "float"), "bfloat16": ("gpunn::bfloat16", "float"),
                "float32": ("float", "float"), "float64": ("double", "double")}
 KERNELS = cuda.Family("optim", ["gpunn::optim::prologue"] + [
     f"gpunn::optim::grad_norm<{t}>" for t, _ in _STEP_TYPES.values()] + [
     f"gpunn::optim::step<{t}, {s}, {a}>" for t, s in _STEP_TYPES.values()
-    for a in range(len(ALGORITHMS))])
+    for a in range(len(ALGORITHMS))], constants={
+        **{f"COLUMN_{name}": i for i, name in enumerate(ROW)}, "COLUMNS": COLUMNS,
+        "CHUNK": CHUNK, "UNROLL": UNROLL, "MAXIMIZE": MAXIMIZE, "NESTEROV": NESTEROV,
+        "AMSGRAD": AMSGRAD, "CENTERED": CENTERED, "DECOUPLED": DECOUPLED, "MOMENTUM": MOMENTUM})
 
 
 def _device_scalar(value, name, device):
