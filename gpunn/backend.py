@@ -36,12 +36,21 @@ import numpy as np
 BACKENDS = ("numpy", "cpu", "cuda")
 ENV_VAR = "GPUNN_BACKEND"
 
-#: dtypes each backend computes in (math in float32 for the 16-bit types, float64 for float64).
+#: The dtypes each backend takes (the one dtype table of gpunn: ops, optimizers and layers).
 DTYPES = {
     "numpy": ("float32", "float64"),
     "cpu": ("float32", "float64"),
     "cuda": ("float16", "bfloat16", "float32", "float64"),
 }
+#: The 16-bit storage types, computed in float32.
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def compute_dtype_name(dtype: str) -> str:
+    """The dtype the math on data of dtype ``dtype`` (a name) runs in: float32 for the 16-bit
+    types, else the dtype itself (float64 math for float64). Also the dtype of optimizer
+    states and master weights of 16-bit parameters, and of BN statistics of 16-bit data."""
+    return "float32" if dtype in HALF_DTYPES else dtype
 
 
 @cache

@@ -18,15 +18,22 @@ the Weyl constants, k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). The four word
 tenth round are the output. ``tests/test_dropout.py`` checks the published known-answer
 vectors of Random123 (``kat_vectors``, philox4x32_10).
 
-This module is the NumPy version, vectorized over blocks (uint64 arithmetic for the 32 x 32
--> 64-bit products); it runs on CuPy arrays too. The Numba version is in
-:mod:`gpunn.ops.dropout` and the CUDA one in ``kernels/philox.cuh``; they follow this text
-operation for operation.
+This module holds the NumPy version, vectorized over blocks (uint64 arithmetic for the 32 x 32
+-> 64-bit products; it runs on CuPy arrays too), the Numba version (:func:`cpu_rounds`) and
+what the ops that draw from a stream share (dropout, augmentation): the stream's bounds, its
+checks, the key words of a seed and fresh seeds. The CUDA version is ``kernels/philox.cuh``;
+the three follow this text operation for operation.
+
+A stream is what one seed keys: its elements are numbered d = 0, 1, ... < 2^64, and a call
+reads the elements offset .. offset + n - 1 (each op says how it maps elements to counters).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
+
+from .validation import integer
 
 M0 = 0xD2511F53  #: multiplier applied to counter word 0
 M1 = 0xCD9E8D57  #: multiplier applied to counter word 2
@@ -34,6 +41,8 @@ W0 = 0x9E3779B9  #: Weyl increment of key word 0 (golden ratio)
 W1 = 0xBB67AE85  #: Weyl increment of key word 1 (sqrt(3) - 1)
 ROUNDS = 10
 MASK32 = 0xFFFFFFFF
+#: Stream positions are 64-bit: seed < 2^64, offset + n <= 2^64.
+STREAM_END = 1 << 64
 
 
 def philox4x32_10(counter, key, xp=np):
@@ -67,3 +76,53 @@ def rounds(c0, c1, c2, c3, k0, k1, xp=np):
         p1 = c2 * m1
         c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ k0, p1 & mask, (p0 >> shift) ^ c3 ^ k1, p0 & mask
     return c0, c1, c2, c3
+
+
+# --- Numba: the rounds inside CPU kernels -----------------------------------------------------
+# All arithmetic is uint64 (Numba would turn uint64 mixed with int64 into float64). A counter
+# word is masked only where it enters a product: the low 32 bits are all the product reads
+# (vpmuludq), so the 64-bit lanes may carry garbage above bit 31 in between.
+
+_U32, _MASK32 = np.uint64(32), np.uint64(MASK32)
+_M0, _M1, _W0, _W1 = np.uint64(M0), np.uint64(M1), np.uint64(W0), np.uint64(W1)
+
+
+@njit(inline="always", cache=True)
+def cpu_rounds(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint64 words < 2^32: the four output words, as uint64 < 2^32."""
+    for r in range(ROUNDS):
+        p0 = (c0 & _MASK32) * _M0
+        p1 = (c2 & _MASK32) * _M1
+        c0, c1, c2, c3 = (p1 >> _U32) ^ c1 ^ k0, p1, (p0 >> _U32) ^ c3 ^ k1, p0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, c3 & _MASK32
+
+
+# --- Streams ----------------------------------------------------------------------------------
+
+
+def key_words(seed: int) -> tuple[np.uint64, np.uint64]:
+    """The key (k0, k1) = (seed mod 2^32, seed >> 32) of a seed in [0, 2^64), as uint64."""
+    return np.uint64(seed & MASK32), np.uint64(seed >> 32)
+
+
+def fresh_seed() -> int:
+    """A seed from NumPy's global generator (``np.random.seed`` makes it reproducible)."""
+    return int(np.random.randint(0, STREAM_END, dtype=np.uint64))
+
+
+def check_stream(op: str, seed, offset, n: int, allow_none: bool = False):
+    """(seed, offset) of a call reading ``n`` stream elements, checked: integers in
+    [0, 2^64) with offset + n <= 2^64; seed None stays None where ``allow_none`` (the caller
+    draws a :func:`fresh_seed` once the call is known to run)."""
+    if seed is None and not allow_none:
+        raise TypeError(f"{op}: seed must be the forward's seed (an integer in [0, 2^64)), "
+                        "got None")
+    if seed is not None:
+        seed = integer(op, "seed", seed, 0, STREAM_END, hi_open=True)
+    offset = integer(op, "offset", offset, 0, STREAM_END, hi_open=True)
+    if offset + n > STREAM_END:
+        raise ValueError(f"{op}: offset + size must be at most 2^64 (the stream's end), "
+                         f"got offset {offset} and {n} elements")
+    return seed, offset

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import ops
 from ..backend import check_writable
+from ..validation import gelu_approximate
 from .module import Module, ShapeError, check_array
 from .parameter import Parameter
 
@@ -414,9 +415,7 @@ class GELU(_Activation):
     forward_op, backward_op = ops.gelu, ops.gelu_backward
 
     def __init__(self, approximate="none"):
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        super().__init__(approximate)
+        super().__init__(gelu_approximate("GELU", approximate))
 
 
 class SiLU(_Activation):

@@ -3,7 +3,7 @@ the output, run the backend's implementation on the data's device, hand the resu
 
 from __future__ import annotations
 
-from ..backend import dtype_name, resolve
+from ..backend import compute_dtype_name, dtype_name, resolve
 
 
 def apply(op: str, backend: str | None, out, run, **inputs):
@@ -27,5 +27,7 @@ def apply(op: str, backend: str | None, out, run, **inputs):
 
 
 def compute_dtype(xp, a):
-    """The reference computes 16-bit inputs in float32 and the rest in their own dtype."""
-    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
+    """``a`` in the dtype the reference computes in (:func:`gpunn.backend.compute_dtype_name`:
+    float32 for 16-bit inputs, the rest in their own dtype); ``a`` itself where that is its
+    dtype."""
+    return a.astype(xp.dtype(compute_dtype_name(dtype_name(a))), copy=False)

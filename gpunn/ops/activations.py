@@ -30,7 +30,6 @@ In place: pass ``out=x`` to a forward or ``out=dy`` to a backward.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
 from numba import njit, prange
@@ -39,6 +38,7 @@ from .. import cpu_math as cm
 from .. import cuda
 from ..backend import array_module
 from ..cpu_jit import threaded
+from ..validation import gelu_approximate, real
 from ._apply import apply, compute_dtype
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -316,16 +316,13 @@ def _backward(name, dy, v, v_name, out, backend, param=0.0):
                  lambda b, dy, v, dx: IMPLS[b][1](name, dy, v, dx, param), dy=dy, **{v_name: v})
 
 
-def _real(op, name, value):
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
-    return float(value)
+def _any_real(op, name, value):
+    """A slope or scale: any real number (inf and NaN too, as PyTorch takes them)."""
+    return real(op, name, value, finite=False)
 
 
-def _gelu_name(approximate):
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return "gelu" if approximate == "none" else "gelu_tanh"
+def _gelu_name(op, approximate):
+    return "gelu" if gelu_approximate(op, approximate) == "none" else "gelu_tanh"
 
 
 # --- Public API -------------------------------------------------------------------------------
@@ -363,35 +360,35 @@ def relu_backward(dy, x, *, out=None, backend=None):
 
 def leaky_relu(x, negative_slope=0.01, *, out=None, backend=None):
     """y = x where x > 0, else negative_slope * x."""
-    a = _real("leaky_relu", "negative_slope", negative_slope)
+    a = _any_real("leaky_relu", "negative_slope", negative_slope)
     return _forward("leaky_relu", x, out, backend, a)
 
 
 def leaky_relu_backward(dy, x, negative_slope=0.01, *, out=None, backend=None):
     """dx = dy where x > 0, else negative_slope * dy."""
-    a = _real("leaky_relu_backward", "negative_slope", negative_slope)
+    a = _any_real("leaky_relu_backward", "negative_slope", negative_slope)
     return _backward("leaky_relu", dy, x, "x", out, backend, a)
 
 
 def elu(x, alpha=1.0, *, out=None, backend=None):
     """y = x where x > 0, else alpha * (e^x - 1) (computed with expm1)."""
-    return _forward("elu", x, out, backend, _real("elu", "alpha", alpha))
+    return _forward("elu", x, out, backend, _any_real("elu", "alpha", alpha))
 
 
 def elu_backward(dy, x, alpha=1.0, *, out=None, backend=None):
     """dx = dy where x > 0, else alpha * e^x * dy."""
-    a = _real("elu_backward", "alpha", alpha)
+    a = _any_real("elu_backward", "alpha", alpha)
     return _backward("elu", dy, x, "x", out, backend, a)
 
 
 def gelu(x, approximate="none", *, out=None, backend=None):
     """y = x * Phi(x), or with approximate='tanh' x/2 * (1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))."""
-    return _forward(_gelu_name(approximate), x, out, backend)
+    return _forward(_gelu_name("gelu", approximate), x, out, backend)
 
 
 def gelu_backward(dy, x, approximate="none", *, out=None, backend=None):
     """dx = dy * (Phi(x) + x * phi(x)), or the derivative of the tanh form."""
-    return _backward(_gelu_name(approximate), dy, x, "x", out, backend)
+    return _backward(_gelu_name("gelu_backward", approximate), dy, x, "x", out, backend)
 
 
 def silu(x, *, out=None, backend=None):

@@ -88,7 +88,6 @@ of 1365 x 3 x 32 x 32 took 51 ms (torch's affine_grid + grid_sample with the mat
 from __future__ import annotations
 
 import math
-import operator
 from numbers import Real
 
 import numpy as np
@@ -96,9 +95,10 @@ from numba import njit, prange
 
 from .. import cuda
 from .. import philox as ph
-from ..backend import array_module, check_no_overlap, dtype_name, resolve
+from ..backend import array_module, check_no_overlap, compute_dtype_name, dtype_name, resolve
 from ..cpu_jit import threaded
-from .dropout import _check_stream, _fresh_seed, _philox4
+from ..philox import check_stream, cpu_rounds, fresh_seed, key_words
+from ..validation import integer, real
 
 #: Counter word 3 of the augmentation's Philox blocks (dropout's stream has 0 there).
 TAG = 0x41554730
@@ -110,23 +110,6 @@ _MASK32, _TAG = np.uint64(ph.MASK32), np.uint64(TAG)
 
 
 # --- Parameters -------------------------------------------------------------------------------
-
-
-def _real(op, name, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    """A finite real in [lo, hi] (open ends where asked), else TypeError / ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value)
-    if lo is not None:
-        ok = ok and (value > lo if lo_open else value >= lo)
-    if hi is not None:
-        ok = ok and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
-        hi_s = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
-        raise ValueError(f"{op}: {name} must be a finite number in {lo_s}, {hi_s}, got {value!r}")
-    return value
 
 
 def _pair(op, name, value):
@@ -145,15 +128,15 @@ def _pair(op, name, value):
 def _params(op, degrees, translate, scale, stretch, shear, flip_p, aspect=1.0):
     """The options checked, as the float64 tuple the kernels take:
     (degrees, translate_x, translate_y, scale_lo, scale_hi, stretch, shear, flip_p, aspect)."""
-    degrees = _real(op, "degrees", degrees, 0.0)
-    tx, ty = (_real(op, "translate", t, 0.0, 1.0) for t in _pair(op, "translate", translate))
-    s_lo, s_hi = (_real(op, "scale", s, 0.0, lo_open=True) for s in _pair(op, "scale", scale))
+    degrees = real(op, "degrees", degrees, 0.0)
+    tx, ty = (real(op, "translate", t, 0.0, 1.0) for t in _pair(op, "translate", translate))
+    s_lo, s_hi = (real(op, "scale", s, 0.0, lo_open=True) for s in _pair(op, "scale", scale))
     if s_lo > s_hi:
         raise ValueError(f"{op}: scale must be (min, max) with min <= max, got {scale!r}")
-    stretch = _real(op, "stretch", stretch, 0.0)
-    shear = _real(op, "shear", shear, 0.0, 90.0, hi_open=True)
-    flip_p = _real(op, "flip_p", flip_p, 0.0, 1.0)
-    aspect = _real(op, "aspect", aspect, 0.0, lo_open=True)
+    stretch = real(op, "stretch", stretch, 0.0)
+    shear = real(op, "shear", shear, 0.0, 90.0, hi_open=True)
+    flip_p = real(op, "flip_p", flip_p, 0.0, 1.0)
+    aspect = real(op, "aspect", aspect, 0.0, lo_open=True)
     return (degrees, tx, ty, s_lo, s_hi, stretch, shear, flip_p, aspect)
 
 
@@ -180,16 +163,12 @@ def _theta_from_uniforms(u_rot, u_tx, u_ty, u_scale, u_stretch, u_shear, u_flip,
     return (f * a00, a01, -(a00 * t0 + a01 * t1), f * a10, a11, -(a10 * t0 + a11 * t1))
 
 
-def _stream_key(seed):
-    return np.uint64(seed & ph.MASK32), np.uint64(seed >> 32)
-
-
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
 
 
 def _ref_thetas(xp, n, seed, offset, params):
     """(n, 2, 3) float32: the matrices of samples offset .. offset + n - 1."""
-    k0, k1 = (xp.uint64(k) for k in _stream_key(seed))
+    k0, k1 = (xp.uint64(k) for k in key_words(seed))
     d = xp.arange(n, dtype=xp.uint64) + xp.uint64(offset)
     lo, hi = d & xp.uint64(ph.MASK32), d >> xp.uint64(32)
     words = []
@@ -278,8 +257,8 @@ def _store_map(maps, s, t00, t01, t02, t10, t11, t12, h, w):
 def _random_theta(d, k0, k1, params):
     """theta of stream sample d (uint64), float64 values of the float32 matrix."""
     lo, hi = d & _MASK32, d >> _U32
-    a0, a1, a2, a3 = _philox4(lo, hi, _U0, _TAG, k0, k1)
-    b0, b1, b2, _ = _philox4(lo, hi, _U1, _TAG, k0, k1)
+    a0, a1, a2, a3 = cpu_rounds(lo, hi, _U0, _TAG, k0, k1)
+    b0, b1, b2, _ = cpu_rounds(lo, hi, _U1, _TAG, k0, k1)
     t = _theta_nb(_uniform(a0), _uniform(a1), _uniform(a2), _uniform(a3), _uniform(b0),
                   _uniform(b1), _uniform(b2), params[0], params[1], params[2], params[3],
                   params[4], params[5], params[6], params[7], params[8])
@@ -370,7 +349,7 @@ def _cpu_warp_run(x, theta, y):
 def _cpu_augment_run(x, y, seed, offset, params):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
     threaded(_cpu_warp)(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
-                        *_stream_key(seed), np.asarray(params, dtype=np.float64),
+                        *key_words(seed), np.asarray(params, dtype=np.float64),
                         x.dtype.type(0))
 
 
@@ -440,10 +419,6 @@ def _output(op, call, out, xn, **inputs):
     return yn
 
 
-def _compute_dtype(xp, xn):
-    return xp.float64 if xn.dtype == xp.float64 else xp.float32
-
-
 # --- Public API -------------------------------------------------------------------------------
 
 
@@ -468,7 +443,7 @@ def affine_warp(x, theta, *, out=None, backend=None):
             raise ValueError(f"affine_warp: theta must have shape (N, 2, 3) = "
                              f"({xn.shape[0]}, 2, 3), got {tuple(th.shape)}")
         yn = _output("affine_warp", call, out, xn, theta=th)
-        th = call.xp.ascontiguousarray(th, dtype=_compute_dtype(call.xp, xn))
+        th = call.xp.ascontiguousarray(th, dtype=compute_dtype_name(dtype_name(xn)))
         IMPLS[call.backend][0](_as4(xn), th, _as4(yn))
     return call.wrap(yn, out)
 
@@ -486,15 +461,10 @@ def random_affine(n, seed, offset=0, *, degrees=0.0, translate=(0.0, 0.0), scale
     of a horizontal flip. aspect = W / H of the images the matrices are for (``augment``
     passes its images' aspect), so rotations stay rotations on non-square images."""
     params = _params("random_affine", degrees, translate, scale, stretch, shear, flip_p, aspect)
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"random_affine: n must be an integer, got {n!r}") from None
-    if n < 0:
-        raise ValueError(f"random_affine: n must be >= 0, got {n}")
-    seed, offset = _check_stream("random_affine", seed, offset, n, allow_none=True)
+    n = integer("random_affine", "n", n, 0)
+    seed, offset = check_stream("random_affine", seed, offset, n, allow_none=True)
     if seed is None:
-        seed = _fresh_seed()
+        seed = fresh_seed()
     return _ref_thetas(xp, n, seed, offset, params)
 
 
@@ -513,11 +483,11 @@ def augment(x, seed, offset=0, *, degrees=0.0, translate=(0.0, 0.0), scale=(1.0,
     with call.context():
         xn = call.native(x, "x")
         _check_images("augment", xn)
-        seed, offset = _check_stream("augment", seed, offset, xn.shape[0], allow_none=True)
+        seed, offset = check_stream("augment", seed, offset, xn.shape[0], allow_none=True)
         yn = _output("augment", call, out, xn)
         if xn.size:
             if seed is None:
-                seed = _fresh_seed()
+                seed = fresh_seed()
             h, w = xn.shape[-2:]
             params = params[:-1] + (w / h,)
             IMPLS[call.backend][1](_as4(xn), _as4(yn), seed, offset, params)

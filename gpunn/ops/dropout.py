@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import operator
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from numba import njit, prange
@@ -76,9 +76,9 @@ from .. import cuda
 from .. import philox as ph
 from ..backend import array_module, resolve
 from ..cpu_jit import threaded
+from ..philox import check_stream, cpu_rounds, fresh_seed, key_words
+from ..validation import real
 
-#: Stream positions are 64-bit: seed < 2^64, offset + n <= 2^64.
-STREAM_END = 1 << 64
 #: Philox blocks per reference chunk and per CPU chunk (each 16K elements).
 REF_CHUNK = 1 << 16
 CPU_CHUNK = 4096
@@ -95,43 +95,6 @@ def keep_threshold(p: float) -> int:
 def scale_of(p: float) -> float:
     """1 / (1 - p), the factor of kept elements (0 for p = 1, where none is kept)."""
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
-
-
-def _check_p(op: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"{op}: p must be a real number in [0, 1], got {p!r}")
-    p = float(p)
-    if not 0.0 <= p <= 1.0:  # NaN fails too
-        raise ValueError(f"{op}: p must be in [0, 1], got {p!r}")
-    return p
-
-
-def _check_int(op: str, name: str, value, limit: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
-        raise TypeError(f"{op}: {name} must be an integer in [0, 2^64), got {value!r}")
-    value = int(value)
-    if not 0 <= value < limit:
-        raise ValueError(f"{op}: {name} must be in [0, 2^64), got {value}")
-    return value
-
-
-def _fresh_seed() -> int:
-    """A seed from NumPy's global generator (``np.random.seed`` makes it reproducible)."""
-    return int(np.random.randint(0, STREAM_END, dtype=np.uint64))
-
-
-def _check_stream(op: str, seed, offset, n: int, allow_none: bool = False):
-    """(seed, offset) checked; seed None stays None where ``allow_none``."""
-    if seed is None and not allow_none:
-        raise TypeError(f"{op}: seed must be the forward's seed (an integer in [0, 2^64)), "
-                        "got None")
-    if seed is not None:
-        seed = _check_int(op, "seed", seed, STREAM_END)
-    offset = _check_int(op, "offset", offset, STREAM_END)
-    if offset + n > STREAM_END:
-        raise ValueError(f"{op}: offset + size must be at most 2^64 (the stream's end), "
-                         f"got offset {offset} and {n} elements")
-    return seed, offset
 
 
 def _check_bool(op: str, name: str, value) -> bool:
@@ -151,7 +114,7 @@ def _ref_words(xp, n: int, seed: int, offset: int):
     """u_i for i < n: the uint32 stream words of elements offset .. offset + n - 1."""
     r, first = offset % 4, offset // 4
     blocks = (r + n + 3) // 4
-    k0, k1 = xp.uint64(seed & ph.MASK32), xp.uint64(seed >> 32)
+    k0, k1 = (xp.uint64(k) for k in key_words(seed))
     zero = xp.uint64(0)
     words = xp.empty((blocks, 4), dtype=xp.uint32)
     for lo in range(0, blocks, REF_CHUNK):
@@ -186,34 +149,17 @@ def _numpy_mask(mask, p, seed, offset):
 # Chunks of CPU_CHUNK Philox blocks in parallel. A chunk's blocks are generated and applied in
 # one loop over slices (a function of its own: inlined, or indexed from the whole array, LLVM
 # gathers and scatters instead of vectorizing); the partial blocks at either end (at most three
-# elements each) are done one element at a time.
-#
-# All generator arithmetic is uint64 (Numba would turn uint64 mixed with int64 into float64).
-# The rounds mask a counter word only where it enters a product: the low 32 bits are all the
-# product reads (vpmuludq), so the 64-bit lanes may carry garbage above bit 31 in between.
+# elements each) are done one element at a time. All stream arithmetic is uint64 (as in
+# :func:`gpunn.philox.cpu_rounds`).
 
 _U0, _U2, _U3, _U32 = np.uint64(0), np.uint64(2), np.uint64(3), np.uint64(32)
 _MASK32 = np.uint64(ph.MASK32)
-_M0, _M1 = np.uint64(ph.M0), np.uint64(ph.M1)
-_W0, _W1 = np.uint64(ph.W0), np.uint64(ph.W1)
-
-
-@njit(inline="always", cache=True)
-def _philox4(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint64 words < 2^32: the four output words, as uint64 < 2^32."""
-    for r in range(10):
-        p0 = (c0 & _MASK32) * _M0
-        p1 = (c2 & _MASK32) * _M1
-        c0, c1, c2, c3 = (p1 >> _U32) ^ c1 ^ k0, p1, (p0 >> _U32) ^ c3 ^ k1, p0
-        k0 = (k0 + _W0) & _MASK32
-        k1 = (k1 + _W1) & _MASK32
-    return c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, c3 & _MASK32
 
 
 @njit(inline="always", cache=True)
 def _philox(b, k0, k1):
     """The four words of stream block b (uint64): counter (b mod 2^32, b >> 32, 0, 0)."""
-    return _philox4(b & _MASK32, b >> _U32, _U0, _U0, k0, k1)
+    return cpu_rounds(b & _MASK32, b >> _U32, _U0, _U0, k0, k1)
 
 
 @njit(inline="always", cache=True)
@@ -320,8 +266,7 @@ def _cpu_mask(m, offset, k0, k1, t):
 
 
 def _stream_args(p, seed, offset):
-    u = np.uint64
-    return u(offset), u(seed & ph.MASK32), u(seed >> 32), u(keep_threshold(p))
+    return np.uint64(offset), *key_words(seed), np.uint64(keep_threshold(p))
 
 
 def _cpu_run(x, y, mask, p, seed, offset):
@@ -435,13 +380,13 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
     seed: integer in [0, 2^64), or None for a fresh one from NumPy's global generator.
     offset: stream elements already consumed under this seed (see the module docstring).
     return_mask=True returns (y, mask), the bool keep mask of x's array type and device."""
-    p = _check_p("dropout", p)
+    p = real("dropout", "p", p, 0.0, 1.0)
     training = _check_bool("dropout", "training", training)
     return_mask = _check_bool("dropout", "return_mask", return_mask)
     call = resolve("dropout", backend, x=x, out=out)
     with call.context():
         xn = call.native(x, "x")
-        seed, offset = _check_stream("dropout", seed, offset, xn.size, allow_none=True)
+        seed, offset = check_stream("dropout", seed, offset, xn.size, allow_none=True)
         identity = not training or p == 0.0
         if identity and out is None:
             return (x, _filled_mask(call, xn.shape, True)) if return_mask else x
@@ -451,7 +396,7 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
             result = call.wrap(yn, out)
             return (result, _filled_mask(call, xn.shape, True)) if return_mask else result
         if seed is None:  # drawn only now: identity calls and failed calls leave NumPy's state
-            seed = _fresh_seed()
+            seed = fresh_seed()
         mask_native, mask = _new_mask(call, xn.shape) if return_mask else (None, None)
         IMPLS[call.backend][0](xn, yn, mask_native, p, seed, offset)
     result = call.wrap(yn, out)
@@ -461,11 +406,11 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
 def dropout_backward(dy, p, seed, offset=0, *, out=None, backend=None):
     """dx = dy * (keep ? 1/(1-p) : 0) with the forward's p, seed and offset (the mask is
     regenerated, not read). p = 0 copies dy."""
-    p = _check_p("dropout_backward", p)
+    p = real("dropout_backward", "p", p, 0.0, 1.0)
     call = resolve("dropout_backward", backend, dy=dy, out=out)
     with call.context():
         dyn = call.native(dy, "dy")
-        seed, offset = _check_stream("dropout_backward", seed, offset, dyn.size)
+        seed, offset = check_stream("dropout_backward", seed, offset, dyn.size)
         dxn = call.output(out, dyn, inputs={"dy": dyn})
         if p == 0.0:
             dxn[...] = dyn
@@ -479,7 +424,7 @@ def dropout_mask(shape, p, seed, offset=0, *, like=None, backend=None):
     forward applies). Returned as an array of ``like``'s type on ``like``'s device (NumPy,
     CuPy, torch); without ``like``, a NumPy array, or a CuPy array on the current device when
     the cuda backend is asked for (``backend="cuda"`` or GPUNN_BACKEND=cuda)."""
-    p = _check_p("dropout_mask", p)
+    p = real("dropout_mask", "p", p, 0.0, 1.0)
     if isinstance(shape, (Integral, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
     try:
@@ -489,7 +434,7 @@ def dropout_mask(shape, p, seed, offset=0, *, like=None, backend=None):
                         f"got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"dropout_mask: shape must not have negative sizes, got {shape}")
-    seed, offset = _check_stream("dropout_mask", seed, offset, _size(shape))
+    seed, offset = check_stream("dropout_mask", seed, offset, _size(shape))
     if like is None:
         if _backend._requested(backend) == "cuda" and _backend.has_cupy():
             import cupy

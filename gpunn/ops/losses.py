@@ -68,6 +68,7 @@ from .. import cpu_math as cm
 from .. import cuda
 from ..backend import array_module, dtype_name, resolve
 from ..cpu_jit import threaded
+from ..validation import choice, real
 from ._apply import compute_dtype
 from .softmax import ITEMS, SUM_BLOCK, _row_exp_sum, _row_max, launch_config
 
@@ -575,21 +576,6 @@ def _cuda_mse_backward(dloss, x, t, norm, dx):
 # --- Argument checks and the call path --------------------------------------------------------
 
 
-def _check_reduction(op, reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_smoothing(op, label_smoothing):
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"{op}: label_smoothing must be a float in [0, 1], "
-                        f"got {label_smoothing!r}")
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:  # NaN fails too
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {eps!r}")
-    return eps
-
-
 def _check_ignore(op, ignore_index):
     try:
         ignore = operator.index(ignore_index)
@@ -720,8 +706,8 @@ def _dloss_arrays(dloss):
 
 def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, check_labels,
         want_lse):
-    _check_reduction(op, reduction)
-    eps = _check_smoothing(op, label_smoothing)
+    choice(op, "reduction", reduction, REDUCTIONS)
+    eps = real(op, "label_smoothing", label_smoothing, 0.0, 1.0)
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, logits=logits, labels=labels)
     with call.context():
@@ -784,8 +770,8 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
     saved log-sum-exp (``cross_entropy_forward``); without it the row max and sum are
     recomputed. ``out``: a C-contiguous array like ``logits`` (may be ``logits`` itself)."""
     op = "cross_entropy_backward"
-    _check_reduction(op, reduction)
-    eps = _check_smoothing(op, label_smoothing)
+    choice(op, "reduction", reduction, REDUCTIONS)
+    eps = real(op, "label_smoothing", label_smoothing, 0.0, 1.0)
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, logits=logits, labels=labels, **_dloss_arrays(dloss),
                    **({} if lse is None else {"lse": lse}), out=out)
@@ -825,7 +811,7 @@ def nll_loss(log_probs, labels, reduction="mean", ignore_index=-100, backend=Non
     ``torch.nn.functional.nll_loss`` (no class weights). With ``log_softmax`` it is the
     cross-entropy; ``cross_entropy`` does both in one pass."""
     op = "nll_loss"
-    _check_reduction(op, reduction)
+    choice(op, "reduction", reduction, REDUCTIONS)
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, log_probs=log_probs, labels=labels)
     with call.context():
@@ -854,7 +840,7 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
     """d loss / d log_probs: -w at each row's label, 0 elsewhere (and on ignored rows); w as
     in ``cross_entropy_backward``."""
     op = "nll_loss_backward"
-    _check_reduction(op, reduction)
+    choice(op, "reduction", reduction, REDUCTIONS)
     ignore = _check_ignore(op, ignore_index)
     call = resolve(op, backend, log_probs=log_probs, labels=labels, **_dloss_arrays(dloss),
                    out=out)
@@ -893,7 +879,7 @@ def mse_loss(input, target, reduction="mean", backend=None):
     """(input - target)^2: elementwise ("none"), summed, or averaged over all elements (NaN
     for no elements), as ``torch.nn.functional.mse_loss``."""
     op = "mse_loss"
-    _check_reduction(op, reduction)
+    choice(op, "reduction", reduction, REDUCTIONS)
     call = resolve(op, backend, input=input, target=target)
     with call.context():
         x, t = _mse_inputs(op, call, input, target)
@@ -916,7 +902,7 @@ def mse_loss_backward(dloss, input, target, reduction="mean", out=None, backend=
     """d loss / d input = 2 * (input - target) * dloss (/ numel for "mean"); dloss is a
     scalar for "mean"/"sum" and shaped like input for "none". (d/d target is its negative.)"""
     op = "mse_loss_backward"
-    _check_reduction(op, reduction)
+    choice(op, "reduction", reduction, REDUCTIONS)
     call = resolve(op, backend, input=input, target=target, **_dloss_arrays(dloss), out=out)
     with call.context():
         x, t = _mse_inputs(op, call, input, target)

@@ -49,9 +49,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
 
 import numpy as np
+
+from ..validation import integer, real
 
 __all__ = [
     "LRScheduler",
@@ -65,44 +66,24 @@ __all__ = [
 # --- argument checks: each returns the value normalized, or raises naming the argument -------
 
 
-def _integer(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def _real(name, value, minimum, open_min=False, maximum=math.inf):
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    value = float(value)
-    low_ok = value > minimum if open_min else value >= minimum
-    if not (low_ok and value <= maximum and math.isfinite(value)):
-        bound = f"{'>' if open_min else '>='} {minimum:g}"
-        bound += f" and <= {maximum:g}" if maximum < math.inf else ""
-        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
-    return value
-
-
 def _positive_int(name, value):
-    return _integer(name, value, 1)
+    return integer(None, name, value, 1)
 
 
 def _nonnegative_int(name, value):
-    return _integer(name, value, 0)
+    return integer(None, name, value, 0)
 
 
 def _positive_real(name, value):
-    return _real(name, value, 0.0, open_min=True)
+    return real(None, name, value, 0.0, lo_open=True)
 
 
 def _nonnegative_real(name, value):
-    return _real(name, value, 0.0)
+    return real(None, name, value, 0.0)
 
 
 def _unit_interval(name, value):
-    return _real(name, value, 0.0, maximum=1.0)
+    return real(None, name, value, 0.0, 1.0)
 
 
 def _lr_value(value, name):
@@ -163,7 +144,7 @@ class LRScheduler:
     def __init__(self, optimizer, last_epoch=-1, **hparams):
         groups = _param_groups(optimizer)
         hparams = {name: self._hparams[name](name, value) for name, value in hparams.items()}
-        last_epoch = _integer("last_epoch", last_epoch, -1)
+        last_epoch = integer(None, "last_epoch", last_epoch, -1)
         if last_epoch == -1:
             base_lrs = [_lr_value(g.get("initial_lr", g["lr"]),
                                   f"optimizer.param_groups[{i}]['initial_lr']")
@@ -240,9 +221,10 @@ class LRScheduler:
                                      f"({n}); got {values!r:.80}")
                 new[key] = [_lr_value(v, f"state_dict[{key!r}][{i}]")
                             for i, v in enumerate(values)]
-        new["last_epoch"] = _integer("state_dict['last_epoch']", new["last_epoch"], 0)
+        new["last_epoch"] = _nonnegative_int("state_dict['last_epoch']", new["last_epoch"])
         if "_step_count" in new:
-            new["_step_count"] = _integer("state_dict['_step_count']", new["_step_count"], 0)
+            new["_step_count"] = _nonnegative_int("state_dict['_step_count']",
+                                                  new["_step_count"])
         self.__dict__.update(new)
         if "_last_lr" not in new:
             self._last_lr = [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
@@ -484,14 +466,10 @@ def lr_range_test(train_step, optimizer, start_lr=1e-7, end_lr=10.0, num_steps=1
     if end_lr <= start_lr:
         raise ValueError(f"end_lr must be greater than start_lr; got start_lr={start_lr!r}, "
                          f"end_lr={end_lr!r}")
-    num_steps = _integer("num_steps", num_steps, 2)
-    smooth = _real("smooth", smooth, 0.0, maximum=1.0)
-    if smooth == 1.0:
-        raise ValueError("smooth must be in [0, 1); got 1.0")
-    if isinstance(diverge_factor, bool) or not isinstance(diverge_factor, Real) \
-            or not diverge_factor > 1:
-        raise ValueError(f"diverge_factor must be a number > 1 (math.inf to never stop on "
-                         f"growth); got {diverge_factor!r}")
+    num_steps = integer(None, "num_steps", num_steps, 2)
+    smooth = real(None, "smooth", smooth, 0.0, 1.0, hi_open=True)
+    diverge_factor = real(None, "diverge_factor", diverge_factor, 1.0, lo_open=True,
+                          finite=False)  # math.inf: never stop on growth
 
     sweep = np.geomspace(start_lr, end_lr, num_steps)
     original = [float(group["lr"]) for group in groups]

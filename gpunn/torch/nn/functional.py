@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ... import ops
+from ...validation import gelu_approximate
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -187,9 +188,7 @@ def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """y = x Phi(x), or with approximate='tanh' x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _OPS["gelu"](input, approximate)
+    return _OPS["gelu"](input, gelu_approximate("gelu", approximate))
 
 
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
