@@ -1,7 +1,9 @@
 // batchnorm.cu: batch normalization and BN + ReLU, forward and backward, over x seen as a
 // C-contiguous (A, C, B) array (NCHW: A = N, B = H*W; channels last: A = N*H*W, B = 1).
-// The math, the layouts and the dtypes are described in gpunn/ops/batchnorm.py; the names here
-// are the same.
+// The math, the layouts and the dtypes are described in gpunn/ops/batchnorm/ (the package's
+// docstring); the names here are the same. BN_THREADS (every kernel's block size), BN_UNROLL
+// and BN_COEF_FORWARD / BN_COEF_BACKWARD (values per channel in coef) are defined once, in
+// the launcher gpunn/ops/batchnorm/cuda.py, which puts them ahead of this text as constexpr.
 //
 // Launch order
 //   training forward  bn_reduce_{rows|cols}<T, V, false>  partial (n, mean, M2) of each piece
@@ -52,9 +54,6 @@
 #include "common.cuh"
 
 namespace gpunn {
-
-constexpr int BN_THREADS = 256;  // every kernel's block size (THREADS in batchnorm.py)
-constexpr int BN_UNROLL = 4;     // vectors a thread loads at once in the reductions
 
 namespace bn {
 
@@ -589,10 +588,11 @@ bn_finalize_forward(const compute_t<T>* part, long long part_stride, long long s
   if (lane == 0) {
     mean[c] = m;
     invstd[c] = istd;
-    coef[4 * c] = m;
-    coef[4 * c + 1] = math::mul_rn(istd, bn::load_param<T>(weight, params_f32, c, C(1)));
-    coef[4 * c + 2] = bn::load_param<T>(bias, params_f32, c, C(0));
-    coef[4 * c + 3] = C(0);
+    C* k = coef + BN_COEF_FORWARD * c;
+    k[0] = m;
+    k[1] = math::mul_rn(istd, bn::load_param<T>(weight, params_f32, c, C(1)));
+    k[2] = bn::load_param<T>(bias, params_f32, c, C(0));
+    k[3] = C(0);
   }
 }
 
@@ -639,7 +639,7 @@ bn_finalize_backward(const compute_t<T>* part, long long part_stride, long long 
     const C k1 = math::mul_rn(istd, bn::load_param<T>(weight, params_f32, c, C(1)));
     bn::store_param<T>(dbias, params_f32, c, sum_g);
     bn::store_param<T>(dweight, params_f32, c, dw);
-    C* k = coef + 8 * c;
+    C* k = coef + BN_COEF_BACKWARD * c;
     k[0] = mean[c];
     k[1] = k1;  // scale, as the forward computed it
     k[2] = bn::load_param<T>(bias, params_f32, c, C(0));
@@ -661,7 +661,7 @@ bn_normalize_flat(const T* x, T* y, const compute_t<T>* coef, long long nvec, lo
   using C = compute_t<T>;
   // y of vector i (channel c) from its loaded x
   auto normalize = [&](long long i, long long c, C (&v)[V]) {
-    const C* k = coef + 4 * c;
+    const C* k = coef + BN_COEF_FORWARD * c;
     const C m = k[0], sc = k[1], be = k[2];
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = bn::bn_value(v[j], m, sc, be, relu);
@@ -689,9 +689,10 @@ bn_normalize_cols(const T* x, T* y, const compute_t<T>* coef, long long A, long 
   C m[V], sc[V], be[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    m[j] = coef[4 * (k + j)];
-    sc[j] = coef[4 * (k + j) + 1];
-    be[j] = coef[4 * (k + j) + 2];
+    const C* kj = coef + BN_COEF_FORWARD * (k + j);
+    m[j] = kj[0];
+    sc[j] = kj[1];
+    be[j] = kj[2];
   }
   const long long step = static_cast<long long>(gridDim.y) * TY;
   for (long long a = static_cast<long long>(blockIdx.y) * TY + ty; a < A; a += 2 * step) {
@@ -721,7 +722,7 @@ bn_dx_flat(const T* dy, const T* x, T* dx, const compute_t<T>* coef, long long n
   auto grad = [&](long long i, long long c, C (&g)[V], const C (&xv)[V]) {
     C k[6];
 #pragma unroll
-    for (int f = 0; f < 6; ++f) k[f] = coef[8 * c + f];
+    for (int f = 0; f < 6; ++f) k[f] = coef[BN_COEF_BACKWARD * c + f];
 #pragma unroll
     for (int j = 0; j < V; ++j) g[j] = bn::dx_value<T>(g[j], xv[j], k, relu);
     bn::store_vec<T, V>(dx + i * V, g);
@@ -752,7 +753,7 @@ bn_dx_cols(const T* dy, const T* x, T* dx, const compute_t<T>* coef, long long A
 #pragma unroll
   for (int j = 0; j < V; ++j)
 #pragma unroll
-    for (int f = 0; f < 6; ++f) k[j][f] = coef[8 * (k0 + j) + f];
+    for (int f = 0; f < 6; ++f) k[j][f] = coef[BN_COEF_BACKWARD * (k0 + j) + f];
   const long long step = static_cast<long long>(gridDim.y) * TY;
   for (long long a = static_cast<long long>(blockIdx.y) * TY + ty; a < A; a += 2 * step) {
     const long long a2 = a + step;

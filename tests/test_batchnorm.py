@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpunn.ops import batchnorm as bn
+from gpunn.ops.batchnorm import cuda as bn_cuda
 from conftest import HOST_BACKENDS, TOLERANCE, assert_close, rel_err
 
 # (shape, channels_last): rows and columns reductions, pieces that split rows, one channel
@@ -623,9 +624,9 @@ def test_bench_suite_runs_and_checks():
 
 
 def mirror_reduce_rows(A, C, B, V, capacity):
-    s_a, s_b, b_chunk, tpr = bn.rows_plan(A, C, B, V, capacity)
-    assert b_chunk % V == 0 and tpr & (tpr - 1) == 0 and tpr <= bn.THREADS
-    S, U, T = s_a * s_b, bn.UNROLL, bn.THREADS
+    s_a, s_b, b_chunk, tpr = bn_cuda.rows_plan(A, C, B, V, capacity)
+    assert b_chunk % V == 0 and tpr & (tpr - 1) == 0 and tpr <= bn_cuda.THREADS
+    S, U, T = s_a * s_b, bn_cuda.UNROLL, bn_cuda.THREADS
     counts = np.zeros((A, C, B), int)
     for block in range(C * S):
         c, s = divmod(block, S)
@@ -657,9 +658,9 @@ def mirror_reduce_rows(A, C, B, V, capacity):
 
 def mirror_cols(A, K, V, capacity, rows_per_thread, step_rows):
     """bn_reduce_cols (step_rows = UNROLL rows at once) and bn_{normalize,dx}_cols (2)."""
-    tx_count, tiles, S = bn.cols_plan(A, K, V, capacity, rows_per_thread)
+    tx_count, tiles, S = bn_cuda.cols_plan(A, K, V, capacity, rows_per_thread)
     assert tx_count & (tx_count - 1) == 0 and S <= 65535
-    T = bn.THREADS
+    T = bn_cuda.THREADS
     TY = T // tx_count
     counts = np.zeros((A, K), int)
     written = np.zeros((S, K), int)
@@ -671,7 +672,7 @@ def mirror_cols(A, K, V, capacity, rows_per_thread, step_rows):
                 if k >= K:
                     continue
                 assert k + V <= K
-                if step_rows == bn.UNROLL:  # reduce: row slice s of S
+                if step_rows == bn_cuda.UNROLL:  # reduce: row slice s of S
                     a0, a1, stride = s * A // S, (s + 1) * A // S, TY
                     if ty == 0:
                         written[s, k:k + V] += 1
@@ -687,7 +688,7 @@ def mirror_cols(A, K, V, capacity, rows_per_thread, step_rows):
 def mirror_flat(A, C, B, V, grid):
     """bn_{normalize,dx}_flat: vectors i, i + G, ... of each thread (two per step), the channel
     tracked by Cursor.advance; returns visits per vector, and checks every channel."""
-    nvec, bv, G = A * C * B // V, B // V, grid * bn.THREADS
+    nvec, bv, G = A * C * B // V, B // V, grid * bn_cuda.THREADS
     Gb, Gc = G % bv, (G // bv) % C
     i = np.arange(G)
     b, c = i % bv, (i // bv) % C
@@ -725,7 +726,7 @@ def test_reduce_rows_plan_reads_each_element_once(A, C, B, V, capacity):
 @pytest.mark.parametrize("A,K,V,capacity", [(33, 7, 1, 64), (64, 4096, 4, 528), (2, 4096, 8, 528),
                                             (200, 48, 4, 100), (9, 3, 1, 7), (1000, 24, 8, 64)])
 def test_cols_plans_read_each_element_once(A, K, V, capacity):
-    counts, written = mirror_cols(A, K, V, capacity, bn.UNROLL, bn.UNROLL)
+    counts, written = mirror_cols(A, K, V, capacity, bn_cuda.UNROLL, bn_cuda.UNROLL)
     assert (counts == 1).all() and (written == 1).all()
     counts, _ = mirror_cols(A, K, V, capacity, 2, 2)
     assert (counts == 1).all()
@@ -738,7 +739,7 @@ def test_flat_cursor_tracks_channels(A, C, B, V, grid):
 
 
 def test_kernel_family_declares_every_launch():
-    names = set(bn.KERNELS.expressions)
+    names = set(bn_cuda.KERNELS.expressions)
     for ctype in ("float", "double", "gpunn::half", "gpunn::bfloat16"):
         assert f"gpunn::bn_finalize_forward<{ctype}>" in names
         assert f"gpunn::bn_reduce_rows<{ctype}, 1, true>" in names

@@ -12,9 +12,10 @@ from gpunn import ops
 from gpunn.backend import numba_threads
 from gpunn.cpu_jit import SUFFIX, serial, threaded
 
-#: The op modules whose kernels the trainer runs (the names in gpunn.ops are the functions).
+#: The op modules that run the kernels the trainer uses (the names in gpunn.ops are the
+#: functions).
 OP_MODULES = [importlib.import_module(f"gpunn.ops.{name}")
-              for name in ("augment", "batchnorm", "dropout", "losses", "softmax")]
+              for name in ("augment", "batchnorm.cpu", "dropout", "losses", "softmax")]
 
 
 @njit(parallel=True)
@@ -48,11 +49,10 @@ def test_a_twin_is_the_same_code_without_parallel_calling_twins():
 
 
 def test_twins_of_cached_kernels_are_cached_under_their_own_name():
-    batchnorm = importlib.import_module("gpunn.ops.batchnorm")
-    twin = serial(batchnorm._cpu_forward_flat)
+    batchnorm_cpu = importlib.import_module("gpunn.ops.batchnorm.cpu")
+    twin = serial(batchnorm_cpu._cpu_forward_flat)
     assert type(twin._cache).__name__ == "FunctionCache"
-    assert twin._cache._cache_file._index_name.startswith(
-        "batchnorm._cpu_forward_flat" + SUFFIX)
+    assert twin._cache._cache_file._index_name.startswith("cpu._cpu_forward_flat" + SUFFIX)
 
 
 def test_threaded_takes_the_twin_on_one_thread():

@@ -540,7 +540,7 @@ def test_the_second_compiler_covers_the_backward_half_of_a_step():
     from gpunn.train import compile_backward_kernels, training_threads
 
     batchnorm, dropout, fused = (importlib.import_module(f"gpunn.{name}") for name in (
-        "ops.batchnorm", "ops.dropout", "optim.fused"))
+        "ops.batchnorm.cpu", "ops.dropout", "optim.fused"))
     config = TrainConfig(**SMALL, device="cpu")
     train_set, test_set = datasets(config)
     compile_backward_kernels(int(np.prod(train_set.sample_shape)), train_set.num_classes,
