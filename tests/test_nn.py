@@ -954,8 +954,8 @@ def test_penalties_match_torch(rng, dtype):
     assert nn.l2_penalty(weights, 0.3, grad=False) == l2
     assert nn.l1_penalty(weights, 0.02, grad=False) == l1
     for f in (nn.l1_penalty, nn.l2_penalty):
-        for strength in (-0.1, float("nan")):
-            with pytest.raises(ValueError, match="strength must be >= 0"):
+        for strength in (-0.1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=r"strength must be in \[0, inf\)"):
                 f(weights, strength)
     np.testing.assert_array_equal(model.arena.grad, grads)
     assert nn.l2_penalty(weights, 0.0) == 0.0

@@ -13,6 +13,7 @@ Add the returned value to the loss and call with ``grad=True`` after the model's
 from __future__ import annotations
 
 from ..backend import array_module, check_writable
+from ..validation import real
 
 
 def _grads(name: str, params: list) -> list:
@@ -27,35 +28,30 @@ def _grads(name: str, params: list) -> list:
     return [p.grad for p in params]
 
 
-def _strength(name: str, value) -> float:
-    value = float(value)
-    if not value >= 0.0:
-        raise ValueError(f"{name}: strength must be >= 0, got {value!r}")
-    return value
+def _penalty(name: str, params, strength, grad: bool, term, slope) -> float:
+    """strength * sum over params of term(w) (a float64 sum), and with ``grad`` adds
+    strength * slope(w) to each gradient; strength a finite number >= 0, checked first."""
+    strength = real(name, "strength", strength, 0.0)
+    params = list(params)
+    grads = _grads(name, params) if grad and strength else None
+    total = 0.0
+    for i, p in enumerate(params):
+        xp = array_module(p.data)
+        total += term(xp, p.data)
+        if grads is not None:
+            grads[i][...] += strength * slope(xp, p.data)
+    return strength * total
 
 
 def l2_penalty(params, strength: float, *, grad: bool = True) -> float:
     """(strength / 2) * sum of squares of ``params``; adds strength * w to each gradient."""
-    strength = _strength("l2_penalty", strength)
-    params = list(params)
-    grads = _grads("l2_penalty", params) if grad and strength else None
-    total = 0.0
-    for i, p in enumerate(params):
-        total += float(array_module(p.data).vdot(p.data.ravel(), p.data.ravel()))
-        if grads is not None:
-            grads[i][...] += strength * p.data
-    return 0.5 * strength * total
+    return _penalty("l2_penalty", params, strength, grad,
+                    lambda xp, w: 0.5 * float(xp.vdot(w.ravel(), w.ravel())),
+                    lambda xp, w: w)
 
 
 def l1_penalty(params, strength: float, *, grad: bool = True) -> float:
     """strength * sum of absolute values of ``params``; adds strength * sign(w) to gradients."""
-    strength = _strength("l1_penalty", strength)
-    params = list(params)
-    grads = _grads("l1_penalty", params) if grad and strength else None
-    total = 0.0
-    for i, p in enumerate(params):
-        xp = array_module(p.data)
-        total += float(xp.abs(p.data).sum(dtype=xp.float64))
-        if grads is not None:
-            grads[i][...] += strength * xp.sign(p.data)
-    return strength * total
+    return _penalty("l1_penalty", params, strength, grad,
+                    lambda xp, w: float(xp.abs(w).sum(dtype=xp.float64)),
+                    lambda xp, w: xp.sign(w))
