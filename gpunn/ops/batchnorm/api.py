@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import operator
-from numbers import Real
 
 import numpy as np
 
-from ...backend import check_no_overlap, check_writable, dtype_name, resolve
+from ...backend import (HALF_DTYPES, check_no_overlap, check_writable, compute_dtype_name,
+                        dtype_name, resolve)
+from ...validation import real
 from .cpu import cpu_backward, cpu_forward
 from .cuda import cuda_backward, cuda_forward
 from .reference import numpy_backward, numpy_forward
@@ -35,14 +36,6 @@ def _layout(shape, channels_last: bool) -> tuple[int, int, int]:
     return A, C, B
 
 
-def _real(op, name, value):
-    if type(value) is float:  # the common case, without the ABC check (~2 us)
-        return value
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
-    return float(value)
-
-
 def _channels(op, x, channels_last):
     if x.ndim < 2:
         raise ValueError(f"{op}: x must have at least 2 dimensions ((N, C, ...) or, channels "
@@ -57,13 +50,9 @@ def _check_per_channel(op, arrays: dict, C: int):
                              f"shape ({C},)), got shape {tuple(a.shape)}")
 
 
-def _compute_dtype_name(x_dt: str) -> str:
-    return "float32" if x_dt in ("float16", "bfloat16") else x_dt
-
-
 def _check_param_dtypes(op, x_dt: str, params: dict) -> str:
     """The params' common dtype: x's, or float32 beside 16-bit x."""
-    allowed = (x_dt, "float32") if x_dt in ("float16", "bfloat16") else (x_dt,)
+    allowed = (x_dt, "float32") if x_dt in HALF_DTYPES else (x_dt,)
     given = {name: dtype_name(a) for name, a in params.items() if a is not None}
     for name, dt in given.items():
         if dt not in allowed:
@@ -99,7 +88,7 @@ def _alloc(call, n: int, dt: str, like=None):
 
 def _factor(op, training, has_running, momentum, num_batches_tracked) -> float:
     if momentum is not None:
-        momentum = _real(op, "momentum", momentum)
+        momentum = real(op, "momentum", momentum, finite=False)
     if not (training and has_running):
         return 0.0
     if momentum is not None:
@@ -133,7 +122,7 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
     call.check_dtype(x, "x")
     x_dt = dtype_name(x)
     _check_param_dtypes(op, x_dt, params)
-    eps = _real(op, "eps", eps)
+    eps = real(op, "eps", eps, finite=False)
     has_running = running_mean is not None
     use_batch = bool(training) or not has_running
     update = bool(training) and has_running
@@ -155,7 +144,7 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
         if update:  # written after other arrays were read or before they are: no overlap at all
             check_no_overlap(op, "running_mean", rm, {**read, "running_var": rv})
             check_no_overlap(op, "running_var", rv, read)
-        cdt = _compute_dtype_name(x_dt)
+        cdt = compute_dtype_name(x_dt)
         mean, invstd = _alloc(call, C, cdt), _alloc(call, C, cdt)
         A, C3, B = _layout(shape, channels_last)
         if use_batch and A * B == 0:  # an empty batch: no statistics, running ones untouched
@@ -180,7 +169,7 @@ def _backward(op, relu, dy, x, mean, invstd, weight, bias, training, channels_la
     if dtype_name(dy) != x_dt:
         raise TypeError(f"{op}: dy has dtype {dtype_name(dy)}, expected {x_dt}")
     _check_per_channel(op, {"mean": mean, "invstd": invstd, "weight": weight, "bias": bias}, C)
-    cdt = _compute_dtype_name(x_dt)
+    cdt = compute_dtype_name(x_dt)
     for name, a in (("mean", mean), ("invstd", invstd)):
         if dtype_name(a) != cdt:
             raise TypeError(f"{op}: {name} has dtype {dtype_name(a)}, expected {cdt} (the "
