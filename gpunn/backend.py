@@ -17,6 +17,12 @@ that cannot be met raises. Data never moves between host and device behind the u
 Results come back in the caller's array type: torch tensors are viewed as NumPy/CuPy arrays
 without a copy (``Tensor.numpy`` / DLPack) and the result is viewed back the same way.
 CUDA work on torch tensors is queued on torch's current stream.
+
+Ops never tell arrays apart themselves: the :class:`Call` that :func:`resolve` returns gives
+them the caller's arrays as NumPy/CuPy arrays (``view``, ``native``), new arrays of the
+caller's kind on its device (``empty``, ``output``), the check of an array written in place
+(``check_in_place``) and the result in the caller's type (``wrap``); :func:`to_host` copies
+any array to host memory.
 """
 
 from __future__ import annotations
@@ -340,46 +346,71 @@ class Call:
             raise TypeError(f"{self.op}: {name} has dtype {dt}, which the {self.backend!r} "
                             f"backend does not support (supported: {', '.join(supported)})")
 
+    def view(self, a):
+        """The caller's array as a NumPy/CuPy array over the same memory, any strides, with no
+        check (a torch tensor detached; NumPy data on the CUDA simulator as device memory)."""
+        if self.kind == "torch":
+            a = a.detach()
+            if self.device == "cpu":
+                return a.numpy()
+            import cupy
+
+            return cupy.from_dlpack(a)
+        if self.kind == "numpy" and self.device != "cpu":
+            return _simulator().device_view(a)
+        return a
+
+    def contiguous(self, a):
+        """A native array as a C-contiguous one: itself, or a copy on its device."""
+        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
     def native(self, a, name: str):
-        """The caller's array as a C-contiguous NumPy/CuPy array (a view when possible)."""
+        """The caller's array as a C-contiguous NumPy/CuPy array (a view when possible), after
+        checking its dtype and that no gradient is cut."""
         if a is None:
             return None
         self.check_dtype(a, name)
-        if self.kind == "numpy" and self.device != "cpu":  # NumPy data on the CUDA simulator
-            a = _simulator().device_view(a)
-        if self.kind == "torch":
-            if a.requires_grad and sys.modules["torch"].is_grad_enabled():
-                raise RuntimeError(_no_grad_message(self.op, name))
-            a = a.detach()
-            if self.device == "cpu":
-                a = a.numpy()
-            else:
-                import cupy
+        if self.kind == "torch" and a.requires_grad and sys.modules["torch"].is_grad_enabled():
+            raise RuntimeError(_no_grad_message(self.op, name))
+        return self.contiguous(self.view(a))
 
-                a = cupy.from_dlpack(a)
-        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+    def empty(self, shape, dtype):
+        """A new native array of ``shape`` and ``dtype`` (a NumPy dtype, or a name: 'float32',
+        'bfloat16', 'int64', 'bool', ...) on the call's device; for torch callers from
+        torch's allocator, so device memory stays in torch's pool (:meth:`wrap` gives it back
+        as a tensor)."""
+        if self.kind != "torch":
+            return self.xp.empty(shape, _numpy_dtype(dtype))
+        import torch
+
+        name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        if name == "bool":  # as bytes, which DLPack carries everywhere
+            return self.view(torch.empty(shape, dtype=torch.uint8,
+                                         device=self.device)).view(self.xp.bool_)
+        return self.view(torch.empty(shape, dtype=getattr(torch, name), device=self.device))
+
+    def check_in_place(self, a, name: str) -> None:
+        """Before the first write: the caller's array ``a``, which the call writes in place
+        (``out``, a running statistic), is C-contiguous (a copy would lose the writes) and
+        writeable; ValueError naming it otherwise."""
+        contiguous = a.is_contiguous() if self.kind == "torch" else a.flags.c_contiguous
+        if not contiguous:
+            raise ValueError(f"{self.op}: {name} must be C-contiguous (it is written in place)")
+        check_writable(self.op, name, a)
 
     def output(self, out, like, name: str = "out", inputs: dict | None = None):
         """A native array to write the result into: ``out`` checked against ``like`` (shape,
         dtype, C-contiguous, writeable, no partial overlap with the native ``inputs``), or
-        new (for torch callers from torch's allocator, so device memory stays in torch's
-        pool)."""
+        new (:meth:`empty`)."""
         if out is None:
-            if self.kind != "torch":
-                return self.xp.empty_like(like)
-            import torch
-
-            dtype = getattr(torch, dtype_name(like))
-            return self.native(torch.empty(like.shape, dtype=dtype, device=self.device), name)
+            return self.empty(like.shape, like.dtype)
         if tuple(out.shape) != like.shape:
-            raise ValueError(f"{self.op}: {name} has shape {tuple(out.shape)}, expected {like.shape}")
+            raise ValueError(f"{self.op}: {name} has shape {tuple(out.shape)}, "
+                             f"expected {like.shape}")
         if dtype_name(out) != dtype_name(like):
             raise TypeError(f"{self.op}: {name} has dtype {dtype_name(out)}, "
                             f"expected {dtype_name(like)}")
-        contiguous = out.is_contiguous() if self.kind == "torch" else out.flags.c_contiguous
-        if not contiguous:
-            raise ValueError(f"{self.op}: {name} must be C-contiguous")
-        check_writable(self.op, name, out)
+        self.check_in_place(out, name)
         native = self.native(out, name)
         check_no_overlap(self.op, name, native, inputs or {}, in_place=True)
         return native
@@ -394,7 +425,11 @@ class Call:
             return a
         import torch
 
-        return torch.from_numpy(a) if self.device == "cpu" else torch.from_dlpack(a)
+        if self.device == "cpu":
+            return torch.from_numpy(a)
+        if a.dtype.kind == "b":  # as bytes (see empty)
+            return torch.from_dlpack(a.view(self.xp.uint8)).view(torch.bool)
+        return torch.from_dlpack(a)
 
     def context(self):
         """Make the data's device current; for torch tensors also torch's current stream.
@@ -414,6 +449,40 @@ class Call:
             handle = torch.cuda.current_stream(device_id).cuda_stream
             stack.enter_context(cupy.cuda.ExternalStream(handle, device_id))
         return stack
+
+
+def _numpy_dtype(dtype):
+    """A dtype NumPy and CuPy take: ``dtype`` itself, or for a name its NumPy dtype (bfloat16
+    from ml_dtypes, as CuPy's bfloat16 arrays hold)."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy array of ``a``'s values (NumPy array or scalar, CuPy array, torch tensor): a
+    NumPy array itself; a CuPy array copied on the current stream once the work queued there
+    is done (a plain ``.get()`` may copy on another stream than the one the kernels ran on); a
+    torch tensor detached and copied to the host where it is on a device, bfloat16 widened to
+    float32 (NumPy has no bfloat16)."""
+    if isinstance(a, np.generic):
+        return np.asarray(a)
+    kind = array_kind(a, "array")
+    if kind == "numpy":
+        return a
+    if kind == "torch":
+        a = a.detach().cpu()
+        return a.float().numpy() if _dtype_name(a.dtype) == "bfloat16" else a.numpy()
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    host = a.get(stream=stream)
+    stream.synchronize()
+    return host
 
 
 def _no_grad_message(op: str, name: str) -> str:

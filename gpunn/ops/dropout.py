@@ -344,29 +344,11 @@ IMPLS = {
 # --- Masks in the caller's array type ---------------------------------------------------------
 
 
-def _new_mask(call, shape):
-    """(native bool array, what to hand back): a NumPy/CuPy bool array, or for torch callers
-    a torch.bool tensor from torch's allocator on the data's device (viewed natively as bytes,
-    which DLPack carries everywhere)."""
-    if call.kind != "torch":
-        m = call.xp.empty(shape, dtype=bool)
-        return m, m
-    import torch
-
-    t = torch.empty(shape, dtype=torch.uint8, device=call.device)
-    if call.device == "cpu":
-        native = t.numpy().view(np.bool_)
-    else:
-        import cupy
-
-        native = cupy.from_dlpack(t).view(cupy.bool_)
-    return native, t.view(torch.bool)
-
-
 def _filled_mask(call, shape, value: bool):
-    native, handed = _new_mask(call, shape)
+    """A bool mask of the caller's array type on the data's device, every element ``value``."""
+    native = call.empty(shape, "bool")
     native.fill(value)
-    return handed
+    return call.wrap(native)
 
 
 # --- Public API -------------------------------------------------------------------------------
@@ -397,10 +379,10 @@ def dropout(x, p=0.5, training=True, seed=None, offset=0, *, out=None, backend=N
             return (result, _filled_mask(call, xn.shape, True)) if return_mask else result
         if seed is None:  # drawn only now: identity calls and failed calls leave NumPy's state
             seed = fresh_seed()
-        mask_native, mask = _new_mask(call, xn.shape) if return_mask else (None, None)
-        IMPLS[call.backend][0](xn, yn, mask_native, p, seed, offset)
+        mask = call.empty(xn.shape, "bool") if return_mask else None
+        IMPLS[call.backend][0](xn, yn, mask, p, seed, offset)
     result = call.wrap(yn, out)
-    return (result, mask) if return_mask else result
+    return (result, call.wrap(mask)) if return_mask else result
 
 
 def dropout_backward(dy, p, seed, offset=0, *, out=None, backend=None):
@@ -446,6 +428,6 @@ def dropout_mask(shape, p, seed, offset=0, *, like=None, backend=None):
     with call.context():
         if p == 0.0:
             return _filled_mask(call, shape, True)
-        native, mask = _new_mask(call, shape)
-        IMPLS[call.backend][1](native, p, seed, offset)
-    return mask
+        mask = call.empty(shape, "bool")
+        IMPLS[call.backend][1](mask, p, seed, offset)
+    return call.wrap(mask)

@@ -66,7 +66,7 @@ from numba import njit, prange
 
 from .. import cpu_math as cm
 from .. import cuda
-from ..backend import array_module, dtype_name, resolve
+from ..backend import array_module, dtype_name, resolve, to_host
 from ..cpu_jit import threaded
 from ..validation import choice, real
 from ._apply import compute_dtype
@@ -414,10 +414,10 @@ def _cuda_label_stats(labels, n_classes, ignore):
 def _cuda_check(op, labels, n_classes, ignore, stats):
     """Read the stats (synchronizes the current stream, torch's for torch callers) and raise
     for a bad label."""
-    worst = int(_read(stats[1]))
+    worst = int(to_host(stats[1]))
     if worst:
         row = labels.size - worst
-        _raise_bad_label(op, row, int(_read(labels[row])), n_classes, ignore)
+        _raise_bad_label(op, row, int(to_host(labels[row])), n_classes, ignore)
 
 
 def _cuda_labels(op, labels, n_classes, ignore, reduction, check):
@@ -439,17 +439,6 @@ def _cuda_row_losses(x, reduction):
     if reduction == "none":
         return None
     return cupy.empty(x.shape[0], dtype=cupy.float64 if x.dtype == cupy.float64 else cupy.float32)
-
-
-def _read(a):
-    """A device array's value, copied on the current stream once the work queued there is
-    done (a plain .get() might copy on another stream than the one the kernels ran on)."""
-    import cupy
-
-    stream = cupy.cuda.get_current_stream()
-    value = a.get(stream=stream)
-    stream.synchronize()
-    return value
 
 
 def _cuda_finish(parts, count, scale, out):
@@ -597,21 +586,7 @@ def _native_labels(call, labels):
     if name not in LABEL_DTYPES:
         raise TypeError(f"{call.op}: labels must be int32 or int64 class indices, got dtype "
                         f"{name}")
-    if call.kind == "torch":
-        labels = labels.detach()
-        labels = labels.numpy() if call.device == "cpu" else __import__("cupy").from_dlpack(labels)
-    return labels if labels.flags.c_contiguous else call.xp.ascontiguousarray(labels)
-
-
-def _new(call, shape, dtype):
-    """An uninitialized native array of ``dtype`` on the call's device (from torch's
-    allocator for torch callers)."""
-    if call.kind == "torch":
-        import torch
-
-        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=call.device)
-        return t.numpy() if call.device == "cpu" else __import__("cupy").from_dlpack(t)
-    return call.xp.empty(shape, dtype=dtype)
+    return call.contiguous(call.view(labels))
 
 
 def _rows_inputs(op, call, x, labels, x_name):
@@ -713,8 +688,8 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
     with call.context():
         x, y, none_shape, _ = _rows_inputs(op, call, logits, labels, "logits")
         rows, n = x.shape
-        out = _new(call, none_shape if reduction == "none" else (), x.dtype)
-        lse = _new(call, (rows,), np.float64) if want_lse else None
+        out = call.empty(none_shape if reduction == "none" else (), x.dtype)
+        lse = call.empty((rows,), np.float64) if want_lse else None
         if call.backend == "cuda":
             _cuda_ce_forward(op, x, y, eps, ignore, reduction, out.reshape(-1) if
                              reduction == "none" else out, lse, check_labels)
@@ -817,7 +792,7 @@ def nll_loss(log_probs, labels, reduction="mean", ignore_index=-100, backend=Non
     with call.context():
         v, y, none_shape, _ = _rows_inputs(op, call, log_probs, labels, "log_probs")
         rows, n = v.shape
-        out = _new(call, none_shape if reduction == "none" else (), v.dtype)
+        out = call.empty(none_shape if reduction == "none" else (), v.dtype)
         if call.backend == "cuda":
             _cuda_nll_forward(op, v, y, ignore, reduction,
                               out.reshape(-1) if reduction == "none" else out, check_labels)
@@ -883,7 +858,7 @@ def mse_loss(input, target, reduction="mean", backend=None):
     call = resolve(op, backend, input=input, target=target)
     with call.context():
         x, t = _mse_inputs(op, call, input, target)
-        out = _new(call, x.shape if reduction == "none" else (), x.dtype)
+        out = call.empty(x.shape if reduction == "none" else (), x.dtype)
         if call.backend == "cuda":
             _cuda_mse_forward(x.reshape(-1), t.reshape(-1), reduction, out.reshape(-1))
         elif call.backend == "numpy":
