@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import backend as _backend
-from ..backend import array_kind, check_writable
+from ..backend import array_kind, check_writable, to_host
 from .arena import Arena, transfer
 from .parameter import Parameter
 
@@ -44,17 +44,6 @@ def array_module_of(device: str):
     import cupy
 
     return cupy
-
-
-def to_host(a) -> np.ndarray:
-    """A NumPy array from a NumPy/CuPy array or a torch tensor (no copy where none is needed)."""
-    if isinstance(a, np.generic):  # a NumPy scalar (e.g. a counter after arithmetic)
-        return np.asarray(a)
-    kind = array_kind(a, "array")
-    if kind == "torch":
-        a = a.detach().cpu()
-        return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
-    return transfer(a, np)
 
 
 def check_array(owner: str, name: str, a, device: str) -> None:
