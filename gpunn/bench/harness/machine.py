@@ -91,12 +91,9 @@ def machine_info(gpu: bool = False) -> dict:
         "hostname": platform.node(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    try:
-        import numba
+    import numba  # here, not at the top: `gpunn --help` imports the harness
 
-        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
-    except ImportError:
-        pass
+    info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
     if "torch" in sys.modules:
         info["torch_threads"] = sys.modules["torch"].get_num_threads()
     if gpu:
