@@ -555,7 +555,7 @@ def test_bad_input_raises_and_changes_nothing(rng):
         (TypeError, "eps must be a real number", lambda: bn.batch_norm(
             x, rm, rv, w, b, True, eps=None, out=out)),
         (ValueError, "out has shape", lambda: bn.batch_norm(x, rm, rv, w, b, True, out=out[:2])),
-        (ValueError, "must be contiguous", lambda: bn.batch_norm(
+        (ValueError, "running_mean must be C-contiguous", lambda: bn.batch_norm(
             x, np.zeros(6, np.float32)[::2], rv, w, b, True, out=out)),
     ]
     frozen = rm.copy()

@@ -8,8 +8,7 @@ import operator
 
 import numpy as np
 
-from ...backend import (HALF_DTYPES, check_no_overlap, check_writable, compute_dtype_name,
-                        dtype_name, resolve)
+from ...backend import HALF_DTYPES, check_no_overlap, compute_dtype_name, dtype_name, resolve
 from ...validation import real
 from .cpu import cpu_backward, cpu_forward
 from .cuda import cuda_backward, cuda_forward
@@ -65,27 +64,6 @@ def _check_param_dtypes(op, x_dt: str, params: dict) -> str:
     return next(iter(given.values()), x_dt)
 
 
-def _check_updated(op, call, name, a):
-    """A running statistic the call updates in place: contiguous (a copy would lose the
-    update) and writeable."""
-    contiguous = a.is_contiguous() if call.kind == "torch" else a.flags.c_contiguous
-    if not contiguous:
-        raise ValueError(f"{op}: {name} is updated in place and must be contiguous")
-    check_writable(op, name, a)
-
-
-def _alloc(call, n: int, dt: str, like=None):
-    """A new native 1-D array of n elements of dtype dt (from torch's allocator for torch
-    callers); ``like``: an array whose dtype object is dt (for bfloat16 on CuPy)."""
-    if call.kind == "torch":
-        import torch
-
-        return call.native(torch.empty(n, dtype=getattr(torch, dt), device=call.device), dt)
-    if like is not None and dtype_name(like) == dt:
-        return call.xp.empty(n, like.dtype)
-    return call.xp.empty(n, dt)
-
-
 def _factor(op, training, has_running, momentum, num_batches_tracked) -> float:
     if momentum is not None:
         momentum = real(op, "momentum", momentum, finite=False)
@@ -128,7 +106,7 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
     update = bool(training) and has_running
     if update:
         for name in ("running_mean", "running_var"):
-            _check_updated(op, call, name, params[name])
+            call.check_in_place(params[name], name)
     factor = _factor(op, bool(training), has_running, momentum, num_batches_tracked)
     shape = tuple(x.shape)
     A, _, B = _layout(shape, channels_last)
@@ -145,7 +123,7 @@ def _forward(op, relu, x, running_mean, running_var, weight, bias, training, mom
             check_no_overlap(op, "running_mean", rm, {**read, "running_var": rv})
             check_no_overlap(op, "running_var", rv, read)
         cdt = compute_dtype_name(x_dt)
-        mean, invstd = _alloc(call, C, cdt), _alloc(call, C, cdt)
+        mean, invstd = call.empty(C, cdt), call.empty(C, cdt)
         A, C3, B = _layout(shape, channels_last)
         if use_batch and A * B == 0:  # an empty batch: no statistics, running ones untouched
             mean[...] = np.nan
@@ -182,8 +160,7 @@ def _backward(op, relu, dy, x, mean, invstd, weight, bias, training, channels_la
         w, b = call.native(weight, "weight"), call.native(bias, "bias")
         dx = call.output(out, xn, inputs={"dy": dyn, "x": xn, "mean": mn, "invstd": isn,
                                           "weight": w, "bias": b})
-        like = w if w is not None else xn
-        dw, db = _alloc(call, C, p_dt, like), _alloc(call, C, p_dt, like)
+        dw, db = call.empty(C, p_dt), call.empty(C, p_dt)
         A, C3, B = _layout(shape, channels_last)
         if xn.size == 0:
             dw[...] = 0
