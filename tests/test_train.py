@@ -539,15 +539,15 @@ def test_the_second_compiler_covers_the_backward_half_of_a_step():
     from gpunn.cpu_jit import serial
     from gpunn.train import compile_backward_kernels, training_threads
 
-    batchnorm, dropout, fused = (importlib.import_module(f"gpunn.{name}") for name in (
-        "ops.batchnorm.cpu", "ops.dropout", "optim.fused"))
+    batchnorm, dropout, adam, walker = (importlib.import_module(f"gpunn.{name}") for name in (
+        "ops.batchnorm.cpu", "ops.dropout", "optim.algorithms.adam", "optim.walker"))
     config = TrainConfig(**SMALL, device="cpu")
     train_set, test_set = datasets(config)
     compile_backward_kernels(int(np.prod(train_set.sample_shape)), train_set.num_classes,
                              config.width, config.depth, config.dropout, config.lr,
                              config.weight_decay)
     kernels = [serial(batchnorm._cpu_backward_flat), serial(dropout._cpu_dropout),
-               serial(fused._cpu_adam), fused._cpu_advance]
+               serial(adam.ADAM.cpu_step), walker._cpu_advance]
     before = {k: set(k.signatures) for k in kernels}
     assert all(before.values())
     trainer = build(config, train_set, test_set, progress=False)

@@ -1,4 +1,5 @@
-"""Fused optimizers: SGD (momentum, Nesterov), Adagrad, RMSprop, Adam, AdamW.
+"""Fused optimizers: SGD (momentum, Nesterov), Adagrad, RMSprop, Adam, AdamW (one module
+each in :mod:`gpunn.optim.algorithms`).
 
 ``gpunn.optim.Adam(params, lr=1e-3)`` and friends take gpunn parameters (``.data``/``.grad``
 NumPy or CuPy arrays); :mod:`gpunn.torch` has the same optimizers for torch models;
@@ -9,8 +10,10 @@ update over all parameters of a group (see :mod:`gpunn.optim.fused`).
 from . import functional
 from .lr_scheduler import (CosineAnnealingLR, ExponentialLR, LRRangeTestResult, LRScheduler,
                            StepLR, lr_range_test)
-from .optimizer import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, to_torch
+from .optimizer import OPTIMIZERS, Optimizer, to_torch
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "CosineAnnealingLR", "ExponentialLR",
-           "LRRangeTestResult", "LRScheduler", "Optimizer", "RMSprop", "StepLR", "functional",
-           "lr_range_test", "to_torch"]
+globals().update(OPTIMIZERS)  # SGD, Adagrad, RMSprop, Adam, AdamW... (the registry's)
+
+__all__ = sorted([*OPTIMIZERS, "CosineAnnealingLR", "ExponentialLR", "LRRangeTestResult",
+                  "LRScheduler", "Optimizer", "StepLR", "functional", "lr_range_test",
+                  "to_torch"])

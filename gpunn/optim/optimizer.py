@@ -4,9 +4,10 @@ state_dict, load_state_dict) over the fused step of :mod:`gpunn.optim.fused`.
 :class:`FusedStep` is the step itself, shared by gpunn's own :class:`Optimizer` (parameters
 are objects with ``.data`` and ``.grad`` NumPy/CuPy arrays, e.g. :class:`gpunn.nn.Parameter`)
 and by the PyTorch adapter :mod:`gpunn.torch` (subclasses of ``torch.optim.Optimizer``).
-Each algorithm is a small mixin naming its options (PyTorch's names and defaults) once, used
-by both. On top of torch's options every optimizer takes ``l1``, ``max_grad_norm``,
-``skip_nonfinite`` and ``master_weights`` (see :mod:`gpunn.optim.functional`).
+Each algorithm's module (:mod:`gpunn.optim.algorithms`) has a small mixin naming its options
+(PyTorch's names and defaults) once; the classes of both are made here and in gpunn.torch
+from the registry. On top of torch's options every optimizer takes ``l1``, ``max_grad_norm``,
+``skip_nonfinite`` and ``master_weights`` (see :mod:`gpunn.optim.prologue`).
 
 State per parameter uses torch's keys ('step' is a 0-d float32 array on the parameter's
 device), so state dicts move between gpunn, gpunn.torch and torch.optim (:func:`to_torch`).
@@ -21,11 +22,12 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..backend import _dtype_name, array_kind, array_module, describe, dtype_name
-from .fused import Table, grad_totals, owned_arrays, state_dtype
-from .functional import needs_grad_pass
-from .functional import hyper
-from .functional import ALGORITHMS, REQUIRED
+from ..backend import (_dtype_name, array_kind, array_module, compute_dtype_name, describe,
+                       dtype_name)
+from .algorithms import ALGORITHMS
+from .fused import Table, grad_totals, owned_arrays
+from .hyper import checked
+from .prologue import needs_grad_pass
 
 
 # --- Arrays of any kind: the few constructors the state needs ----------------------------------
@@ -79,7 +81,7 @@ class FusedStep:
     """The step of every gpunn optimizer. Needs ``param_groups``, ``state`` and
     :meth:`_array` (the array of a parameter) from the class it is mixed into."""
 
-    algorithm: str  # a key of functional.ALGORITHMS, or 'adamw'
+    algorithm: str  # a key of gpunn.optim.algorithms.ALGORITHMS
     _tables: dict
     #: False where the state shows no step count (torch's SGD): the counts the kernels need
     #: are kept in ``_steps`` instead, by parameter
@@ -102,10 +104,17 @@ class FusedStep:
         return grad_totals(tables) if len(tables) > 1 else None
 
     def _hyper(self, group):
-        return hyper(self.algorithm, group)
+        return checked(ALGORITHMS[self.algorithm], group)
 
-    def _init_value(self, slot: str, group: dict) -> float:
-        return float(group.get("initial_accumulator_value", 0.0)) if slot == "sum" else 0.0
+    def _make_states(self) -> None:
+        """Every parameter's state, made now (as torch's Adagrad does at construction)."""
+        initial = ALGORITHMS[self.algorithm].initial
+        for group in self.param_groups:
+            for p in group["params"]:
+                data = self._array(p)
+                self.state[p] = {"step": _full(data, (), "float32", 0.0)} | {
+                    slot: _full(data, data.shape, compute_dtype_name(dtype_name(data)),
+                                initial(slot, group)) for slot in self._hyper(group).slots}
 
     def _prepared_state(self, p, group, h) -> dict:
         """The state of ``p`` as the kernels need it: a new dict (``self.state`` is not
@@ -114,12 +123,12 @@ class FusedStep:
         data = self._array(p)
         state = dict(self.state.get(p, {}))
         shape, dtype = tuple(data.shape), dtype_name(data)
-        sdt = state_dtype(dtype)
+        sdt = compute_dtype_name(dtype)
         stepped = any(state.get(slot) is not None for slot in h.slots)  # before new slots
         for slot in h.slots:
             value = state.get(slot)
             if value is None:
-                state[slot] = _full(data, shape, sdt, self._init_value(slot, group))
+                state[slot] = _full(data, shape, sdt, h.algorithm.initial(slot, group))
             elif (dtype_name(value) != sdt or not _same_place(value, data)
                   or not _same_layout(value, data)):
                 state[slot] = _converted(value, data, shape, sdt, f"state {slot!r}")
@@ -287,22 +296,21 @@ def checked_load(opt, state_dict) -> tuple[list, dict]:
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"state_dict's parameter group {i} has {len(saved['params'])} "
                              f"parameters, the optimizer's has {len(group['params'])}")
+    algorithm = ALGORITHMS[opt.algorithm]
     new_groups = []
     for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-        missing = [key for key in REQUIRED[opt.algorithm] if key not in saved]
+        missing = [key for key in algorithm.required if key not in saved]
         if missing:
             raise ValueError(f"state_dict's param_groups[{i}] lacks {missing}, which {cls} "
                              "needs (is it another optimizer's state dict?)")
-        new = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-        if opt.algorithm == "adamw":
-            new["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
+        new = {**group, **{k: v for k, v in saved.items() if k != "params"},
+               **algorithm.forced}  # as torch's AdamW.__setstate__
         try:
             opt._hyper(new)
         except (TypeError, ValueError) as e:
             raise type(e)(f"state_dict's param_groups[{i}]: {e}") from None
         new_groups.append(new)
-    known = {"step", "master_param",
-             *ALGORITHMS["adam" if opt.algorithm == "adamw" else opt.algorithm][1]}
+    known = {"step", "master_param", *algorithm.states}
     new_state = {}
     for saved, group in zip(groups, opt.param_groups):
         for index, p in zip(saved["params"], group["params"]):
@@ -314,7 +322,7 @@ def checked_load(opt, state_dict) -> tuple[list, dict]:
                 raise ValueError(f"state_dict's state[{index}] has {unknown}, which {cls} "
                                  "does not use (is it another optimizer's state dict?)")
             data = opt._array(p)
-            sdt = state_dtype(dtype_name(data))
+            sdt = compute_dtype_name(dtype_name(data))
             new_state[p] = {
                 key: _converted(v, data, () if key == "step" else data.shape,
                                 "float32" if key in ("step", "master_param") else sdt,
@@ -418,113 +426,22 @@ def to_torch(state_dict: dict) -> dict:
             "param_groups": [dict(g) for g in state_dict["param_groups"]]}
 
 
-# --- The algorithms: options named once, for gpunn.optim and gpunn.torch alike --------------------
-#
-# Each signature is torch 2.13's (positions, keyword-only options, defaults) followed by
-# gpunn's keyword-only options; param groups hold torch's keys in torch's order, then gpunn's.
+# --- The classes: one per registered algorithm -----------------------------------------------
 
 
-def _gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend) -> dict:
-    return dict(l1=l1, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                master_weights=master_weights, backend=backend)
+def optimizer_classes(base: type, module: str, attributes=lambda algorithm: {}) -> dict:
+    """{title: class} of every algorithm: its options mixin over ``base`` (over the class of
+    its ``parent``, as torch's AdamW is an Adam), named as in ``module``, with
+    ``attributes(algorithm)`` on top."""
+    classes = {}
+    for algorithm in ALGORITHMS.values():
+        parent = classes[ALGORITHMS[algorithm.parent].title] if algorithm.parent else base
+        classes[algorithm.title] = type(algorithm.title, (algorithm.options, parent), {
+            "__doc__": algorithm.doc, "__module__": module, "__qualname__": algorithm.title,
+            **attributes(algorithm)})
+    return classes
 
 
-class SGDOptions:
-    algorithm = "sgd"
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, l1=0.0, max_grad_norm=None, skip_nonfinite=False,
-                 master_weights=False, backend=None):
-        self._setup(params, dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused, **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights,
-                                          backend)))
-
-
-class AdagradOptions:
-    algorithm = "adagrad"
-
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 l1=0.0, max_grad_norm=None, skip_nonfinite=False, master_weights=False,
-                 backend=None):
-        self._setup(params, dict(
-            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
-            maximize=maximize, differentiable=differentiable, fused=fused,
-            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
-        for group in self.param_groups:  # as torch's Adagrad: every state made now
-            for p in group["params"]:
-                data = self._array(p)
-                self.state[p] = {"step": _full(data, (), "float32", 0.0),
-                                 "sum": _full(data, data.shape, state_dtype(dtype_name(data)),
-                                              self._init_value("sum", group))}
-
-
-class RMSpropOptions:
-    algorithm = "rmsprop"
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, l1=0.0, max_grad_norm=None, skip_nonfinite=False,
-                 master_weights=False, backend=None):
-        self._setup(params, dict(
-            lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
-            weight_decay=weight_decay, capturable=capturable, foreach=foreach,
-            maximize=maximize, differentiable=differentiable,
-            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
-
-
-class AdamOptions:
-    algorithm = "adam"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False, l1=0.0,
-                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, backend=None):
-        self._setup(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-            capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-            **_gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend)))
-
-
-class AdamWOptions(AdamOptions):
-    """Adam with decoupled_weight_decay=True (as torch's AdamW, an Adam subclass)."""
-
-    algorithm = "adamw"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, l1=0.0, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True, l1=l1,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
-
-
-class SGD(SGDOptions, Optimizer):
-    """Stochastic gradient descent with momentum, dampening and Nesterov (torch.optim.SGD)."""
-
-
-class Adagrad(AdagradOptions, Optimizer):
-    """Adagrad with lr_decay and initial_accumulator_value (torch.optim.Adagrad)."""
-
-
-class RMSprop(RMSpropOptions, Optimizer):
-    """RMSprop, eps after the square root, centered and momentum (torch.optim.RMSprop)."""
-
-
-class Adam(AdamOptions, Optimizer):
-    """Adam with L2 weight decay into the gradient (decoupled with
-    ``decoupled_weight_decay=True``, as AdamW) and amsgrad (torch.optim.Adam)."""
-
-
-class AdamW(AdamWOptions, Adam):
-    """Adam with decoupled weight decay, default 1e-2 (torch.optim.AdamW)."""
-
+#: gpunn.optim's optimizers (SGD, Adagrad, RMSprop, Adam, AdamW...), by class name.
+OPTIMIZERS = optimizer_classes(Optimizer, __name__)
+globals().update(OPTIMIZERS)

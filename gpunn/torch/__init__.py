@@ -8,9 +8,8 @@
 - :func:`patch` / :func:`unpatch`: swap a torch model's modules for gpunn's in place, and back.
 """
 
-from . import nn
-from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from . import nn, optim
+from .optim import *  # noqa: F403  (Optimizer and one class per gpunn.optim.algorithms entry)
 from .patch import Swap, patch, unpatch
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "Swap", "nn", "patch",
-           "unpatch"]
+__all__ = [*optim.__all__, "Swap", "nn", "patch", "unpatch"]

@@ -1,6 +1,7 @@
 """PyTorch adapter: gpunn's fused optimizers as ``torch.optim.Optimizer`` subclasses.
 
-``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise SGD, Adagrad, RMSprop, AdamW)
+``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise SGD, Adagrad, RMSprop, AdamW:
+every algorithm of :mod:`gpunn.optim.algorithms`)
 takes torch 2.13's signature (positions, keyword-only options, defaults; ``foreach`` and
 ``fused`` are accepted and change nothing, ``capturable``/``differentiable`` must be False)
 plus gpunn's keyword-only options (``l1``, ``max_grad_norm``, ``skip_nonfinite``,
@@ -21,8 +22,7 @@ import math
 import torch
 
 from ..optim.fused import grad_totals
-from ..optim.optimizer import (AdagradOptions, AdamOptions, AdamWOptions, FusedStep,
-                               RMSpropOptions, SGDOptions, check_new_params, checked_load)
+from ..optim.optimizer import FusedStep, check_new_params, checked_load, optimizer_classes
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -84,7 +84,10 @@ def _combine_totals(totals, groups):
 
 
 class Optimizer(FusedStep, torch.optim.Optimizer):
-    """torch.optim.Optimizer running gpunn's fused step."""
+    """torch.optim.Optimizer running gpunn's fused step. Where torch's state has no 'step'
+    (SGD: ``steps_in_state`` False), neither has this one's: the kernels' step counts
+    (momentum's first step copies the gradient) are kept apart, and without them a momentum
+    buffer means the first step is behind it."""
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
 
@@ -161,15 +164,8 @@ class Optimizer(FusedStep, torch.optim.Optimizer):
         for p, entry in states.items():
             self.state[p] = entry
         self._tables = {}
-
-
-class SGD(SGDOptions, Optimizer):
-    """torch.optim.SGD, fused. torch's SGD state has no 'step', nor has this one's: the
-    kernels' step counts (momentum's first step copies the gradient) are kept apart
-    (``steps_in_state``), and without them a momentum buffer means the first step is
-    behind it."""
-
-    steps_in_state = False
+        if not self.steps_in_state:
+            self._hide_steps()
 
     def _hide_steps(self) -> None:
         self._steps = {}
@@ -180,25 +176,10 @@ class SGD(SGDOptions, Optimizer):
             if not state:
                 del self.state[p]
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._hide_steps()
 
+#: gpunn.torch's optimizers (SGD, Adagrad, RMSprop, Adam, AdamW...), by class name.
+OPTIMIZERS = optimizer_classes(Optimizer, __name__,
+                               lambda a: {"steps_in_state": a.torch_steps_in_state})
+globals().update(OPTIMIZERS)
 
-class Adagrad(AdagradOptions, Optimizer):
-    """torch.optim.Adagrad, fused."""
-
-
-class RMSprop(RMSpropOptions, Optimizer):
-    """torch.optim.RMSprop, fused."""
-
-
-class Adam(AdamOptions, Optimizer):
-    """torch.optim.Adam, fused (``decoupled_weight_decay=True`` is AdamW)."""
-
-
-class AdamW(AdamWOptions, Adam):
-    """torch.optim.AdamW, fused."""
-
-
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = [*OPTIMIZERS, "Optimizer"]
