@@ -1,5 +1,5 @@
-"""Fused optimizers: SGD (momentum, Nesterov), Adagrad, RMSprop, Adam, AdamW (one module
-each in :mod:`gpunn.optim.algorithms`).
+"""Fused optimizers: one class per algorithm of :mod:`gpunn.optim.algorithms` (SGD with
+momentum and Nesterov, Adagrad, RMSprop, Adam, AdamW, ...).
 
 ``gpunn.optim.Adam(params, lr=1e-3)`` and friends take gpunn parameters (``.data``/``.grad``
 NumPy or CuPy arrays); :mod:`gpunn.torch` has the same optimizers for torch models;

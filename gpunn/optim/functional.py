@@ -1,5 +1,5 @@
-"""Optimizer steps as functions over lists of arrays, in place: ``sgd``, ``adagrad``,
-``rmsprop``, ``adam``, ``adamw`` (one per registered algorithm: its module in
+"""Optimizer steps as functions over lists of arrays, in place: one per registered
+algorithm (``sgd``, ``adagrad``, ``rmsprop``, ``adam``, ``adamw``, ...; its module in
 :mod:`gpunn.optim.algorithms` holds the formula and the function).
 
 Every step runs the common prologue and gradient (:mod:`gpunn.optim.prologue`: clipping,

@@ -1,9 +1,10 @@
 """PyTorch adapter: gpunn's fused optimizers as ``torch.optim.Optimizer`` subclasses.
 
-``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise SGD, Adagrad, RMSprop, AdamW:
-every algorithm of :mod:`gpunn.optim.algorithms`)
-takes torch 2.13's signature (positions, keyword-only options, defaults; ``foreach`` and
-``fused`` are accepted and change nothing, ``capturable``/``differentiable`` must be False)
+``gpunn.torch.Adam(model.parameters(), lr=1e-3)`` (likewise every algorithm of
+:mod:`gpunn.optim.algorithms`: SGD, Adagrad, RMSprop, AdamW, ...) takes torch 2.13's
+signature where torch has the optimizer (positions, keyword-only options, defaults;
+``foreach`` and ``fused`` are accepted and change nothing, ``capturable``/``differentiable``
+must be False)
 plus gpunn's keyword-only options (``l1``, ``max_grad_norm``, ``skip_nonfinite``,
 ``master_weights``, ``backend``), and works with ``torch.optim.lr_scheduler`` and
 ``torch.amp.GradScaler`` unchanged: the scaler hands its scale and found-inf flag to the step
