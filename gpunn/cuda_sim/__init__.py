@@ -30,7 +30,8 @@ import sys
 import threading
 
 from . import build, device
-from .launch import LAUNCHES, ORDERS, Kernel, SimulatorError
+from .device import SimulatorError
+from .launch import LAUNCHES, ORDERS, Kernel
 
 __all__ = ["ENV_VAR", "SimulatorError", "enable", "disable", "enabled", "simulated",
            "configure", "settings", "sm_count", "coverage", "LAUNCHES", "prefetch", "device_view",
@@ -217,6 +218,9 @@ def _module_kernels(name: str, code: str, expressions: tuple) -> dict:
     code = f'#line 1 "{name}.cu"\n{code}'  # messages name the module's lines
     return build.submit(("module", name, code, expressions),
                         lambda: _load(name, code, expressions)).result()
+
+
+device.compile_module = _module_kernels
 
 
 def coverage() -> dict[str, tuple[int, int, list[str]]]:

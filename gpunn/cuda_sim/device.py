@@ -25,6 +25,11 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 ALIGN = 256
 
+class SimulatorError(RuntimeError):
+    """A simulated launch failed: a bad argument, a deadlock, a fault, an out-of-bounds write;
+    or something the simulated device does not have."""
+
+
 #: What the simulated device reports (an H100 SXM's figures; ``cuda_sim.sm_count`` changes
 #: MultiProcessorCount).
 PROPERTIES = {
@@ -410,8 +415,6 @@ class Device:
     def __init__(self, device=None):
         device = 0 if device is None else int(device)
         if device != 0:
-            from . import SimulatorError
-
             raise SimulatorError(f"the CUDA simulator has one device (0), not {device}")
         self.id = 0
 
@@ -524,15 +527,18 @@ class _MemoryPool:
 _POOL = _MemoryPool()
 
 
+#: Compiles a RawModule's kernels: (name, code, name expressions) -> {expression: kernel}.
+#: gpunn.cuda_sim sets it when it loads (this module imports none of the simulator's others).
+compile_module = None
+
+
 class RawModule:
     """``cupy.RawModule(code=..., options=..., name_expressions=...)`` on the simulator:
     the code is compiled for the host (include lines are not resolved: pass self-contained
-    text, as gpunn.cuda.source gives)."""
+    text, as gpunn.cuda.Family.text gives)."""
 
     def __init__(self, code=None, options=(), name_expressions=(), name="module", **kwargs):
-        from . import _module_kernels
-
-        self._kernels = _module_kernels(name, code, tuple(name_expressions or ()))
+        self._kernels = compile_module(name, code, tuple(name_expressions or ()))
 
     def get_function(self, name):
         try:

@@ -17,15 +17,12 @@ from functools import cache
 import numpy as np
 
 from . import build
+from .device import SimulatorError, ndarray
 
 #: Launches per (family, name expression) in this process (the coverage count).
 LAUNCHES: Counter = Counter()
 
 ORDERS = {"in order": 0, "reversed": 1, "random": 2}
-
-
-class SimulatorError(RuntimeError):
-    """A simulated launch failed: a bad argument, a deadlock, a fault, an out-of-bounds write."""
 
 
 class _Spec(ctypes.Structure):
@@ -258,8 +255,6 @@ def _dims(value, what: str) -> tuple[int, int, int]:
 
 def _device_pointer(value):
     """The address of a simulated device array's first element, else None."""
-    from .device import ndarray
-
     if isinstance(value, ndarray):
         return value.data.ptr
     return None
