@@ -230,6 +230,22 @@ struct Adam {
   }
 };
 
+// Lion (gpunn/optim/algorithms/lion.py): k = {beta1, beta2}. s0 exp_avg m.
+struct Lion {
+  template <typename C> struct Row {
+    C lr, beta1, one_minus_beta1, beta2, one_minus_beta2;
+    __device__ Row(const double* k, double lr_, double, int)
+        : lr(C(lr_)), beta1(C(k[0])), one_minus_beta1(C(1.0 - k[0])), beta2(C(k[1])),
+          one_minus_beta2(C(1.0 - k[1])) {}
+  };
+  template <typename C>
+  static __device__ __forceinline__ void update(C& p, C g, C& m, C&, C&, const Row<C>& r) {
+    const C c = m * r.beta1 + r.one_minus_beta1 * g;
+    p = p - (c > C(0) ? r.lr : c < C(0) ? -r.lr : c - c);  // lr sign(c); NaN stays NaN
+    m = m * r.beta2 + r.one_minus_beta2 * g;
+  }
+};
+
 // The step of algorithm A: T parameter/gradient storage, S state storage (float, or double
 // for double). k0..k3: the algorithm's SCALARS scalars.
 template <typename T, typename S, typename A>

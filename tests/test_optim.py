@@ -21,7 +21,8 @@ import gpunn.torch as gt
 from gpunn.nn import Parameter
 from gpunn.optim import functional as F
 from gpunn.optim.fused import CHUNK, chunk_list
-from conftest import HOST_BACKENDS, TOLERANCE, assert_close, functional_step, rel_err
+from conftest import HOST_BACKENDS, TOLERANCE, assert_close, rel_err
+from conftest import functional_step as torch_algorithm_step
 
 # algorithm: (gpunn.optim class, gpunn.torch class, torch.optim class)
 CLASSES = {
@@ -349,7 +350,16 @@ def test_chunk_list_covers_every_element_once():
 # --- The functional API ---------------------------------------------------------------------
 
 
+def functional_step(algo, params, grads, states, steps, options, **kwargs):
+    """conftest's functional step, and Lion's (an algorithm torch.optim has not)."""
+    if algo == "lion":
+        return F.lion(params, grads, states["exp_avg"], steps, **options, **kwargs)
+    return torch_algorithm_step(algo, params, grads, states, steps, options, **kwargs)
+
+
 def _slots(algo, options):
+    if algo == "lion":
+        return ("exp_avg",)
     if algo == "sgd":
         return ("momentum_buffer",) if options.get("momentum", 0) else ()
     if algo == "adagrad":
@@ -1234,6 +1244,8 @@ STEP_CASES = [
     ("adam", dict(lr=0.01, max_grad_norm=1.0)),
     ("adamw", dict(lr=0.01, weight_decay=0.1, maximize=True)),
     ("adamw", dict(lr=0.01, amsgrad=True, max_grad_norm=100.0)),
+    ("lion", dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)),
+    ("lion", dict(lr=0.01, maximize=True, l1=1e-3, max_grad_norm=1.0)),
 ]
 STEP_SHAPES = [(0,), (1,), (7,), (13, 3), (1021,), (3, 6007)]
 
@@ -1484,3 +1496,94 @@ def test_cuda_parameters_on_another_device_change_nothing(rng):
     assert np.array_equal(mixed[0].data, host[0])
     with pytest.raises(ValueError, match="cpu"):
         go.SGD(params, lr=0.1, backend="cpu").step()  # device data on the host backend
+
+
+# --- Lion: no torch.optim counterpart; its paper's update is the oracle ------------------------
+
+
+def _lion_paper(p, g, m, lr, beta1, beta2, weight_decay):
+    """Lion as written in Chen et al. 2023 (Algorithm 2, float64): one step, in place."""
+    update = np.sign(beta1 * m + (1 - beta1) * g)
+    p -= lr * (update + weight_decay * p)
+    m[...] = beta2 * m + (1 - beta2) * g
+
+
+@pytest.mark.parametrize("options", [dict(), dict(lr=3e-3, betas=(0.5, 0.9), weight_decay=0.3)],
+                         ids=["defaults", "options"])
+def test_lion_reference_is_the_papers_update(options, rng):
+    """20 steps of the NumPy reference (float64) against the paper's pseudo-code."""
+    o = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0) | options
+    params = [rng.standard_normal(s) for s in BIG]
+    exp_avgs = [np.zeros(s) for s in BIG]
+    steps = [np.zeros((), np.float32) for _ in BIG]
+    paper_p, paper_m = [p.copy() for p in params], [m.copy() for m in exp_avgs]
+    for _ in range(20):
+        grads = [rng.standard_normal(s) for s in BIG]
+        assert not F.lion(params, grads, exp_avgs, steps, backend="numpy", **options)
+        for p, g, m in zip(paper_p, grads, paper_m):
+            _lion_paper(p, g, m, o["lr"], *o["betas"], o["weight_decay"])
+    for ours, paper in zip(params + exp_avgs, paper_p + paper_m):
+        assert_close(ours, paper, "float64")
+    assert [float(t) for t in steps] == [20.0] * len(BIG)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("options", [
+    dict(lr=1e-2, weight_decay=0.1),
+    dict(lr=1e-2, betas=(0.0, 0.5), maximize=True, l1=1e-3, max_grad_norm=2.0),
+], ids=["decay", "maximize-l1-clip"])
+def test_lion_cpu_matches_the_reference(options, dtype, rng, parallel):
+    """10 steps on the cpu backend (Numba) against the NumPy reference on the same values."""
+    init = [rng.standard_normal(s).astype(dtype) for s in BIG]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in BIG] for _ in range(10)]
+    out = {}
+    for backend in HOST_BACKENDS:
+        params, exp_avgs = [x.copy() for x in init], [np.zeros_like(x) for x in init]
+        steps = [np.zeros((), np.float32) for _ in init]
+        for gs in grads:
+            F.lion(params, gs, exp_avgs, steps, backend=backend, **options)
+        out[backend] = params + exp_avgs
+    for ours, ref in zip(out["cpu"], out["numpy"]):
+        assert_close(ours, ref, dtype)
+
+
+def test_lion_classes_and_the_torch_adapter(rng):
+    """gpunn.optim.Lion on NumPy parameters, gpunn.torch.Lion on CPU tensors (under a torch
+    scheduler) and the paper's update in float64 follow one trajectory; the torch adapter's
+    state dict has torch's layout and resumes a run exactly; bad betas change nothing."""
+    shapes, lr = [(7,), (13, 3), (1021,)], 1e-2
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(12)]
+    ours = [Parameter(x.copy()) for x in init]
+    mine = go.Lion(ours, lr=lr, weight_decay=0.1)
+    tensors = [torch.nn.Parameter(torch.tensor(x)) for x in init]
+    adapter = gt.Lion(tensors, lr=lr, weight_decay=0.1)
+    assert isinstance(adapter, torch.optim.Optimizer)
+    schedule = torch.optim.lr_scheduler.StepLR(adapter, step_size=100)  # keeps lr; steps fine
+    paper = [x.astype(np.float64) for x in init]
+    paper_m = [np.zeros(s) for s in shapes]
+    for i, gs in enumerate(grads):
+        for p, t, g in zip(ours, tensors, gs):
+            p.grad, t.grad = g.copy(), torch.tensor(g)
+        mine.step()
+        adapter.step()
+        schedule.step()
+        for p, g, m in zip(paper, gs, paper_m):
+            _lion_paper(p, g.astype(np.float64), m, lr, 0.9, 0.99, 0.1)
+        if i == 5:  # resume from a state dict in a new optimizer
+            saved = copy.deepcopy(adapter.state_dict())
+            assert set(saved["state"][0]) == {"step", "exp_avg"}
+            assert saved["param_groups"][0]["betas"] == (0.9, 0.99)
+            adapter = gt.Lion(tensors, lr=lr, weight_decay=0.1)
+            adapter.load_state_dict(saved)
+            schedule = torch.optim.lr_scheduler.StepLR(adapter, step_size=100)
+    for p, t, ref in zip(ours, tensors, paper):
+        assert_close(p.data, ref, "float32")
+        assert np.array_equal(t.detach().numpy(), p.data)
+    before = [t.detach().clone() for t in tensors]
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\)"):
+        gt.Lion(tensors, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=r"betas\[0\] must be in \[0, 1\)"):
+        adapter.param_groups[0]["betas"] = (-0.1, 0.99)
+        adapter.step()
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))

@@ -11,11 +11,12 @@ follow from this registry.
 from ..walker import kernels
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
+from .lion import LION
 from .rmsprop import RMSPROP
 from .sgd import SGD
 
 #: Every algorithm, by name, in the order of gpunn.optim's documentation.
-ALGORITHMS = {a.name: a for a in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW)}
+ALGORITHMS = {a.name: a for a in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, LION)}
 
 #: kernels/optim.cu's instantiations: every dtype with every functor.
 KERNELS = kernels(dict.fromkeys(a.functor for a in ALGORITHMS.values()))
