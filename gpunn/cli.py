@@ -247,6 +247,7 @@ def add_train_parser(commands) -> None:
 def _train(args) -> int:
     from . import train as training
     from .nn.module import array_module_of
+    from .train_config import AugmentConfig, TrainConfig
 
     parser = args.parser
     if args.device == "cuda":
@@ -255,12 +256,12 @@ def _train(args) -> int:
         except RuntimeError as e:
             parser.error(f"argument --backend: {e}")
     try:
-        config = training.TrainConfig(
+        config = TrainConfig(
             data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, width=args.width, depth=args.depth,
             dropout=args.dropout, warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing,
-            augment=training.AugmentConfig() if args.augment else None, seed=args.seed,
+            augment=AugmentConfig() if args.augment else None, seed=args.seed,
             ensemble=args.ensemble, device=args.device)
     except (ValueError, RuntimeError) as e:
         parser.error(str(e))

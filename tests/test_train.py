@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from gpunn import checkpoint, cli
-from gpunn.train import (AugmentConfig, TrainConfig, Trainer, build, curves_figure, datasets,
-                         scores, train)
+from gpunn.train import build, curves_figure, datasets, train
+from gpunn.train_config import AugmentConfig, TrainConfig
+from gpunn.trainer import Trainer, scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def test_ensemble_averages_member_probabilities():
 def test_augmentation_is_drawn_per_sample_of_the_run(monkeypatch):
     """Each batch is warped by ops.augment at offset epoch * N + position: no sample of the
     run shares its draw."""
-    import gpunn.train as training
+    import gpunn.trainer as training
 
     calls = []
     real = training.ops.augment
@@ -537,7 +538,8 @@ def test_the_second_compiler_covers_the_backward_half_of_a_step():
     import importlib
 
     from gpunn.cpu_jit import serial
-    from gpunn.train import compile_backward_kernels, training_threads
+    from gpunn.train_compile import compile_backward_kernels
+    from gpunn.trainer import training_threads
 
     batchnorm, dropout, adam, walker = (importlib.import_module(f"gpunn.{name}") for name in (
         "ops.batchnorm.cpu", "ops.dropout", "optim.algorithms.adam", "optim.walker"))
@@ -557,7 +559,7 @@ def test_the_second_compiler_covers_the_backward_half_of_a_step():
 
 
 def test_the_second_compilers_command_runs_this_gpunn(tmp_path):
-    from gpunn.train import backward_compiler_command
+    from gpunn.train_compile import backward_compiler_command
 
     command = backward_compiler_command([64, 10, 16, 1, 0.2, 3e-3, 1e-2])
     command[-1] += "import gpunn; print(gpunn.__file__)\n"
@@ -570,7 +572,7 @@ def test_the_second_compilers_command_runs_this_gpunn(tmp_path):
 def test_compile_notice_says_what_compiles():
     from numba import njit
 
-    from gpunn.train import compile_notice
+    from gpunn.train_compile import compile_notice
 
     lines, firsts = [], []
 

@@ -184,7 +184,8 @@ def gpunn_trainer(model: Model, train, device: str, *, augment: bool, dropout: b
                   seed: int = 0):
     """The Trainer ``gpunn train`` builds for this model (TrainConfig's other defaults), with
     no test set and no progress bar."""
-    from ..train import AugmentConfig, TrainConfig, build
+    from ..train import build
+    from ..train_config import AugmentConfig, TrainConfig
 
     config = TrainConfig(width=model.width, depth=model.depth, batch_size=model.batch_size,
                          dropout=model.dropout if dropout else 0.0,
