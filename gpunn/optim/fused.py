@@ -220,7 +220,7 @@ class Table:
         """(L2 norm, any inf/NaN) of this table's gradients, on the host (numpy, cpu); the
         norm of finite gradients never overflows (see :func:`prologue.grad_norm`)."""
         if self.call.backend == "numpy":
-            return grad_norm(self.call.xp, [_view(g) for g in self.grads])
+            return grad_norm(self.call.xp, list(map(self.call.view, self.grads)))
         with host_threads(int(self.rows[:, N].sum())):
             return cpu_grad_norm(self.rows, self.chunks, np.empty(0, self.dtype))
 
@@ -252,11 +252,11 @@ class Table:
             if call.backend == "numpy":
                 xp = call.xp
                 params, states, steps, masters = self.natives
-                views = lambda arrays: [_view(a) for a in arrays]
+                views = lambda arrays: list(map(call.view, arrays))  # in place, any strides
                 skipped = xp.asarray(float(reference_step(
                     xp, views(params), views(self.grads),
                     {k: views(v) for k, v in states.items() if k in self.slots}, views(steps),
-                    [None if m is None else _view(m) for m in masters] if masters else None,
+                    [None if m is None else call.view(m) for m in masters] if masters else None,
                     h, grad_scale, found_inf, totals)))
             elif call.backend == "cpu":
                 skipped = cpu_run(self, h, grad_scale, found_inf, totals)
@@ -283,18 +283,6 @@ def grad_totals(tables: list[Table]):
     for t in tables:
         t.add_grad_sumsq(totals)
     return totals
-
-
-def _view(a):
-    """A NumPy/CuPy view of an array or tensor, any strides (the reference updates in place)."""
-    if type(a).__module__.split(".")[0] != "torch":
-        return a
-    a = a.detach()
-    if a.device.type == "cpu":
-        return a.numpy()
-    import cupy
-
-    return cupy.from_dlpack(a)
 
 
 #: bytes per element of the dtypes a table holds.
