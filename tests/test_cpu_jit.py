@@ -15,7 +15,7 @@ from gpunn.cpu_jit import SUFFIX, serial, threaded
 #: The op modules that run the kernels the trainer uses (the names in gpunn.ops are the
 #: functions).
 OP_MODULES = [importlib.import_module(f"gpunn.ops.{name}")
-              for name in ("augment", "batchnorm.cpu", "dropout", "losses", "softmax")]
+              for name in ("augment", "batchnorm.cpu", "dropout", "losses.api", "softmax")]
 
 
 @njit(parallel=True)

@@ -712,7 +712,7 @@ def test_cuda_bad_labels(rng):
 @pytest.mark.gpu
 def test_cuda_deterministic_and_accurate(rng):
     cupy = pytest.importorskip("cupy")
-    from gpunn.ops.losses import ROW_CHUNK
+    from gpunn.ops.losses.cuda import ROW_CHUNK
 
     n = sim_size(10**6, 5 * ROW_CHUNK + 11)  # simulated: still 6 partial sums of row losses
     x = cupy.asarray((4 * rng.standard_normal((n, 5))).astype(np.float32))
