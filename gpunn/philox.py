@@ -31,6 +31,7 @@ reads the elements offset .. offset + n - 1 (each op says how it maps elements t
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
 
 from .validation import integer
@@ -97,6 +98,39 @@ def cpu_rounds(c0, c1, c2, c3, k0, k1):
         k0 = (k0 + _W0) & _MASK32
         k1 = (k1 + _W1) & _MASK32
     return c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, c3 & _MASK32
+
+
+def ir_splat(builder, value, lanes: int):
+    """An LLVM vector of ``lanes`` copies of the scalar IR ``value``."""
+    vec = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+def ir_rounds(builder, c0, c1, c2, c3, k0, k1):
+    """:func:`cpu_rounds` in LLVM IR, for kernels written as explicit vector code: c0..c3
+    are vectors of i64 lanes (one block each) holding 32-bit words, anything above bit 31;
+    k0, k1 i64 scalars < 2^32. Returns the four output words, anything above bit 31 (the
+    caller reads the low halves). The masked operands let LLVM multiply with vpmuludq."""
+    lanes = c0.type.count
+    i64 = ir.IntType(64)
+
+    def const(v):
+        return ir.Constant(c0.type, [v] * lanes)
+
+    mask, shift, m0, m1 = const(MASK32), const(32), const(M0), const(M1)
+    for r in range(ROUNDS):
+        rk0 = ir_splat(builder, builder.and_(builder.add(k0, ir.Constant(i64, r * W0)),
+                                             ir.Constant(i64, MASK32)), lanes)
+        rk1 = ir_splat(builder, builder.and_(builder.add(k1, ir.Constant(i64, r * W1)),
+                                             ir.Constant(i64, MASK32)), lanes)
+        p0 = builder.mul(builder.and_(c0, mask), m0)
+        p1 = builder.mul(builder.and_(c2, mask), m1)
+        c0, c1, c2, c3 = (builder.xor(builder.xor(builder.lshr(p1, shift), c1), rk0), p1,
+                          builder.xor(builder.xor(builder.lshr(p0, shift), c3), rk1), p0)
+    return c0, c1, c2, c3
 
 
 # --- Streams ----------------------------------------------------------------------------------
