@@ -20,8 +20,8 @@
 
 namespace gpunn {
 
-constexpr unsigned AUGMENT_TAG = 0x41554730u;  // counter word 3 of the augmentation's blocks
-constexpr double DEG = 0.017453292519943295;   // pi / 180, as Python's math.pi / 180.0
+// AUGMENT_TAG (counter word 3 of the augmentation's blocks) and DEG (pi / 180) come from
+// gpunn/ops/augment.py (Family constants), the same values the host paths use.
 
 __device__ __forceinline__ float floor_c(float v) { return ::floorf(v); }
 __device__ __forceinline__ double floor_c(double v) { return ::floor(v); }

@@ -357,7 +357,7 @@ def _cpu_augment_run(x, y, seed, offset, params):
 
 KERNELS = cuda.Family("augment", [
     f"gpunn::{kernel}<{ctype}>" for kernel in ("affine_warp", "augment")
-    for ctype in cuda.CTYPES.values()])
+    for ctype in cuda.CTYPES.values()], constants={"AUGMENT_TAG": TAG, "DEG": _DEG})
 BLOCK = 256
 MAX_GRID_Y = 65535
 
