@@ -7,6 +7,11 @@ Call these from Numba-compiled code only, on float32 or float64 scalars::
         for i in prange(x.size):
             y[i] = cpu_math.sigmoid(x[i])
 
+As the body of a ``prange`` such a loop may come out slower than as a plain ``range`` loop in a
+function of its own: there LLVM broadcast every constant again in each iteration (gelu: 79
+instead of 43 instructions per 8 elements). gpunn/ops/activations.py runs the plain loop over
+chunks from a parallel driver.
+
 Why: the llvmlite wheels on PyPI ship no SVML, so ``math.exp`` on float32 is a scalar libm call
 per element, and a loop using it runs several times slower than memory allows. The float32
 versions here are straight-line float32 arithmetic (selects instead of branches, no libm calls,
@@ -25,32 +30,41 @@ Math of the float32 path
                   e^x = e^r * 2^h * 2^(n-h), h = floor(n/2): two factors built from exponent
                   bits, each a normal float, so e^x overflows to inf and underflows gradually
                   (one rounding) down to 0.
-    expm1(x)      the same reduction; r + r^2*P(r) when n = 0 (|x| < ln2/2, where r = x), else
-                  e^x - 1 (cancels at most a factor 3.4, at |x| = ln2/2).
-    sigmoid(x)    e = exp(-|x|), s = 1/(1 + e); s for x >= 0, e*s for x < 0 (no overflow, and
-                  relative accuracy in the left tail down to the subnormals).
+    expm1(x)      x clamped to [-80, 89], the same reduction, q = r + r^2*P(r) = e^r - 1, and
+                  e^x - 1 = 2*(h*q + (h - 1/2)), h = 2^(n-1) from exponent bits: one rounding
+                  with FMA, exact for n = 0 (|x| < ln2/2, where r = x); x itself below 2^-100.
+    sigmoid(x)    e = e^-|x| (as exp, the 2^n factor as below), (1 or e)/(1 + e) for x >= 0 or
+                  x < 0 (no overflow, and relative accuracy in the left tail down to the
+                  subnormals).
     tanh(x)       x*P(x^2)/Q(x^2), P and Q of degree 4, for x clamped to [-9, 9] (tanh(9)
                   rounds to 1 in float32). One division and no exp: 3x cheaper than
                   (1 - e^-2|x|)/(1 + e^-2|x|) with a series near 0, at 3.3e-7 instead of 1.7e-7.
-    normal_cdf(x) Phi(x) = erfc(z)/2 for x < 0, 1 - erfc(z)/2 for x >= 0, z = |x|/sqrt(2), with
-                  the Numerical Recipes "erfcc" fit erfc(z) = t*exp(-z^2 + R(t)), t = 1/(1 + z/2),
-                  R of degree 9 (fit error < 1.2e-7 relative).
-    normal_pdf(x) phi(x) = exp(-x^2/2)/sqrt(2*pi).
-    In both, x^2 is carried unrounded: a2 = x*x rounded plus its exact error fma(x, x, -a2),
-    the first going into exp's range reduction, the second added to r. Rounding x^2 alone would
-    cost 5e-6 relative error in the far tails (x^2/2 ~ 100 times 2^-24).
+    normal_cdf(x) Phi(-a) = e^(-a^2/2) * G(a), a = min(|x|, 14.4) (Phi(-14.4) is 0 in float32),
+                  G(a) = erfc(a/sqrt(2)) e^(a^2/2)/2 = P(a)/Q(a), P and Q of degree 4 and 5;
+                  Phi(x) = Phi(-a) for x < 0, 1 - Phi(-a) for x >= 0. One division and one exp,
+                  the rational and the exp's polynomial independent of each other.
+    normal_pdf(x) phi(x) = e^(-a^2/2)/sqrt(2*pi).
+    In both, r = -a^2/2 - n*ln2 comes from one fma, fma(-a/2, a, -n*LN2_HI), in which the
+    product is exact (and n*LN2_HI is exact), then r - n*LN2_LO. Rounding a^2 first would cost
+    5e-6 relative error in the far tails (a^2/2 ~ 100 times 2^-24).
+    Where the result may underflow (sigmoid, normal_cdf, normal_pdf: e^v with v <= 0), e^r's
+    coefficients are scaled by 2^-64 and the product by 2^(n+64) comes last: one factor built
+    from exponent bits, a normal float for n in [-150, 0], and one rounding into the subnormals.
 
 P for exp is a near-minimax fit of the relative error of e^r - 1 on [-ln2/2, ln2/2]: Lawson's
 iteratively reweighted least squares on 20000 Chebyshev nodes in float64 against mpmath,
 coefficients then rounded to float32. The rational P/Q for tanh is fitted the same way on [0, 9],
 linearized as x*P - tanh(x)*Q with Q(0) = 1 and reweighted by the previous Q (Loeb's method).
-The fits alone are good to 1.3e-8 and 2.1e-8, so float32 rounding sets the accuracy.
+P/Q for G is the minimax fit of its relative error on [0, 14.4] (3300 points, mpmath
+reference), Loeb's linearization solved as a linear program at each step; then Q is rounded to
+float32, P refitted to the rounded Q (a linear minimax problem) and rounded.
+The fits alone are good to 1.3e-8, 2.1e-8 and 3.9e-8, so float32 rounding sets the accuracy.
 Polynomials are evaluated by Horner with fused multiply-adds where the CPU has them.
 
 Max relative error of the float32 path against float64 references, measured exhaustively over
 every float32 with 2^-20 <= |x| <= 128 (tests/test_cpu_math.py checks the whole range), with FMA
-(without, as with NUMBA_CPU_NAME=x86-64): exp 7.6e-8 (9.9e-8), expm1 2.4e-7 (2.3e-7),
-sigmoid 2.0e-7 (2.1e-7), tanh 3.3e-7 (3.7e-7), normal_cdf 4.8e-7 (5.2e-7), normal_pdf 1.7e-7
+(without, as with NUMBA_CPU_NAME=generic): exp 7.6e-8 (9.9e-8), expm1 1.2e-7 (1.2e-7),
+sigmoid 1.8e-7 (1.9e-7), tanh 3.3e-7 (3.7e-7), normal_cdf 4.4e-7 (4.7e-7), normal_pdf 1.7e-7
 (1.9e-7). Results that are subnormal in float32 are within half a subnormal ulp.
 exp(+-inf) = inf, 0; expm1(-inf) = -1; sigmoid(+-inf) = 1, 0; tanh(+-inf) = +-1;
 normal_cdf(+-inf) = 1, 0; NaN gives NaN.
@@ -69,8 +83,7 @@ from numba.extending import intrinsic, overload
 __all__ = ["exp", "expm1", "sigmoid", "tanh", "normal_cdf", "normal_pdf"]
 
 _f = np.float32
-# adding -0.0 is folded away by LLVM, adding +0.0 is not (-0.0 + 0.0 = +0.0)
-_NEG_ZERO, _NEG_HALF, _HALF, _ONE = _f(-0.0), _f(-0.5), _f(0.5), _f(1.0)
+_NEG_HALF, _HALF, _ONE, _TWO = _f(-0.5), _f(0.5), _f(1.0), _f(2.0)
 
 # exp: clamp range, 1/ln2, ln2 = LN2_HI + LN2_LO with LN2_HI = 355/512 (n*LN2_HI is exact)
 _EXP_MIN, _EXP_MAX = _f(-104.0), _f(89.0)
@@ -90,12 +103,20 @@ _TANH_Q = tuple(map(_f, (1.0, 0.4671434462070465, 0.02587699517607689, 0.0003285
                          7.776585562169203e-07)))
 # Gaussian tails: |x| clamped to 14.4 (phi and Phi are 0 in float32 beyond)
 _GAUSS_MAX = _f(14.4)
-_INV_SQRT2 = _f(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = _f(1.0 / math.sqrt(2.0 * math.pi))
-# Numerical Recipes (Press et al.) erfcc: erfc(z) = t*exp(-z^2 + R(t)), t = 1/(1 + z/2),
-# R(t) = sum R[k] t^k
-_ERFC_R = tuple(map(_f, (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
-                         0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)))
+# Phi(-a) = e^(-a^2/2) * G(a), G(a) = erfc(a/sqrt(2)) e^(a^2/2) / 2 = P(a)/Q(a) on [0, 14.4]
+_GAUSS_P = tuple(map(_f, (0.5, 0.4399964511394501, 0.1845221370458603, 0.04107411950826645,
+                          0.004183710087090731)))
+_GAUSS_Q = tuple(map(_f, (1.0, 1.6778780221939087, 1.2077914476394653, 0.4728735387325287,
+                          0.10296358913183212, 0.010486895218491554)))
+# results that may underflow: a value v*2^-SHIFT is computed as (v*2^-SHIFT) * 2^(n+SHIFT), so
+# that 2^(n+SHIFT) is a normal float for n in [-150, 0] and the last product rounds once
+_SHIFT = 64
+_EXP_E_SHIFTED = tuple(_f(c * 2.0**-_SHIFT) for c in _EXP_E)
+_NEG_HALF_LOG2E = _f(-0.5 / math.log(2.0))
+# expm1: x clamped to [-80, 89]; below _EXPM1_TINY, expm1(x) = x
+_EXPM1_MIN = _f(-80.0)
+_EXPM1_TINY = _f(2.0**-100)
 
 _INV_SQRT2_64 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI_64 = 1.0 / math.sqrt(2.0 * math.pi)
@@ -156,39 +177,57 @@ def _ldexp(typingctx, p, t):
     return p(p, t), codegen
 
 
+@intrinsic
+def _pow2(typingctx, t, shift):
+    """2**(n + shift) for float32 t = _ROUND + n and an integer constant shift, where
+    n + shift is in [-126, 127]: a normal float built from exponent bits (NaN t: any float).
+
+    The bits of t are those of _ROUND plus n, and the bits of _ROUND shifted left by 23 are 0,
+    so bits(t) << 23 is n << 23.
+    """
+    if t != types.float32 or not isinstance(shift, types.IntegerLiteral):
+        return None
+    bias = (127 + shift.literal_value) << 23
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.bitcast(args[0], i32), ir.Constant(i32, 23))
+        return builder.bitcast(builder.add(bits, ir.Constant(i32, bias)), ir.FloatType())
+
+    return t(t, shift), codegen
+
+
 @njit(inline="always")
-def _exp_f32_reduce(hi, lo):
-    """(t, r) for float32 hi + lo: t = _ROUND + n, n = rint((hi + lo)/ln2), r = hi + lo - n*ln2."""
-    t = _horner(hi + lo, (_ROUND, _LOG2E))
+def _exp_f32_reduce(x):
+    """(t, r) for float32 x: t = _ROUND + n, n = rint(x/ln2), r = x - n*ln2."""
+    t = _horner(x, (_ROUND, _LOG2E))
     n = t - _ROUND
-    return t, _horner(n, (_horner(n, (hi, _NEG_LN2_HI)), _NEG_LN2_LO)) + lo
-
-
-@njit(inline="always")
-def _exp_f32_core(hi, lo, m):
-    """m * e^(hi + lo) in float32, for hi + lo in [-104.8, 89] or NaN and |m| <= 1."""
-    t, r = _exp_f32_reduce(hi, lo)
-    return _ldexp(_horner(r, _EXP_E) * m, t)
+    return t, _horner(n, (_horner(n, (x, _NEG_LN2_HI)), _NEG_LN2_LO))
 
 
 def _exp_f32(x):
     x = _EXP_MIN if x < _EXP_MIN else x  # NaN stays NaN
     x = _EXP_MAX if x > _EXP_MAX else x
-    return _exp_f32_core(x, _NEG_ZERO, _ONE)
+    t, r = _exp_f32_reduce(x)
+    return _ldexp(_horner(r, _EXP_E), t)
 
 
 def _expm1_f32(x):
-    x = _EXP_MIN if x < _EXP_MIN else x  # NaN stays NaN
-    x = _EXP_MAX if x > _EXP_MAX else x
-    t, r = _exp_f32_reduce(x, _NEG_ZERO)
+    v = _EXPM1_MIN if x < _EXPM1_MIN else x  # NaN stays NaN
+    v = _EXP_MAX if v > _EXP_MAX else v
+    t, r = _exp_f32_reduce(v)
     q = _horner(r, (r, r * _horner(r, _EXP_P)))  # e^r - 1
-    return q if t == _ROUND else _ldexp(_ONE + q, t) - _ONE  # n = 0: no cancellation in q
+    h = _pow2(t, -1)
+    y = _horner(q, (h - _HALF, h)) * _TWO  # 2^n (1 + q) - 1, rounded once (with FMA)
+    return x if abs(x) < _EXPM1_TINY else y  # h*q would be subnormal
 
 
 def _sigmoid_f32(x):
-    e = exp(-abs(x))
-    s = _ONE / (_ONE + e)
-    return s if x >= 0 else e * s
+    v = -abs(x)
+    v = _EXP_MIN if v < _EXP_MIN else v  # NaN stays NaN
+    t, r = _exp_f32_reduce(v)
+    e = _horner(r, _EXP_E_SHIFTED) * _pow2(t, _SHIFT)  # e^-|x|
+    return (_ONE if x >= 0 else e) / (_ONE + e)
 
 
 def _tanh_f32(x):
@@ -199,22 +238,28 @@ def _tanh_f32(x):
 
 
 @njit(inline="always")
-def _gauss_f32(x, lo, m):
-    """m * exp(-x^2/2 + lo) with x^2 = a2 + (x*x - a2) exactly, a2 = x*x rounded; NaN -> NaN."""
+def _gauss_f32(x):
+    """(a, p, s): a = min(|x|, 14.4) and e^(-a^2/2) = p*s, p = e^r * 2^-SHIFT, s = 2^(n + SHIFT).
+
+    r = -a^2/2 - n*ln2 comes from one fma: a*(-a/2) is exact in it, and n*LN2_HI is exact.
+    """
     a = abs(x)
     a = _GAUSS_MAX if a > _GAUSS_MAX else a  # NaN stays NaN
-    a2 = a * a
-    return _exp_f32_core(a2 * _NEG_HALF, _fma(_fma(a, a, -a2), _NEG_HALF, lo), m)
+    t = _horner(a * a, (_ROUND, _NEG_HALF_LOG2E))
+    n = t - _ROUND
+    r = _horner(n, (_fma(a * _NEG_HALF, a, n * _NEG_LN2_HI), _NEG_LN2_LO))
+    return a, _horner(r, _EXP_E_SHIFTED), _pow2(t, _SHIFT)
 
 
 def _normal_cdf_f32(x):
-    t = _ONE / (_ONE + abs(x) * (_INV_SQRT2 * _HALF))
-    half_erfc = _gauss_f32(x, _horner(t, _ERFC_R), t * _HALF)
+    a, p, s = _gauss_f32(x)
+    half_erfc = p * (_horner(a, _GAUSS_P) / _horner(a, _GAUSS_Q)) * s  # Phi(-|x|)
     return half_erfc if x < 0 else _ONE - half_erfc
 
 
 def _normal_pdf_f32(x):
-    return _gauss_f32(x, _NEG_ZERO, _INV_SQRT_2PI)
+    a, p, s = _gauss_f32(x)
+    return p * _INV_SQRT_2PI * s
 
 
 def _sigmoid_f64(x):

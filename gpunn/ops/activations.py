@@ -118,24 +118,28 @@ def _numpy_backward(name, dy, v, dx, param):
 
 
 # --- Numba CPU kernels: one parallel, vectorized pass; scalars arrive in the array's dtype ----
+#
+# Each op is a serial loop over a piece of the arrays (`_<op>_loop`), which LLVM vectorizes, and a
+# parallel driver (`_cpu_<op>`) that runs it over pieces of CHUNK elements. Compiled as a function
+# of its own, the loop keeps its constants in registers or on the stack; written as the body of a
+# prange, every constant was broadcast again in each iteration (gelu: 79 instead of 43
+# instructions per 8 elements, 1.5x slower on one thread).
+
+CHUNK = 1 << 14
+
+
+@njit(inline="always", cache=True)
+def _chunks(x):
+    return (x.size + CHUNK - 1) // CHUNK
+
+
+@njit(inline="always", cache=True)
+def _span(c, x):
+    """The slice of chunk c of x."""
+    return slice(c * CHUNK, min(x.size, (c + 1) * CHUNK))
 
 
 # Scalar math, typed by its argument (type(x)(c) keeps float32 math in float32).
-
-
-@njit(inline="always", cache=True)
-def _relu(x, a):
-    return type(x)(0) if x <= 0 else x
-
-
-@njit(inline="always", cache=True)
-def _leaky_relu(x, a):
-    return x if x > 0 else a * x
-
-
-@njit(inline="always", cache=True)
-def _elu(x, a):
-    return a * cm.expm1(x) if x <= 0 else x
 
 
 @njit(inline="always", cache=True)
@@ -145,118 +149,231 @@ def _gelu_tanh_s(x):
 
 
 @njit(inline="always", cache=True)
-def _gelu_tanh(x, a):
-    return x * _gelu_tanh_s(x)
-
-
-@njit(inline="always", cache=True)
-def _gelu_tanh_grad(dy, x, a):
+def _gelu_tanh_grad(dy, x):
     k2, c3, one = type(x)(2 * SQRT_2_OVER_PI), type(x)(3 * GELU_C), type(x)(1)
     s = _gelu_tanh_s(x)
     return dy * (s + x * s * (one - s) * k2 * min(one + c3 * x * x, type(x)(GELU_SLOPE_CAP)))
 
 
 @njit(inline="always", cache=True)
-def _silu_grad(dy, x, a):
+def _silu_grad(dy, x):
     s = cm.sigmoid(x)
     one = type(x)(1)
     return dy * s * (one + x * (one - s))
 
 
-@njit(parallel=True, cache=True)
-def _cpu_sigmoid(x, y, a):
-    for i in prange(x.size):
+# Forward loops y = f(x) and their drivers.
+
+
+@njit(cache=True)
+def _sigmoid_loop(x, y, a):
+    for i in range(x.size):
         y[i] = cm.sigmoid(x[i])
 
 
-@njit(parallel=True, cache=True)
-def _cpu_tanh(x, y, a):
-    for i in prange(x.size):
+@njit(cache=True)
+def _tanh_loop(x, y, a):
+    for i in range(x.size):
         y[i] = cm.tanh(x[i])
 
 
-@njit(parallel=True, cache=True)
-def _cpu_relu(x, y, a):
-    for i in prange(x.size):
-        y[i] = _relu(x[i], a)
+@njit(cache=True)
+def _relu_loop(x, y, a):
+    for i in range(x.size):
+        y[i] = type(a)(0) if x[i] <= 0 else x[i]
 
 
-@njit(parallel=True, cache=True)
-def _cpu_leaky_relu(x, y, a):
-    for i in prange(x.size):
-        y[i] = _leaky_relu(x[i], a)
+@njit(cache=True)
+def _leaky_relu_loop(x, y, a):
+    for i in range(x.size):
+        y[i] = x[i] if x[i] > 0 else a * x[i]
 
 
-@njit(parallel=True, cache=True)
-def _cpu_elu(x, y, a):
-    for i in prange(x.size):
-        y[i] = _elu(x[i], a)
+@njit(cache=True)
+def _elu_loop(x, y, a):
+    for i in range(x.size):
+        y[i] = a * cm.expm1(x[i]) if x[i] <= 0 else x[i]
 
 
-@njit(parallel=True, cache=True)
-def _cpu_gelu(x, y, a):
-    for i in prange(x.size):
+@njit(cache=True)
+def _gelu_loop(x, y, a):
+    for i in range(x.size):
         y[i] = x[i] * cm.normal_cdf(x[i])
 
 
-@njit(parallel=True, cache=True)
-def _cpu_gelu_tanh(x, y, a):
-    for i in prange(x.size):
-        y[i] = _gelu_tanh(x[i], a)
+@njit(cache=True)
+def _gelu_tanh_loop(x, y, a):
+    for i in range(x.size):
+        y[i] = x[i] * _gelu_tanh_s(x[i])
 
 
-@njit(parallel=True, cache=True)
-def _cpu_silu(x, y, a):
-    for i in prange(x.size):
+@njit(cache=True)
+def _silu_loop(x, y, a):
+    for i in range(x.size):
         y[i] = x[i] * cm.sigmoid(x[i])
 
 
 @njit(parallel=True, cache=True)
-def _cpu_sigmoid_backward(dy, y, dx, a):
-    for i in prange(dy.size):
+def _cpu_sigmoid(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _sigmoid_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_tanh(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _tanh_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_relu(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _relu_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_leaky_relu(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _leaky_relu_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_elu(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _elu_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_gelu(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _gelu_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_gelu_tanh(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _gelu_tanh_loop(x[part], y[part], a)
+
+
+@njit(parallel=True, cache=True)
+def _cpu_silu(x, y, a):
+    for c in prange(_chunks(x)):
+        part = _span(c, x)
+        _silu_loop(x[part], y[part], a)
+
+
+# Backward loops dx = dy * f'(.) from v (the forward's output or input) and their drivers.
+
+
+@njit(cache=True)
+def _sigmoid_backward_loop(dy, y, dx, a):
+    for i in range(dy.size):
         dx[i] = dy[i] * y[i] * (type(a)(1) - y[i])
+
+
+@njit(cache=True)
+def _tanh_backward_loop(dy, y, dx, a):
+    for i in range(dy.size):
+        dx[i] = dy[i] * (type(a)(1) - y[i] * y[i])
+
+
+@njit(cache=True)
+def _relu_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):
+        dx[i] = type(a)(0) if x[i] <= 0 else dy[i]
+
+
+@njit(cache=True)
+def _leaky_relu_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):
+        dx[i] = dy[i] if x[i] > 0 else a * dy[i]
+
+
+@njit(cache=True)
+def _elu_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):
+        dx[i] = a * cm.exp(x[i]) * dy[i] if x[i] <= 0 else dy[i]
+
+
+@njit(cache=True)
+def _gelu_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):  # Phi and phi share their exp once inlined
+        dx[i] = dy[i] * (cm.normal_cdf(x[i]) + x[i] * cm.normal_pdf(x[i]))
+
+
+@njit(cache=True)
+def _gelu_tanh_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):
+        dx[i] = _gelu_tanh_grad(dy[i], x[i])
+
+
+@njit(cache=True)
+def _silu_backward_loop(dy, x, dx, a):
+    for i in range(dy.size):
+        dx[i] = _silu_grad(dy[i], x[i])
+
+
+@njit(parallel=True, cache=True)
+def _cpu_sigmoid_backward(dy, y, dx, a):
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _sigmoid_backward_loop(dy[part], y[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_tanh_backward(dy, y, dx, a):
-    for i in prange(dy.size):
-        dx[i] = dy[i] * (type(a)(1) - y[i] * y[i])
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _tanh_backward_loop(dy[part], y[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_relu_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = type(a)(0) if x[i] <= 0 else dy[i]
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _relu_backward_loop(dy[part], x[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_leaky_relu_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = dy[i] if x[i] > 0 else a * dy[i]
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _leaky_relu_backward_loop(dy[part], x[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_elu_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = a * cm.exp(x[i]) * dy[i] if x[i] <= 0 else dy[i]
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _elu_backward_loop(dy[part], x[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_gelu_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = dy[i] * (cm.normal_cdf(x[i]) + x[i] * cm.normal_pdf(x[i]))
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _gelu_backward_loop(dy[part], x[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_gelu_tanh_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = _gelu_tanh_grad(dy[i], x[i], a)
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _gelu_tanh_backward_loop(dy[part], x[part], dx[part], a)
 
 
 @njit(parallel=True, cache=True)
 def _cpu_silu_backward(dy, x, dx, a):
-    for i in prange(dy.size):
-        dx[i] = _silu_grad(dy[i], x[i], a)
+    for c in prange(_chunks(dy)):
+        part = _span(c, dy)
+        _silu_backward_loop(dy[part], x[part], dx[part], a)
 
 
 CPU_FORWARD = {"sigmoid": _cpu_sigmoid, "tanh": _cpu_tanh, "relu": _cpu_relu,
