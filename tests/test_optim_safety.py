@@ -24,6 +24,7 @@ import gpunn.torch as gt
 from gpunn.nn import Parameter
 from gpunn.optim import functional as F
 from conftest import HOST_BACKENDS, array_bytes, assert_close
+from gloo_ranks import run_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -600,15 +601,13 @@ def test_tensor_subclass_sparse_and_meta_subprocess():
 
 
 FSDP_SCRIPT = """
-import os, socket, sys
 import torch
 import torch.distributed as dist
+from gloo_ranks import join, spawn_two
 
 
 def rank_main(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     try:
         from torch.distributed.fsdp import fully_shard
         import gpunn.torch as gt
@@ -654,16 +653,7 @@ def rank_main(rank, world, port, results):
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.spawn(rank_main, args=(2, port, results), nprocs=2)
-    got = sorted(results.get() for _ in range(2))
+    got = spawn_two(rank_main)
     print(got)
     assert [r for r, _ in got] == [0, 1], got
     assert all(v in ("refused", "stepped") for _, v in got), got
@@ -685,10 +675,7 @@ def test_fsdp2_adamw_first_step_two_gloo_ranks(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
-    script = tmp_path / "fsdp2_step.py"
-    script.write_text(FSDP_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    proc = run_worker(tmp_path, FSDP_SCRIPT, timeout=300)
     assert proc.returncode == 0 and "outcome" in proc.stdout, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 

@@ -12,18 +12,17 @@
 
 Each scenario group runs once in a pair of spawned processes (module-scoped fixture)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import gpunn.torch as gt
+from gloo_ranks import run_worker
 
 WORKER = r'''
-import os, socket, sys, traceback
+import sys, traceback
 import torch
 import torch.distributed as dist
+from gloo_ranks import join, spawn_two
 
 
 def syncbn(rank, world, check):
@@ -72,7 +71,7 @@ def syncbn(rank, world, check):
                 for b, c in zip(sync.buffers(), ref.buffers()):
                     check(name, torch.allclose(b.float(), c.float(), rtol=1e-5, atol=1e-6),
                           "running statistics")
-                print(name, "done", flush=True)
+                print(f"{name} done", flush=True)  # one write: two ranks share the pipe
 
 
 def optimizers(rank, world, check):
@@ -151,9 +150,7 @@ def optimizers(rank, world, check):
 
 
 def rank_main(rank, world, port, scenario, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     failures = []
     def check(name, ok, what):
         if not ok:
@@ -169,16 +166,7 @@ def rank_main(rank, world, port, scenario, results):
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.spawn(rank_main, args=(2, port, sys.argv[1], results), nprocs=2)
-    got = sorted(results.get() for _ in range(2))
+    got = spawn_two(rank_main, sys.argv[1])
     for rank, failures in got:
         for f in failures:
             print(f"rank {rank} FAILED {f}")
@@ -195,11 +183,7 @@ def _available():
 
 def _run(tmp_path_factory, scenario):
     _available()
-    script = tmp_path_factory.mktemp(scenario) / "worker.py"
-    script.write_text(WORKER)
-    proc = subprocess.run([sys.executable, str(script), scenario], capture_output=True,
-                          text=True, timeout=600, cwd=script.parent)
-    return proc
+    return run_worker(tmp_path_factory.mktemp(scenario), WORKER, scenario, timeout=600)
 
 
 @pytest.fixture(scope="module")
