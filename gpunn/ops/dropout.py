@@ -69,6 +69,7 @@ import operator
 from numbers import Integral
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -194,6 +195,10 @@ PREFETCH_BYTES = 2048
 #: cache, 16K float32: 0.97 ns an element with one chain, 0.70 with two, 0.67 with three or
 #: four (the loop vectorizer's code before: 1.25).
 GROUP_BLOCKS = 16
+#: Outputs of at least this many bytes are written with non-temporal stores (straight to
+#: memory, not read for ownership first: 8 bytes an element moved instead of 12), smaller ones
+#: stay in the caches for whoever reads them next (the L3 here is 32 MB).
+STREAM_MIN_BYTES = 1 << 24
 #: Words of block lane k of each four land in ``_LANE_BLOCK[k]``: blocks b, b+2 | b+1, b+3
 #: in the two 128-bit halves, so that gathering each lane's four words (one in-half unpack
 #: per output vector) leaves blocks b, b+1 in one vector of eight and b+2, b+3 in the next.
@@ -201,11 +206,13 @@ _LANE_BLOCK = (0, 2, 1, 3)
 
 
 @intrinsic
-def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s):
+def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s, streaming):
     """y[i:i+m] = x[i:i+m] * (u <= last_kept ? s : 0), m = 4 GROUP_BLOCKS, for the words u
     of the stream blocks b .. b + GROUP_BLOCKS - 1 (element i is word 0 of block b); b, k0,
     k1, last_kept uint64 (last_kept < 2^32), s in x's dtype. The caller keeps
-    0 <= i <= x.size - m (nothing is checked here).
+    0 <= i <= x.size - m (nothing is checked here). ``streaming`` (a literal bool): y is
+    written with non-temporal stores, which need &y[i] 32-byte aligned (the caller's
+    promise) and a :func:`_store_fence` before anyone else reads y.
 
     Written as vector IR, one block a 64-bit lane (vpmuludq with AVX2): left to the loop
     vectorizer, the same loop transposed x into block lanes and y back and spilled
@@ -213,12 +220,14 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s):
     keep masks are transposed instead: 6.2 an element, 1.4 around the rounds."""
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (x, y))
             and x.dtype == y.dtype == s and s in (types.float32, types.float64)
-            and isinstance(i, types.Integer) and b == k0 == k1 == last_kept == types.uint64):
+            and isinstance(i, types.Integer) and b == k0 == k1 == last_kept == types.uint64
+            and isinstance(streaming, types.BooleanLiteral)):
         return None
+    stream = streaming.literal_value
 
     def codegen(context, builder, sig, args):
         xa, ya = (context.make_array(x)(context, builder, v) for v in args[:2])
-        start, block, key0, key1, last, scale = args[2:]
+        start, block, key0, key1, last, scale = args[2:8]
         i32, i64 = ir.IntType(32), ir.IntType(64)
         lanes = ir.VectorType(i64, GROUP_BLOCKS)
         blocks = builder.add(ph.ir_splat(builder, block, GROUP_BLOCKS), ir.Constant(
@@ -235,6 +244,7 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s):
         vec = ir.VectorType(context.get_value_type(x.dtype), 8)
         factor_kept, factor_dropped = ph.ir_splat(builder, scale, 8), ir.Constant(vec, [0.0] * 8)
         size = context.get_abi_sizeof(context.get_value_type(x.dtype))
+        nontemporal = builder.module.add_metadata([ir.Constant(i32, 1)])
         # the lines PREFETCH_BYTES ahead, x for reading and y for writing: with ~100
         # instructions a line of float32, the hardware alone kept too few misses in flight
         i8p = ir.IntType(8).as_pointer()
@@ -243,7 +253,8 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s):
             "llvm.prefetch.p0i8")
         for line in range(0, 4 * GROUP_BLOCKS * size, 64):
             ahead = builder.add(start, ir.Constant(start.type, (PREFETCH_BYTES + line) // size))
-            for a, write in ((xa, 0), (ya, 1)):  # a plain gep: past the end is fine to prefetch
+            # a plain gep: past the end is fine to prefetch; streamed y is not read for ownership
+            for a, write in ((xa, 0),) if stream else ((xa, 0), (ya, 1)):
                 builder.call(prefetch, [builder.bitcast(builder.gep(a.data, [ahead]), i8p),
                                         *(ir.Constant(i32, v) for v in (write, 3, 1))])
         for q in range(0, GROUP_BLOCKS, 4):
@@ -258,30 +269,83 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s):
                 at = builder.add(start, ir.Constant(start.type, 4 * q + 8 * h))
                 src, dst = (builder.bitcast(cgutils.gep_inbounds(builder, a.data, at),
                                             vec.as_pointer()) for a in (xa, ya))
-                builder.store(builder.fmul(builder.load(src, align=size), factor), dst,
-                              align=size)
+                store = builder.store(builder.fmul(builder.load(src, align=size), factor), dst,
+                                      align=32 if stream else size)
+                if stream:
+                    store.set_metadata("nontemporal", nontemporal)
         return context.get_dummy_value()
 
-    return types.none(x, y, i, b, k0, k1, last_kept, s), codegen
+    return types.none(x, y, i, b, k0, k1, last_kept, s, streaming), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders the non-temporal stores before it before every later store (sfence on x86,
+    where a seq_cst fence may be a locked instruction, which need not drain them)."""
+    def codegen(context, builder, sig, args):
+        if llvm.get_process_triple().startswith(("x86_64", "i686")):
+            sfence = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _address(typingctx, a):
+    """The address of a's first element, as an integer."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(a)(context, builder, args[0]).data
+        return builder.ptrtoint(data, context.get_value_type(types.intp))
+
+    return types.intp(a), codegen
+
+
+@njit(inline="always", cache=True)
+def _apply_block(xs, ys, j, b, k0, k1, t, s):
+    """Elements 4j .. 4j+3 of ys from those of xs, block b of the stream."""
+    z = type(s)(0)
+    u0, u1, u2, u3 = _philox(b, k0, k1)
+    ys[4 * j] = xs[4 * j] * (s if u0 < t else z)
+    ys[4 * j + 1] = xs[4 * j + 1] * (s if u1 < t else z)
+    ys[4 * j + 2] = xs[4 * j + 2] * (s if u2 < t else z)
+    ys[4 * j + 3] = xs[4 * j + 3] * (s if u3 < t else z)
 
 
 @njit(cache=True)
-def _apply_blocks(xs, ys, b0, k0, k1, t, s):
+def _apply_blocks(xs, ys, b0, k0, k1, t, s, streaming):
+    """ys = xs * (keep ? s : 0) for whole blocks b0, b0 + 1, ...; ``streaming``: write ys
+    with non-temporal stores where it can be aligned for them."""
+    nblocks = xs.size // 4
+    first = 0  # blocks done one at a time before the groups, to align ys for streaming
+    if streaming:
+        address, step = _address(ys), 4 * ys.itemsize
+        first = (-address % 32) // step
+        streaming = (address + first * step) % 32 == 0 and first <= nblocks
+        first = first if streaming else 0
+    for j in range(first):
+        _apply_block(xs, ys, j, b0 + np.uint64(j), k0, k1, t, s)
     # u < t is u <= t - 1 for t >= 1; t = 0 keeps nothing: a kept factor of 0 makes every
     # element x * 0 whatever the comparison says
     last_kept = (t - np.uint64(1)) & _MASK32
     kept = s if t else type(s)(0)
-    whole = xs.size // (4 * GROUP_BLOCKS)
-    for g in range(whole):
-        _apply_block_group(xs, ys, 4 * GROUP_BLOCKS * g, b0 + np.uint64(GROUP_BLOCKS * g),
-                           k0, k1, last_kept, kept)
-    z = type(s)(0)
-    for j in range(GROUP_BLOCKS * whole, xs.size // 4):
-        u0, u1, u2, u3 = _philox(b0 + np.uint64(j), k0, k1)
-        ys[4 * j] = xs[4 * j] * (s if u0 < t else z)
-        ys[4 * j + 1] = xs[4 * j + 1] * (s if u1 < t else z)
-        ys[4 * j + 2] = xs[4 * j + 2] * (s if u2 < t else z)
-        ys[4 * j + 3] = xs[4 * j + 3] * (s if u3 < t else z)
+    groups = (nblocks - first) // GROUP_BLOCKS
+    for g in range(groups):
+        j = first + GROUP_BLOCKS * g
+        if streaming:
+            _apply_block_group(xs, ys, 4 * j, b0 + np.uint64(j), k0, k1, last_kept, kept, True)
+        else:
+            _apply_block_group(xs, ys, 4 * j, b0 + np.uint64(j), k0, k1, last_kept, kept, False)
+    if streaming:
+        _store_fence()
+    for j in range(first + GROUP_BLOCKS * groups, nblocks):
+        _apply_block(xs, ys, j, b0 + np.uint64(j), k0, k1, t, s)
 
 
 @njit(cache=True)
@@ -308,6 +372,7 @@ def _mask_blocks(ms, b0, k0, k1, t):
 def _cpu_dropout(x, y, offset, k0, k1, t, s):
     """y = x * (keep ? s : 0) on flat arrays; offset, k0, k1, t uint64, s in x's dtype."""
     n = x.size
+    streaming = n * x.itemsize >= STREAM_MIN_BYTES
     head, nblocks, tail = _layout(n, offset)
     z = type(s)(0)
     for i in range(head):
@@ -319,7 +384,7 @@ def _cpu_dropout(x, y, offset, k0, k1, t, s):
         lo = c * CPU_CHUNK
         hi = min(lo + CPU_CHUNK, nblocks)
         a, e = head + 4 * lo, head + 4 * hi
-        _apply_blocks(x[a:e], y[a:e], b0 + np.uint64(lo), k0, k1, t, s)
+        _apply_blocks(x[a:e], y[a:e], b0 + np.uint64(lo), k0, k1, t, s, streaming)
 
 
 @njit(parallel=True, cache=True)
