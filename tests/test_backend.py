@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -67,6 +68,123 @@ def test_mixed_array_types_and_non_arrays():
         resolve("op", x=None)
 
 
+def _full_path(monkeypatch, op, backend_arg=None, **arrays):
+    """What resolve decides without its NumPy fast path (backend._host_call)."""
+    with monkeypatch.context() as m:
+        m.setattr(backend, "_host_call", lambda *args: None)
+        call = resolve(op, backend_arg, **arrays)
+    return call.backend, call.kind, call.device, call.size
+
+
+@pytest.mark.parametrize("backend_arg", [None, "cpu", "numpy"])
+def test_numpy_fast_path_decides_as_the_full_path(monkeypatch, backend_arg):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    x = np.ones((5, 3), np.float32)
+    cases = [{"x": x}, {"x": x, "out": None}, {"dy": x, "y": x[:, ::2], "out": np.empty(7)},
+             {"x": np.ones(0)}, {"x": np.ones(())}]
+    for arrays in cases:
+        call = resolve("op", backend_arg, **arrays)
+        assert (call.backend, call.kind, call.device, call.size) == \
+            _full_path(monkeypatch, "op", backend_arg, **arrays)
+
+
+def test_fast_path_leaves_other_arrays_to_the_full_path(tmp_path):
+    """A subclass, a memmap, a non-native byte order, a torch tensor and a non-array each
+    take the full path: the same decision or the same error as before."""
+    class Sub(np.ndarray):
+        pass
+
+    x = np.ones(4, np.float32)
+    with pytest.raises(TypeError, match="x is a Sub, a NumPy array subclass"):
+        resolve("op", x=x.view(Sub))
+    with pytest.raises(TypeError, match="out has non-native byte order"):
+        resolve("op", x=x, out=x.astype(x.dtype.newbyteorder()))
+    with pytest.raises(TypeError, match="x is a numpy array but out is a torch array"):
+        resolve("op", x=x, out=torch.ones(4))
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        resolve("op", x=x, out=[1.0])
+    with pytest.raises(TypeError, match="out must be a NumPy array"):  # before the backend
+        resolve("op", "gpu", x=x, out=[1.0])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve("op", "gpu", x=x)
+    mapped = np.memmap(tmp_path / "m", np.float32, "w+", shape=(4,))
+    assert (resolve("op", x=mapped).kind, resolve("op", x=mapped).size) == ("numpy", 4)
+    call = resolve("op", x=torch.ones(4))
+    assert (call.backend, call.kind, call.device) == ("cpu", "torch", "cpu")
+
+
+def test_repeated_calls_check_each_call_anew():
+    """Nothing of one call is kept for the next of the same kinds of arrays: a different
+    dtype, an out made read-only or strided, a torch tensor or a strided input each get
+    the answer of a first call."""
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    out = np.empty_like(x)
+    for _ in range(2):
+        np.testing.assert_array_equal(ops.relu(x, out=out), np.maximum(x, 0))
+    out[...] = 7
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        ops.relu(x, out=out)
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        ops.relu(x, out=np.empty((8, 12), np.float32)[:, ::2])
+    assert (out == 7).all()
+    with pytest.raises(TypeError, match="x has dtype float16, which the 'cpu' backend"):
+        ops.relu(x.astype(np.float16))
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        ops.relu(x.astype(np.int32))
+    np.testing.assert_array_equal(ops.relu(x[:, ::2]), np.maximum(x[:, ::2], 0))
+    y = ops.relu(torch.from_numpy(x))
+    assert isinstance(y, torch.Tensor)
+    np.testing.assert_array_equal(y.numpy(), np.maximum(x, 0))
+    with pytest.raises(ValueError, match="out partly overlaps x"):
+        ops.relu(x.reshape(-1)[:40], out=x.reshape(-1)[8:48])
+    np.testing.assert_array_equal(ops.relu(x.astype(np.float64)), np.maximum(x, 0))
+
+
+def test_overlap_checks_catch_interleaved_and_shifted_arrays():
+    """check_no_overlap's NumPy shortcut (disjoint bounds) leaves every overlap to the full
+    check: interleaved views, shifted views and the same array refused, in place allowed."""
+    buf = np.zeros(20, np.float32)
+    even, odd = buf[0::2], buf[1::2]
+    with pytest.raises(ValueError, match="must not overlap x"):
+        backend.check_no_overlap("op", "y", odd, {"x": even})
+    with pytest.raises(ValueError, match="partly overlaps x"):
+        backend.check_no_overlap("op", "y", buf[1:11], {"x": buf[:10]}, in_place=True)
+    with pytest.raises(ValueError, match="must not overlap x"):
+        backend.check_no_overlap("op", "y", buf, {"x": buf})
+    backend.check_no_overlap("op", "y", buf, {"x": buf}, in_place=True)
+    backend.check_no_overlap("op", "y", buf[:10], {"x": buf[:10]}, in_place=True)
+    backend.check_no_overlap("op", "y", buf[:10], {"x": buf[10:], "w": None})
+
+
+def test_small_host_calls_run_serial_twins_without_changing_the_thread_count(monkeypatch):
+    from gpunn.cpu_jit import serial, threaded
+    from gpunn.ops.activations import _cpu_relu
+
+    assert backend.host_kernel(_cpu_relu, backend.SERIAL_BELOW - 1) is serial(_cpu_relu)
+    assert backend.host_kernel(_cpu_relu, backend.SERIAL_BELOW) is threaded(_cpu_relu)
+    changes = []
+    monkeypatch.setattr(numba, "set_num_threads", changes.append)
+    x = np.ones((64, 256), np.float32)
+    ops.relu(x)
+    ops.softmax(x)
+    ops.relu_backward(x, x)
+    assert changes == []
+
+
+@pytest.mark.gpu
+def test_device_arrays_take_the_full_path():
+    """CuPy arrays (the simulator's too) and NumPy arrays sent to cuda are resolved as
+    before, after NumPy calls of the same op."""
+    cupy = pytest.importorskip("cupy")
+    x = np.ones(5, np.float32)
+    ops.relu(x)
+    call = resolve("relu", x=cupy.asarray(x))
+    assert (call.backend, call.kind, call.device) == ("cuda", "cupy", "cuda:0")
+    y = ops.relu(cupy.asarray(x - 2))
+    assert type(y) is type(cupy.asarray(x)) and (cupy.asnumpy(y) == 0).all()
+    with pytest.raises(ValueError, match="backend 'cpu' needs host arrays"):
+        ops.relu(cupy.asarray(x), backend="cpu")
 
 
 def test_torch_meta_tensor_is_refused():

@@ -17,6 +17,10 @@ Contenders
           the same number of bytes). bfloat16 arrays are CuPy arrays of ml_dtypes.bfloat16
           for gpunn and torch.bfloat16 tensors for torch, holding the same values.
 
+Small calls (CPU, ``--small-call``): each op also on one (64, 256) array, where a call's
+fixed cost (argument checks, dispatch, the kernel call) outweighs its work; what a small
+model pays per op.
+
 Before timing, every contender's first output is compared with gpunn's NumPy reference
 (||out - ref|| / ||ref|| under harness.CHECK_TOLERANCE); the reference itself is checked
 against a float64 evaluation of a slice. A contender that fails is flagged 'wrong' in the
@@ -73,6 +77,8 @@ GPU_SIZES = ("1M", "4M", "16M", "64M")
 SOFTMAX_COLS = (1024, 4096, 32768)
 CPU_SOFTMAX_TOTAL = "16M"
 GPU_SOFTMAX_TOTAL = "64M"
+#: The shape of the small-call cases (``--small-call``).
+SMALL_CALL_SHAPE = (64, 256)
 CPU_DTYPES = ("float32",)
 GPU_DTYPES = ("float32", "bfloat16")
 CPU_CAN = ("float32", "float64")
@@ -95,6 +101,7 @@ class Options(harness.Options):
     directions: list[str] | None = None
     softmax_cols: list[int] | None = None  # row lengths
     softmax_total: int | None = None  # elements per softmax case
+    small_call: bool | None = None  # the small-call cases (CPU)
 
 
 parse_ops = harness.names_type(OPS, "op(s)")
@@ -111,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--softmax-total", type=_parse_one_size, metavar="N",
                         help=f"elements per softmax case (default {CPU_SOFTMAX_TOTAL} on the "
                              f"CPU, {GPU_SOFTMAX_TOTAL} on the GPU)")
+    parser.add_argument("--small-call", action="store_true", default=None,
+                        help=f"also run each op on one {harness.format_shape(SMALL_CALL_SHAPE)} "
+                             "array on the CPU: the fixed cost of a call")
 
 
 def _parse_cols(text: str) -> list[int]:
@@ -342,10 +352,12 @@ def _run_cpu(runner: harness.Runner, specs: list[OpSpec], directions: list[str])
 def _case_groups(specs: list[OpSpec], options, device: str, dtypes: list[str]):
     """(dtype, check tolerance, the specs of one kind, shape) for each group of cases that
     share their inputs."""
+    small_call = device == "cpu" and harness.option(options, "small_call", False)
     for dtype in dtypes:
         for kind in ("elementwise", "softmax"):
             kind_specs = [s for s in specs if s.kind == kind]
-            for shape in _shapes(kind, options, device) if kind_specs else ():
+            shapes = _shapes(kind, options, device) + ([SMALL_CALL_SHAPE] if small_call else [])
+            for shape in shapes if kind_specs else ():
                 yield dtype, harness.CHECK_TOLERANCE[dtype], kind_specs, shape
 
 

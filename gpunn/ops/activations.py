@@ -36,8 +36,7 @@ from numba import njit, prange
 
 from .. import cpu_math as cm
 from .. import cuda
-from ..backend import array_module
-from ..cpu_jit import threaded
+from ..backend import array_module, host_kernel
 from ..validation import gelu_approximate, real
 from ._apply import apply, compute_dtype
 
@@ -386,12 +385,12 @@ CPU_BACKWARD = {"sigmoid": _cpu_sigmoid_backward, "tanh": _cpu_tanh_backward,
 
 
 def _cpu_forward(name, x, y, param):
-    threaded(CPU_FORWARD[name])(x.reshape(-1), y.reshape(-1), x.dtype.type(param))
+    host_kernel(CPU_FORWARD[name], x.size)(x.reshape(-1), y.reshape(-1), x.dtype.type(param))
 
 
 def _cpu_backward(name, dy, v, dx, param):
-    threaded(CPU_BACKWARD[name])(dy.reshape(-1), v.reshape(-1), dx.reshape(-1),
-                                 dy.dtype.type(param))
+    host_kernel(CPU_BACKWARD[name], dy.size)(dy.reshape(-1), v.reshape(-1), dx.reshape(-1),
+                                             dy.dtype.type(param))
 
 
 # --- CUDA launcher: kernels/activations.cu, one grid-stride kernel per (dtype, op) ------------

@@ -27,8 +27,7 @@ from numba.extending import intrinsic, overload
 
 from .. import cpu_math as cm
 from .. import cuda
-from ..backend import array_module
-from ..cpu_jit import threaded
+from ..backend import array_module, host_kernel
 from ._apply import apply, compute_dtype
 
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
@@ -249,8 +248,8 @@ def _cuda(direction, arrays, log):
 
 IMPLS = {
     "numpy": (_numpy_forward, _numpy_backward),
-    "cpu": (lambda x, y, log: threaded(_cpu_forward)(x, y, log),
-            lambda dy, y, dx, log: threaded(_cpu_backward)(dy, y, dx, log)),
+    "cpu": (lambda x, y, log: host_kernel(_cpu_forward, x.size)(x, y, log),
+            lambda dy, y, dx, log: host_kernel(_cpu_backward, dy.size)(dy, y, dx, log)),
     "cuda": (lambda x, y, log: _cuda("forward", (x, y), log),
              lambda dy, y, dx, log: _cuda("backward", (dy, y, dx), log)),
 }
