@@ -34,6 +34,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit
 
+from .cpu_vector import ir_splat
 from .validation import integer
 
 M0 = 0xD2511F53  #: multiplier applied to counter word 0
@@ -98,15 +99,6 @@ def cpu_rounds(c0, c1, c2, c3, k0, k1):
         k0 = (k0 + _W0) & _MASK32
         k1 = (k1 + _W1) & _MASK32
     return c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, c3 & _MASK32
-
-
-def ir_splat(builder, value, lanes: int):
-    """An LLVM vector of ``lanes`` copies of the scalar IR ``value``."""
-    vec = ir.VectorType(value.type, lanes)
-    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value,
-                                 ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
 def ir_rounds(builder, c0, c1, c2, c3, k0, k1):

@@ -69,7 +69,6 @@ import operator
 from numbers import Integral
 
 import numpy as np
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -78,6 +77,8 @@ from numba.extending import intrinsic
 from .. import backend as _backend
 from .. import cuda
 from .. import philox as ph
+from ..cpu_vector import (STREAM_ALIGN, STREAM_MIN_BYTES, address, ir_splat, ir_store,
+                          store_fence)
 from ..backend import array_module, resolve
 from ..cpu_jit import threaded
 from ..philox import check_stream, cpu_rounds, fresh_seed, key_words
@@ -195,10 +196,6 @@ PREFETCH_BYTES = 2048
 #: cache, 16K float32: 0.97 ns an element with one chain, 0.70 with two, 0.67 with three or
 #: four (the loop vectorizer's code before: 1.25).
 GROUP_BLOCKS = 16
-#: Outputs of at least this many bytes are written with non-temporal stores (straight to
-#: memory, not read for ownership first: 8 bytes an element moved instead of 12), smaller ones
-#: stay in the caches for whoever reads them next (the L3 here is 32 MB).
-STREAM_MIN_BYTES = 1 << 24
 #: Words of block lane k of each four land in ``_LANE_BLOCK[k]``: blocks b, b+2 | b+1, b+3
 #: in the two 128-bit halves, so that gathering each lane's four words (one in-half unpack
 #: per output vector) leaves blocks b, b+1 in one vector of eight and b+2, b+3 in the next.
@@ -211,8 +208,8 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s, streaming):
     of the stream blocks b .. b + GROUP_BLOCKS - 1 (element i is word 0 of block b); b, k0,
     k1, last_kept uint64 (last_kept < 2^32), s in x's dtype. The caller keeps
     0 <= i <= x.size - m (nothing is checked here). ``streaming`` (a literal bool): y is
-    written with non-temporal stores, which need &y[i] 32-byte aligned (the caller's
-    promise) and a :func:`_store_fence` before anyone else reads y.
+    written with non-temporal stores (:mod:`gpunn.cpu_vector`: &y[i] aligned to
+    STREAM_ALIGN, the caller's promise, and its store_fence before anyone reads y).
 
     Written as vector IR, one block a 64-bit lane (vpmuludq with AVX2): left to the loop
     vectorizer, the same loop transposed x into block lanes and y back and spilled
@@ -230,7 +227,7 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s, streaming):
         start, block, key0, key1, last, scale = args[2:8]
         i32, i64 = ir.IntType(32), ir.IntType(64)
         lanes = ir.VectorType(i64, GROUP_BLOCKS)
-        blocks = builder.add(ph.ir_splat(builder, block, GROUP_BLOCKS), ir.Constant(
+        blocks = builder.add(ir_splat(builder, block, GROUP_BLOCKS), ir.Constant(
             lanes, [q + k for q in range(0, GROUP_BLOCKS, 4) for k in _LANE_BLOCK]))
         zero = ir.Constant(lanes, [0] * GROUP_BLOCKS)
         high = builder.lshr(blocks, ir.Constant(lanes, [32] * GROUP_BLOCKS))
@@ -240,11 +237,10 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s, streaming):
             return builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, len(order)),
                                                             order))
 
-        limit = ph.ir_splat(builder, builder.trunc(last, i32), 8)
+        limit = ir_splat(builder, builder.trunc(last, i32), 8)
         vec = ir.VectorType(context.get_value_type(x.dtype), 8)
-        factor_kept, factor_dropped = ph.ir_splat(builder, scale, 8), ir.Constant(vec, [0.0] * 8)
+        factor_kept, factor_dropped = ir_splat(builder, scale, 8), ir.Constant(vec, [0.0] * 8)
         size = context.get_abi_sizeof(context.get_value_type(x.dtype))
-        nontemporal = builder.module.add_metadata([ir.Constant(i32, 1)])
         # the lines PREFETCH_BYTES ahead, x for reading and y for writing: with ~100
         # instructions a line of float32, the hardware alone kept too few misses in flight
         i8p = ir.IntType(8).as_pointer()
@@ -269,42 +265,11 @@ def _apply_block_group(typingctx, x, y, i, b, k0, k1, last_kept, s, streaming):
                 at = builder.add(start, ir.Constant(start.type, 4 * q + 8 * h))
                 src, dst = (builder.bitcast(cgutils.gep_inbounds(builder, a.data, at),
                                             vec.as_pointer()) for a in (xa, ya))
-                store = builder.store(builder.fmul(builder.load(src, align=size), factor), dst,
-                                      align=32 if stream else size)
-                if stream:
-                    store.set_metadata("nontemporal", nontemporal)
+                ir_store(builder, builder.fmul(builder.load(src, align=size), factor), dst,
+                         stream, size)
         return context.get_dummy_value()
 
     return types.none(x, y, i, b, k0, k1, last_kept, s, streaming), codegen
-
-
-@intrinsic
-def _store_fence(typingctx):
-    """Orders the non-temporal stores before it before every later store (sfence on x86,
-    where a seq_cst fence may be a locked instruction, which need not drain them)."""
-    def codegen(context, builder, sig, args):
-        if llvm.get_process_triple().startswith(("x86_64", "i686")):
-            sfence = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
-            builder.call(sfence, [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
-@intrinsic
-def _address(typingctx, a):
-    """The address of a's first element, as an integer."""
-    if not isinstance(a, types.Array):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(a)(context, builder, args[0]).data
-        return builder.ptrtoint(data, context.get_value_type(types.intp))
-
-    return types.intp(a), codegen
 
 
 @njit(inline="always", cache=True)
@@ -325,9 +290,9 @@ def _apply_blocks(xs, ys, b0, k0, k1, t, s, streaming):
     nblocks = xs.size // 4
     first = 0  # blocks done one at a time before the groups, to align ys for streaming
     if streaming:
-        address, step = _address(ys), 4 * ys.itemsize
-        first = (-address % 32) // step
-        streaming = (address + first * step) % 32 == 0 and first <= nblocks
+        start, step = address(ys), 4 * ys.itemsize
+        first = (-start % STREAM_ALIGN) // step
+        streaming = (start + first * step) % STREAM_ALIGN == 0 and first <= nblocks
         first = first if streaming else 0
     for j in range(first):
         _apply_block(xs, ys, j, b0 + np.uint64(j), k0, k1, t, s)
@@ -343,7 +308,7 @@ def _apply_blocks(xs, ys, b0, k0, k1, t, s, streaming):
         else:
             _apply_block_group(xs, ys, 4 * j, b0 + np.uint64(j), k0, k1, last_kept, kept, False)
     if streaming:
-        _store_fence()
+        store_fence()
     for j in range(first + GROUP_BLOCKS * groups, nblocks):
         _apply_block(xs, ys, j, b0 + np.uint64(j), k0, k1, t, s)
 

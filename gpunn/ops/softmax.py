@@ -22,12 +22,15 @@ import math
 import operator
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .. import cpu_math as cm
 from .. import cuda
 from ..backend import array_module, host_kernel
+from ..cpu_vector import STREAM_ALIGN, STREAM_MIN_BYTES, address, ir_splat, ir_store, store_fence
 from ._apply import apply, compute_dtype
 
 # --- NumPy reference (runs on CuPy arrays too) ------------------------------------------------
@@ -189,8 +192,36 @@ def _cpu_forward(x, y, log):
                 yr[j] *= inv
 
 
+@intrinsic
+def _softmax_grad_streamed(typingctx, dy, y, dx, j, s):
+    """dx[j:j+8] = y (dy - s) elementwise, written with a non-temporal store
+    (:mod:`gpunn.cpu_vector`: &dx[j] aligned to STREAM_ALIGN, the caller's promise)."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                for a in (dy, y, dx))
+            and dy.dtype == y.dtype == dx.dtype == s and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(context.get_value_type(s), 8)
+        size = context.get_abi_sizeof(context.get_value_type(s))
+        dyp, yp, dxp = (
+            builder.bitcast(cgutils.gep_inbounds(
+                builder, context.make_array(a)(context, builder, v).data, args[3]),
+                vec.as_pointer())
+            for a, v in zip((dy, y, dx), args[:3]))
+        diff = builder.fsub(builder.load(dyp, align=size), ir_splat(builder, args[4], 8))
+        ir_store(builder, builder.fmul(builder.load(yp, align=size), diff), dxp, True, size)
+        return context.get_dummy_value()
+
+    return types.none(dy, y, dx, j, s), codegen
+
+
 @njit(parallel=True, cache=True)
 def _cpu_backward(dy, y, dx, log):
+    # Large softmax outputs are streamed (gpunn.cpu_vector): the elements of a row before
+    # its first aligned one, and after its last whole vector, with plain stores.
+    # 16M float32 in rows of 1024 to 32768: 1.1-1.5x faster than plain stores throughout.
+    streaming = not log and dx.size * dx.itemsize >= STREAM_MIN_BYTES
     for r in prange(dy.shape[0]):
         dyr, yr, dxr = dy[r], y[r], dx[r]
         if log:
@@ -199,8 +230,20 @@ def _cpu_backward(dy, y, dx, log):
                 dxr[j] = dyr[j] - cm.exp(yr[j]) * s
         else:
             s = _row_dot(dyr, yr)
-            for j in range(dyr.size):
+            first = dyr.size  # the elements before the streamed vectors
+            if streaming:
+                skip = (-address(dxr) % STREAM_ALIGN) // dxr.itemsize
+                if (address(dxr) + skip * dxr.itemsize) % STREAM_ALIGN == 0:
+                    first = min(skip, dyr.size)
+            body = first + 8 * ((dyr.size - first) // 8)
+            for j in range(first):
                 dxr[j] = yr[j] * (dyr[j] - s)
+            for j in range(first, body, 8):
+                _softmax_grad_streamed(dyr, yr, dxr, j, s)
+            for j in range(body, dyr.size):
+                dxr[j] = yr[j] * (dyr[j] - s)
+            if streaming:
+                store_fence()
 
 
 # --- CUDA launcher: kernels/softmax.cu --------------------------------------------------------
