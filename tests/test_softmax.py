@@ -123,21 +123,23 @@ def test_cpu_kernels_agree_with_reference(x, name):
         np.testing.assert_allclose(y_cpu.sum(axis=-1), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cols, shift", [(1024, 0), (1024, 1), (1001, 0), (3, 1)])
-def test_streamed_backward_rows_equal_plain_ones(dtype, cols, shift, rng):
-    """A softmax backward output of STREAM_MIN_BYTES or more is written with non-temporal
-    stores (rows aligned or not, ``out`` offset or not): each row bit for bit as the same
-    row in a small call, which writes plainly."""
+def test_streamed_backward_rows_equal_plain_ones(name, dtype, cols, shift, rng):
+    """A backward output of STREAM_MIN_BYTES or more is written with non-temporal stores
+    (rows aligned or not, ``out`` offset or not): each row bit for bit as the same row in a
+    small call, which writes plainly."""
     from gpunn.cpu_vector import STREAM_MIN_BYTES
 
+    forward, backward = getattr(ops, name), getattr(ops, name + "_backward")
     rows = STREAM_MIN_BYTES // (cols * np.dtype(dtype).itemsize) + 3
     dy = rng.standard_normal((rows, cols)).astype(dtype)
-    y = ops.softmax(rng.standard_normal((rows, cols)).astype(dtype), backend="cpu")
+    y = forward(rng.standard_normal((rows, cols)).astype(dtype), backend="cpu")
     dx = np.empty(rows * cols + 1, dtype)[shift:shift + rows * cols].reshape(rows, cols)
-    ops.softmax_backward(dy, y, out=dx, backend="cpu")
+    backward(dy, y, out=dx, backend="cpu")
     for part in (slice(0, 5), slice(rows // 2, rows // 2 + 3), slice(rows - 5, rows)):
-        small = ops.softmax_backward(dy[part], y[part], backend="cpu")
+        small = backward(dy[part], y[part], backend="cpu")
         np.testing.assert_array_equal(small.view(f"u{small.itemsize}"),
                                       dx[part].view(f"u{small.itemsize}"))
 
