@@ -127,9 +127,9 @@ def test_cpu_kernels_agree_with_reference(x, name):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cols, shift", [(1024, 0), (1024, 1), (1001, 0), (3, 1)])
 def test_streamed_backward_rows_equal_plain_ones(name, dtype, cols, shift, rng):
-    """A backward output of STREAM_MIN_BYTES or more is written with non-temporal stores
-    (rows aligned or not, ``out`` offset or not): each row bit for bit as the same row in a
-    small call, which writes plainly."""
+    """A backward output of STREAM_MIN_BYTES or more (softmax's written with non-temporal
+    stores; rows aligned or not, ``out`` offset or not): each row bit for bit as the same row
+    in a small call, which writes plainly."""
     from gpunn.cpu_vector import STREAM_MIN_BYTES
 
     forward, backward = getattr(ops, name), getattr(ops, name + "_backward")
