@@ -11,7 +11,8 @@ behave as PyTorch's: a row of all -inf, or one holding +inf or NaN, gives NaN th
 and -inf (log_softmax).
 
 Memory traffic: forward reads x and writes y, backward reads dy and y and writes dx. The CPU
-kernel keeps each row in cache between its passes; the GPU keeps a row of up to 32768
+kernel keeps each row in cache between its passes, and writes a softmax backward output of
+16 MB or more with non-temporal stores (:mod:`gpunn.cpu_vector`); the GPU keeps a row of up to 32768
 elements in registers (one block per row, online max/sum), so x is read once; longer rows
 are read twice. A non-last ``axis`` costs a transposed copy in and out.
 """
