@@ -422,8 +422,11 @@ def test_ctrl_c_in_a_subprocess_exits_130_with_one_line(tmp_path):
             "numpy", "--out", str(tmp_path / "run")]
 
     def interrupt_after(command, marker):
+        # SIGINT as at a terminal: a shell starts background jobs with SIGINT ignored, and an
+        # ignored signal stays ignored across exec (CI launched that way never interrupts)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+                                text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         watchdog = threading.Timer(600, proc.kill)
         watchdog.start()
         try:
