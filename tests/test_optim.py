@@ -9,6 +9,7 @@ import copy
 import math
 import pickle
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,8 @@ import gpunn.optim as go
 import gpunn.torch as gt
 from gpunn.nn import Parameter
 from gpunn.optim import functional as F
+from gpunn.backend import SERIAL_BELOW
+from gpunn.optim import walker
 from gpunn.optim.fused import CHUNK, chunk_list
 from conftest import HOST_BACKENDS, TOLERANCE, assert_close, rel_err
 from conftest import functional_step as torch_algorithm_step
@@ -345,6 +348,23 @@ def test_chunk_list_covers_every_element_once():
         covered[row][first:first + CHUNK] += 1
     assert all((c == 1).all() for c in covered)
     assert len(chunk_list(np.array([0, 0]))) == 0
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has one thread")
+def test_a_step_of_many_small_tensors_runs_on_every_thread(monkeypatch, rng, parallel):
+    """Threads follow the step's element count, not its first tensor's: 64 tensors of 2048
+    elements ran Adam on one thread (4x slower than the parallel kernel on the bench's
+    mixed sizes)."""
+    ran_on = []
+    real = walker.threaded
+    monkeypatch.setattr(walker, "threaded", lambda k: (ran_on.append(numba.get_num_threads()),
+                                                       real(k))[1])
+    count = -(-SERIAL_BELOW // 2048)
+    params = [Parameter(rng.standard_normal(2048).astype(np.float32),
+                        rng.standard_normal(2048).astype(np.float32)) for _ in range(count)]
+    go.Adam(params[:2], lr=1e-3).step()  # 4096 elements: one thread
+    go.Adam(params, lr=1e-3).step()
+    assert ran_on == [1, parallel] and parallel > 1
 
 
 # --- The functional API ---------------------------------------------------------------------

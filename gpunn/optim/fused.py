@@ -21,13 +21,14 @@ strides, dtype and writeability of each, from :func:`backend.array_signatures`),
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import chain
 from operator import itemgetter
 
 import numpy as np
 
 from ..backend import (DTYPES, HALF_DTYPES, array_signatures, check_writable,
-                       compute_dtype_name, describe, host_threads, resolve)
+                       compute_dtype_name, describe, resolve)
 from .hyper import Hyper
 from .prologue import grad_norm, reference_step
 from .walker import CHUNK, COLUMNS, G, MASTER, N, P, S0, STEP, cpu_grad_norm, cpu_run, \
@@ -119,6 +120,8 @@ class Table:
                     rows[i, MASTER] = address
         self.written = _Spans(op, written)
         self.chunks = chunk_list(rows[:, N])
+        # a step's host work is all its elements: one thread below SERIAL_BELOW of them
+        self.call = replace(call, size=int(rows[:, N].sum()))
         self.natives = (kernel_params, states, steps, kernel_masters)  # the numpy backend's
         # what the rows address, to revalidate at every step (the arrays are kept alive)
         self.signature = self._signature(params, states, steps, masters)
@@ -221,7 +224,7 @@ class Table:
         norm of finite gradients never overflows (see :func:`prologue.grad_norm`)."""
         if self.call.backend == "numpy":
             return grad_norm(self.call.xp, list(map(self.call.view, self.grads)))
-        with host_threads(int(self.rows[:, N].sum())):
+        with self.call.context():
             return cpu_grad_norm(self.rows, self.chunks, np.empty(0, self.dtype))
 
     def add_grad_sumsq(self, totals):

@@ -30,7 +30,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from .. import cuda
-from ..backend import describe, host_threads
+from ..backend import describe
 from ..cpu_jit import threaded
 from .prologue import host_scale, needs_grad_pass, prologue
 
@@ -186,26 +186,26 @@ def _bound(template, scope: dict, name: str, module: str, filename: str):
 
 
 def cpu_run(table, h, grad_scale, found_inf, totals=None):
-    """One step of ``table`` on the cpu backend; returns 1.0 (a 0-d array) if skipped."""
-    with host_threads(int(table.rows[:, N].sum())):
-        like = np.empty(0, table.dtype)
-        gmul, skip = prologue(h, grad_scale, found_inf, totals,
-                              lambda: cpu_grad_norm(table.rows, table.chunks, like))
-        if skip:
-            return np.asarray(1.0)
-        step_like = np.empty(0, np.float32)
-        bad = _cpu_advance(table.rows, step_like)
-        if bad >= 0:
-            value = float(table.natives[2][bad])
-            raise ValueError(f"{table.op}: state_steps[{bad}] is {value}; step counts are "
-                             "whole numbers >= 0")
-        f = like.dtype.type
-        gk = tuple(map(f, (gmul, -1.0 if h.maximize else 1.0,
-                           0.0 if h.decoupled else h.weight_decay, h.l1,
-                           1.0 - h.lr * h.weight_decay if h.decoupled else 1.0)))
-        k64 = tuple(map(float, (h.lr, *h.algorithm.scalars(h))))
-        threaded(h.algorithm.cpu_step)(table.rows, table.chunks, like, step_like, gk,
-                                       tuple(map(f, k64)), k64, h.algorithm.variant(h))
+    """One step of ``table`` on the cpu backend, inside its call's context (the Numba
+    threads for the table's size); returns 1.0 (a 0-d array) if skipped."""
+    like = np.empty(0, table.dtype)
+    gmul, skip = prologue(h, grad_scale, found_inf, totals,
+                          lambda: cpu_grad_norm(table.rows, table.chunks, like))
+    if skip:
+        return np.asarray(1.0)
+    step_like = np.empty(0, np.float32)
+    bad = _cpu_advance(table.rows, step_like)
+    if bad >= 0:
+        value = float(table.natives[2][bad])
+        raise ValueError(f"{table.op}: state_steps[{bad}] is {value}; step counts are "
+                         "whole numbers >= 0")
+    f = like.dtype.type
+    gk = tuple(map(f, (gmul, -1.0 if h.maximize else 1.0,
+                       0.0 if h.decoupled else h.weight_decay, h.l1,
+                       1.0 - h.lr * h.weight_decay if h.decoupled else 1.0)))
+    k64 = tuple(map(float, (h.lr, *h.algorithm.scalars(h))))
+    threaded(h.algorithm.cpu_step)(table.rows, table.chunks, like, step_like, gk,
+                                   tuple(map(f, k64)), k64, h.algorithm.variant(h))
     return np.asarray(0.0)
 
 
