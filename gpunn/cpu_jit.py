@@ -49,8 +49,10 @@ def serial(kernel: Dispatcher) -> Dispatcher:
                                    f.__closure__)
         clone.__qualname__ = f.__qualname__ + SUFFIX
         clone.__module__, clone.__doc__ = f.__module__, f.__doc__
-        options = {k: v for k, v in kernel.targetoptions.items()
-                   if k not in ("parallel", "nopython")}
+        # the error model numba gives a prange body: a float division that may divide by
+        # zero raises under 'python', a branch out of the loop that stops vectorizing it
+        options = {"error_model": "numpy"} | {k: v for k, v in kernel.targetoptions.items()
+                                              if k not in ("parallel", "nopython")}
         cached = type(kernel._cache).__name__ != "NullCache"  # cache=True is not an option
         twin = _twins[kernel] = njit(cache=cached, **options)(clone)
     return twin

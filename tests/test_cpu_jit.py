@@ -2,6 +2,7 @@
 and that the kernels the trainer runs give bit-identical results either way."""
 
 import importlib
+import platform
 
 import numba
 import numpy as np
@@ -53,6 +54,26 @@ def test_twins_of_cached_kernels_are_cached_under_their_own_name():
     twin = serial(batchnorm_cpu._cpu_forward_flat)
     assert type(twin._cache).__name__ == "FunctionCache"
     assert twin._cache._cache_file._index_name.startswith("cpu._cpu_forward_flat" + SUFFIX)
+
+
+@njit(parallel=True)
+def _scale_rows(x, y, d):
+    for r in prange(x.shape[0]):
+        for i in range(x.shape[1]):
+            y[r, i] = x[r, i] / d[r, i]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
+def test_a_twin_vectorizes_a_float_division_as_the_prange_body_does():
+    """Numba compiles a prange body with error_model='numpy'; under its default 'python'
+    model a float division that may divide by zero raises, and the loop, with an exit,
+    stays scalar (the Adam twin took 70 ms for 16M parameters, the parallel kernel 17 ms
+    on the same one thread)."""
+    x = np.ones((4, 64), np.float32)
+    serial(_scale_rows)(x, np.empty_like(x), x)
+    (asm,) = serial(_scale_rows).inspect_asm().values()
+    assert "divps" in asm  # packed: vdivps on AVX, divps on SSE
+    assert serial(_scale_rows).targetoptions["error_model"] == "numpy"
 
 
 def test_threaded_takes_the_twin_on_one_thread():
