@@ -117,6 +117,29 @@ def test_numpy_and_cpu_agree_with_torch(n, c, h, w, spread, seed):
         assert rel_err(affine_warp(x, theta, backend=backend), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(1, 3, 33, 20), (5, 2, 8, 9), (2, 1, 1, 5)])
+def test_cpu_kernel_keeps_inf_and_nan_where_the_reference_does(shape, dtype, rng):
+    """The bordered-plane kernel (taps never bounds-tested) against the reference, which adds
+    only the taps inside the image: inf and NaN pixels on the border must reach exactly the
+    same outputs (a tap outside the image is not 0 * inf), with a NaN matrix and a sample
+    moved out; one sample is split over the threads (on a machine with more than one)."""
+    x = rng.standard_normal(shape).astype(dtype)
+    x[:, :, 0, 0], x[:, :, -1, -1] = np.inf, np.nan
+    theta = random_thetas(rng, shape[0], dtype, spread=0.6)
+    if shape[0] > 2:
+        theta[1, 0, 0] = np.nan
+        theta[2, :, 2] = 5.0
+    got = affine_warp(x, theta, backend="cpu")
+    want = affine_warp(x, theta, backend="numpy")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(got)], want[np.isinf(got)])
+    finite = np.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[dtype]
+    if shape[0] > 2:
+        assert np.isnan(got[1]).all() and (got[2] == 0).all()
+
+
 def test_float32_theta_for_float64_images_and_float64_theta_for_float32(rng):
     x = rng.standard_normal((3, 2, 9, 9))
     theta = random_thetas(rng, 3, np.float32)

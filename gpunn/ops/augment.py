@@ -79,10 +79,13 @@ Memory traffic: the fewest bytes are one read of x and one write of y (2 N C H W
 plus 24 N or 48 N bytes of theta for ``affine_warp``). A tap is re-read by up to four output
 pixels (more when zooming out), from cache: the input is read about once from memory while
 the scale is near 1. The CUDA kernel runs one thread per output pixel (all channels), so the
-coordinates and weights are computed once per pixel; the CPU kernel one loop per output row.
-Rough CPU figures (2-core Xeon, shared machine, float32, every transformation on): a batch
-of 1365 x 3 x 32 x 32 took 51 ms (torch's affine_grid + grid_sample with the matrices given:
-53 ms; a copy-like kernel: 7 ms), 27 x 3 x 224 x 224 took 67 ms (torch 96 ms).
+coordinates and weights are computed once per pixel. The CPU kernel copies each sample into a
+zero-bordered plane ((H + 2) x (W + 2) per channel: every tap of a pixel inside (-1, W) x
+(-1, H) is in it, so no tap is bounds-tested), computes a row's taps once (the top-left tap's
+index and four weights, branch-free, vectorized) and applies them to each channel. On one
+thread of the 2-core EPYC, float32, that is 1.9-2.25x the per-pixel branching loop it
+replaced and 1.73-2.75x torch's affine_grid + grid_sample on the bench's shapes (341 x 3 x
+32 x 32: 4.3 ms, torch 7.5 ms; 27 x 3 x 224 x 224: 14.4 ms, torch 39.6 ms).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ import math
 from numbers import Real
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .. import cuda
 from .. import philox as ph
@@ -267,52 +270,90 @@ def _random_theta(d, k0, k1, params):
             np.float64(np.float32(t[4])), np.float64(np.float32(t[5])))
 
 
-@njit(inline="always", cache=True)
-def _warp_row(x, y, maps, s, i, zero):
-    """Output row i of sample s: y[s, :, i, :] from x[s] through the pixel map maps[s]."""
+@njit(inline="always", cache=True, error_model="numpy")
+def _pad_sample(x, s, pad):
+    """pad[c, 1:h+1, 1:w+1] = x[s, c]; the border (and the two rows below it) stays zero
+    (loops, not a slice assignment: see batchnorm.cpu_stats._set_shift)."""
     channels, h, w = x.shape[1], x.shape[2], x.shape[3]
-    T = type(zero)
-    a00, a01, a02 = T(maps[s, 0]), T(maps[s, 1]), T(maps[s, 2])
-    a10, a11, a12 = T(maps[s, 3]), T(maps[s, 4]), T(maps[s, 5])
-    fi = T(i)
-    bx, by = a01 * fi + a02, a11 * fi + a12
-    one, fw, fh, neg = T(1), T(w), T(h), T(-1)
+    for c in range(channels):
+        for i in range(h):
+            row, source = pad[c, i + 1], x[s, c, i]
+            for j in range(w):
+                row[j + 1] = source[j]
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _row_taps(a00, a10, bx, by, w, h, first, w00, w01, w10, w11):
+    """The taps of one output row in a zero-bordered plane of width w + 2: the index of the
+    top-left tap (x0 + 1, y0 + 1) and the four weights. A pixel outside the image points at
+    rows h + 1 and h + 2 (four zeros) with weights 0, NaN for a non-finite coordinate.
+    Branch-free (int32 math, selects): the loop vectorizes."""
+    T, I = type(a00), np.int32
+    one, zero, neg, fw, fh = T(1), T(0), T(-1), T(w), T(h)
+    stride = I(w + 2)
+    nowhere = I(h + 1) * stride
     for j in range(w):
         fj = T(j)
-        ix = a00 * fj + bx
-        iy = a10 * fj + by
-        if ix > neg and ix < fw and iy > neg and iy < fh:
-            fx0, fy0 = T(math.floor(ix)), T(math.floor(iy))
-            x0, y0 = int(fx0), int(fy0)
-            wx1, wy1 = ix - fx0, iy - fy0
-            wx0, wy0 = (fx0 + one) - ix, (fy0 + one) - iy
-            w00, w01, w10, w11 = wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1
-            vx0, vx1, vy0, vy1 = x0 >= 0, x0 + 1 < w, y0 >= 0, y0 + 1 < h
-            for c in range(channels):
-                acc = zero
-                if vy0:
-                    if vx0:
-                        acc += x[s, c, y0, x0] * w00
-                    if vx1:
-                        acc += x[s, c, y0, x0 + 1] * w01
-                if vy1:
-                    if vx0:
-                        acc += x[s, c, y0 + 1, x0] * w10
-                    if vx1:
-                        acc += x[s, c, y0 + 1, x0 + 1] * w11
-                y[s, c, i, j] = acc
-        else:  # outside: 0; a non-finite coordinate: NaN (ix - ix is NaN for NaN and inf)
-            v = zero if ix - ix == zero and iy - iy == zero else T(np.nan)
-            for c in range(channels):
-                y[s, c, i, j] = v
+        ix, iy = a00 * fj + bx, a10 * fj + by
+        inside = (ix > neg) & (ix < fw) & (iy > neg) & (iy < fh)
+        finite = (ix - ix == zero) & (iy - iy == zero)
+        cx, cy = (ix, iy) if inside else (zero, zero)
+        tx, ty = I(cx), I(cy)
+        x0, y0 = tx - I(T(tx) > cx), ty - I(T(ty) > cy)  # floor, from the truncation
+        fx0, fy0 = T(x0), T(y0)
+        wx1, wy1 = ix - fx0, iy - fy0
+        wx0, wy0 = (fx0 + one) - ix, (fy0 + one) - iy
+        first[j] = (y0 + I(1)) * stride + (x0 + I(1)) if inside else nowhere
+        outer = zero if finite else T(np.nan)
+        w00[j] = wx0 * wy0 if inside else outer
+        w01[j] = wx1 * wy0 if inside else outer
+        w10[j] = wx0 * wy1 if inside else outer
+        w11[j] = wx1 * wy1 if inside else outer
 
 
-@njit(parallel=True, cache=True)
-def _cpu_warp(x, y, theta, maps, draw, offset, k0, k1, params, zero):
+@njit(inline="always", cache=True, error_model="numpy")
+def _row_apply(plane, stride, out, first, w00, w01, w10, w11):
+    """One output row of one channel: the four taps in PyTorch's order (a border tap adds
+    0 * weight = +0, what skipping it leaves: the same bits)."""
+    for j in range(out.size):
+        k = first[j]
+        acc = plane[k] * w00[j]
+        acc += plane[k + 1] * w01[j]
+        acc += plane[k + stride] * w10[j]
+        acc += plane[k + stride + 1] * w11[j]
+        out[j] = acc
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _warp_rows(x, y, maps, s, i0, i1, zero):
+    """Output rows [i0, i1) of sample s, every channel, through the pixel map maps[s]: the
+    sample copied into a zero-bordered plane (no bounds test per tap; one more zero row for
+    the pixels outside), then per row its taps
+    once and each channel's four-tap sums."""
+    channels, h, w = x.shape[1], x.shape[2], x.shape[3]
+    T = type(zero)
+    pad = np.zeros((channels, h + 3, w + 2), x.dtype)
+    _pad_sample(x, s, pad)
+    first = np.empty(w, np.int32)
+    weights = np.empty((4, w), x.dtype)
+    a00, a01, a02 = T(maps[s, 0]), T(maps[s, 1]), T(maps[s, 2])
+    a10, a11, a12 = T(maps[s, 3]), T(maps[s, 4]), T(maps[s, 5])
+    for i in range(i0, i1):
+        fi = T(i)
+        _row_taps(a00, a10, a01 * fi + a02, a11 * fi + a12, w, h, first, weights[0],
+                  weights[1], weights[2], weights[3])
+        for c in range(channels):
+            _row_apply(pad[c].reshape(-1), w + 2, y[s, c, i], first, weights[0], weights[1],
+                       weights[2], weights[3])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _cpu_warp(x, y, theta, maps, draw, offset, k0, k1, params, zero, parts):
     """y = warp(x, theta_s) on (N, C, H, W): theta_s = theta[s] (N, 2, 3, x's compute dtype),
     or when ``draw`` the matrix of stream sample offset + s (uint64) under key (k0, k1).
-    maps: (N, 6) float64 scratch for the pixel maps. One kernel for both ops: one compile
-    per dtype."""
+    maps: (N, 6) float64 scratch for the pixel maps. Each sample's rows in ``parts`` pieces
+    (more than one when there are fewer samples than threads; each piece pads the sample).
+    One kernel for both ops: one compile per dtype."""
     n, h, w = x.shape[0], x.shape[2], x.shape[3]
     for s in prange(n):
         if draw:
@@ -322,8 +363,9 @@ def _cpu_warp(x, y, theta, maps, draw, offset, k0, k1, params, zero):
                  np.float64(theta[s, 0, 2]), np.float64(theta[s, 1, 0]),
                  np.float64(theta[s, 1, 1]), np.float64(theta[s, 1, 2]))
         _store_map(maps, s, t[0], t[1], t[2], t[3], t[4], t[5], h, w)
-    for r in prange(n * h):
-        _warp_row(x, y, maps, r // h, r % h, zero)
+    for r in prange(n * parts):
+        s, q = r // parts, r % parts
+        _warp_rows(x, y, maps, s, q * h // parts, (q + 1) * h // parts, zero)
 
 
 @njit(cache=True)
@@ -340,17 +382,22 @@ def _cpu_thetas(n, offset, k0, k1, params):
 _NO_PARAMS = np.zeros(9, dtype=np.float64)
 
 
+def _parts(n: int) -> int:
+    """Row pieces per sample: enough for every Numba thread to get one."""
+    return max(1, -(-get_num_threads() // max(n, 1)))
+
+
 def _cpu_warp_run(x, theta, y):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
     threaded(_cpu_warp)(x, y, theta, maps, False, np.uint64(0), np.uint64(0), np.uint64(0),
-                        _NO_PARAMS, x.dtype.type(0))
+                        _NO_PARAMS, x.dtype.type(0), _parts(x.shape[0]))
 
 
 def _cpu_augment_run(x, y, seed, offset, params):
     maps = np.empty((x.shape[0], 6), dtype=np.float64)
     threaded(_cpu_warp)(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
                         *key_words(seed), np.asarray(params, dtype=np.float64),
-                        x.dtype.type(0))
+                        x.dtype.type(0), _parts(x.shape[0]))
 
 
 # --- CUDA launcher: kernels/augment.cu --------------------------------------------------------
