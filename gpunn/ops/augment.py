@@ -80,12 +80,13 @@ plus 24 N or 48 N bytes of theta for ``affine_warp``). A tap is re-read by up to
 pixels (more when zooming out), from cache: the input is read about once from memory while
 the scale is near 1. The CUDA kernel runs one thread per output pixel (all channels), so the
 coordinates and weights are computed once per pixel. The CPU kernel copies each sample into a
-zero-bordered plane ((H + 2) x (W + 2) per channel: every tap of a pixel inside (-1, W) x
-(-1, H) is in it, so no tap is bounds-tested), computes a row's taps once (the top-left tap's
-index and four weights, branch-free, vectorized) and applies them to each channel. On one
-thread of the 2-core EPYC, float32, that is 1.9-2.25x the per-pixel branching loop it
-replaced and 1.73-2.75x torch's affine_grid + grid_sample on the bench's shapes (341 x 3 x
-32 x 32: 4.3 ms, torch 7.5 ms; 27 x 3 x 224 x 224: 14.4 ms, torch 39.6 ms).
+zero-bordered plane ((H + 3) x (W + 2) per channel, a spare zero row for the pixels outside:
+every tap of a pixel inside (-1, W) x (-1, H) is in it, so no tap is bounds-tested), computes
+a row's taps once (the top-left tap's index and four weights, branch-free, vectorized) and
+applies them to each channel. On one thread of the 2-core EPYC, float32, that is 1.9-2.25x
+the per-pixel branching loop it replaced and 1.73-2.75x torch's affine_grid + grid_sample on
+the bench's shapes (341 x 3 x 32 x 32: 4.3 ms, torch 7.5 ms; 27 x 3 x 224 x 224: 14.4 ms,
+torch 39.6 ms).
 """
 
 from __future__ import annotations
