@@ -431,7 +431,9 @@ class Call:
             raise TypeError(f"{self.op}: {name} has dtype {dtype_name(out)}, "
                             f"expected {dtype_name(like)}")
         self.check_in_place(out, name)
-        native = self.native(out, name)
+        # a host NumPy out is its own native array (its dtype, layout checked just above)
+        native = out if type(out) is np.ndarray and self.device == "cpu" else \
+            self.native(out, name)
         check_no_overlap(self.op, name, native, inputs or {}, in_place=True)
         return native
 
