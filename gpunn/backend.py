@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -325,17 +324,18 @@ def numba_threads(n: int):
         numba.set_num_threads(saved)
 
 
-def host_threads(size: int):
-    """Numba threads for a host call over ``size`` elements: one below SERIAL_BELOW."""
-    return numba_threads(1) if size < SERIAL_BELOW else contextlib.nullcontext()
-
-
 def host_kernel(kernel, size: int):
     """The Numba kernel to run for a host call over ``size`` elements: its serial twin below
-    SERIAL_BELOW (one thread, as :func:`host_threads` gives, without changing Numba's thread
-    count: :func:`numba_threads` cost 6 us of a 29 us relu of (64, 256)), else
-    :func:`gpunn.cpu_jit.threaded`."""
+    SERIAL_BELOW (one thread without changing Numba's thread count: :func:`numba_threads`
+    cost 6 us of a 29 us relu of (64, 256)), else :func:`gpunn.cpu_jit.threaded`. Every host
+    call picks its kernels so, by the size of its work."""
     return serial(kernel) if size < SERIAL_BELOW else threaded(kernel)
+
+
+def host_thread_count(size: int) -> int:
+    """The Numba threads :func:`host_kernel`'s kernel runs on, for kernels that plan their
+    pieces by it."""
+    return 1 if size < SERIAL_BELOW else numba.get_num_threads()
 
 
 @dataclass(slots=True)
@@ -348,7 +348,6 @@ class Call:
     backend: str
     kind: str  # the caller's array type: 'numpy', 'cupy' or 'torch'
     device: str  # 'cpu' or 'cuda:<id>'
-    size: int = 0  # elements of the largest array (host calls below SERIAL_BELOW run serially)
 
     @property
     def xp(self):
@@ -455,9 +454,7 @@ class Call:
 
     def context(self):
         """Make the data's device current; for torch tensors also torch's current stream.
-        Host calls on small arrays run on one Numba thread (:data:`SERIAL_BELOW`)."""
-        if self.backend == "cpu":
-            return host_threads(self.size)
+        Nothing for host calls: they pick their Numba kernels by size (:func:`host_kernel`)."""
         if self.backend != "cuda":
             return contextlib.nullcontext()
         import cupy
@@ -577,8 +574,7 @@ def resolve(op: str, backend: str | None = None, **arrays) -> Call:
                              "memory; move it first (cupy.asarray, tensor.cuda())")
     elif chosen == "cpu" and device != "cpu":
         raise ValueError(f"{op}: backend 'cpu' needs host arrays, but {first} is on {device}")
-    size = max(math.prod(a.shape) for a in given.values())
-    return Call(op=op, backend=chosen, kind=kind, device=device, size=size)
+    return Call(op=op, backend=chosen, kind=kind, device=device)
 
 
 def _host_call(op: str, backend: str | None, arrays: dict) -> Call | None:
@@ -586,16 +582,16 @@ def _host_call(op: str, backend: str | None, arrays: dict) -> Call | None:
     backend (requested, else cpu), with the same checks in the same order, done inline
     (small calls are dominated by such fixed costs); None for anything else (other arrays,
     no array, a cuda request), which resolve's full path decides or refuses."""
-    size = -1
+    found = False
     for a in arrays.values():
         if a is None:
             continue
         if type(a) is not np.ndarray or not a.dtype.isnative:
             return None
-        size = max(size, a.size)
-    if size < 0:
+        found = True
+    if not found:
         return None
     requested = _requested(backend)
     if requested == "cuda":
         return None
-    return Call(op, requested or "cpu", "numpy", "cpu", size)
+    return Call(op, requested or "cpu", "numpy", "cpu")

@@ -5,7 +5,7 @@ serially (process CPU time on this machine: the fused Adam step 4.5 s against 2.
 affine warp 8.4 s against 4.0 s, softmax 2.6 s against 0.7 s), and on one thread it runs no
 faster. The trainer runs the Numba kernels on one thread (see
 :func:`gpunn.train.training_threads`), so a cold ``gpunn train`` would pay for parallel
-compiles it never uses; so do small optimizer steps (:func:`gpunn.backend.host_threads`).
+compiles it never uses; so do small host calls (:func:`gpunn.backend.host_kernel`).
 
 ``threaded(kernel)`` is ``kernel`` itself when Numba has more than one thread, else its
 serial twin: the same code (``prange`` runs as ``range``), compiled without ``parallel`` on

@@ -95,12 +95,12 @@ import math
 from numbers import Real
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from .. import cuda
 from .. import philox as ph
-from ..backend import array_module, check_no_overlap, compute_dtype_name, dtype_name, resolve
-from ..cpu_jit import threaded
+from ..backend import (array_module, check_no_overlap, compute_dtype_name, dtype_name,
+                       host_kernel, host_thread_count, resolve)
 from ..philox import check_stream, cpu_rounds, fresh_seed, key_words
 from ..validation import integer, real
 
@@ -383,22 +383,22 @@ def _cpu_thetas(n, offset, k0, k1, params):
 _NO_PARAMS = np.zeros(9, dtype=np.float64)
 
 
-def _parts(n: int) -> int:
-    """Row pieces per sample: enough for every Numba thread to get one."""
-    return max(1, -(-get_num_threads() // max(n, 1)))
+def _cpu_warp_call(x, y, theta, draw, offset, key, params):
+    """_cpu_warp on the threads x's size gets, each sample's rows in enough pieces for
+    every thread to get one."""
+    parts = max(1, -(-host_thread_count(x.size) // max(x.shape[0], 1)))
+    maps = np.empty((x.shape[0], 6), dtype=np.float64)
+    host_kernel(_cpu_warp, x.size)(x, y, theta, maps, draw, np.uint64(offset), *key, params,
+                                   x.dtype.type(0), parts)
 
 
 def _cpu_warp_run(x, theta, y):
-    maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    threaded(_cpu_warp)(x, y, theta, maps, False, np.uint64(0), np.uint64(0), np.uint64(0),
-                        _NO_PARAMS, x.dtype.type(0), _parts(x.shape[0]))
+    _cpu_warp_call(x, y, theta, False, 0, (np.uint64(0), np.uint64(0)), _NO_PARAMS)
 
 
 def _cpu_augment_run(x, y, seed, offset, params):
-    maps = np.empty((x.shape[0], 6), dtype=np.float64)
-    threaded(_cpu_warp)(x, y, np.empty((0, 2, 3), dtype=x.dtype), maps, True, np.uint64(offset),
-                        *key_words(seed), np.asarray(params, dtype=np.float64),
-                        x.dtype.type(0), _parts(x.shape[0]))
+    _cpu_warp_call(x, y, np.empty((0, 2, 3), dtype=x.dtype), True, offset, key_words(seed),
+                   np.asarray(params, dtype=np.float64))
 
 
 # --- CUDA launcher: kernels/augment.cu --------------------------------------------------------

@@ -81,8 +81,7 @@ from .. import cuda
 from .. import philox as ph
 from ..cpu_vector import (STREAM_ALIGN, STREAM_MIN_BYTES, address, ir_splat, ir_store,
                           store_fence)
-from ..backend import array_module, resolve
-from ..cpu_jit import threaded
+from ..backend import array_module, host_kernel, resolve
 from ..philox import check_stream, cpu_rounds, fresh_seed, key_words
 from ..validation import real
 
@@ -396,16 +395,16 @@ def _stream_args(p, seed, offset):
 
 
 def _cpu_run(x, y, mask, p, seed, offset):
-    s = x.dtype.type(scale_of(p))
+    s, stream = x.dtype.type(scale_of(p)), _stream_args(p, seed, offset)
     if mask is None:
-        threaded(_cpu_dropout)(x.reshape(-1), y.reshape(-1), *_stream_args(p, seed, offset), s)
+        host_kernel(_cpu_dropout, x.size)(x.reshape(-1), y.reshape(-1), *stream, s)
     else:
-        threaded(_cpu_dropout_mask)(x.reshape(-1), y.reshape(-1), mask.reshape(-1),
-                                    *_stream_args(p, seed, offset), s)
+        host_kernel(_cpu_dropout_mask, x.size)(x.reshape(-1), y.reshape(-1), mask.reshape(-1),
+                                               *stream, s)
 
 
 def _cpu_mask_run(mask, p, seed, offset):
-    threaded(_cpu_mask)(mask.reshape(-1), *_stream_args(p, seed, offset))
+    host_kernel(_cpu_mask, mask.size)(mask.reshape(-1), *_stream_args(p, seed, offset))
 
 
 # --- CUDA launcher: kernels/dropout.cu --------------------------------------------------------

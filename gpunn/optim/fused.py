@@ -21,7 +21,6 @@ strides, dtype and writeability of each, from :func:`backend.array_signatures`),
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from itertools import chain
 from operator import itemgetter
 
@@ -120,8 +119,8 @@ class Table:
                     rows[i, MASTER] = address
         self.written = _Spans(op, written)
         self.chunks = chunk_list(rows[:, N])
-        # a step's host work is all its elements: one thread below SERIAL_BELOW of them
-        self.call = replace(call, size=int(rows[:, N].sum()))
+        #: elements of the step: its host kernels are picked by this (backend.host_kernel)
+        self.size = int(rows[:, N].sum())
         self.natives = (kernel_params, states, steps, kernel_masters)  # the numpy backend's
         # what the rows address, to revalidate at every step (the arrays are kept alive)
         self.signature = self._signature(params, states, steps, masters)
@@ -224,8 +223,7 @@ class Table:
         norm of finite gradients never overflows (see :func:`prologue.grad_norm`)."""
         if self.call.backend == "numpy":
             return grad_norm(self.call.xp, list(map(self.call.view, self.grads)))
-        with self.call.context():
-            return cpu_grad_norm(self.rows, self.chunks, np.empty(0, self.dtype))
+        return cpu_grad_norm(self.rows, self.chunks, np.empty(0, self.dtype), self.size)
 
     def add_grad_sumsq(self, totals):
         """cuda: accumulate this table's gradients' sum of squares and inf/NaN count into

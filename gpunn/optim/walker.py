@@ -30,8 +30,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from .. import cuda
-from ..backend import describe
-from ..cpu_jit import threaded
+from ..backend import describe, host_kernel
 from .prologue import host_scale, needs_grad_pass, prologue
 
 #: The words of a table row, in order (kernels/optim.cu reads them as COLUMN_<name>).
@@ -84,14 +83,16 @@ def _cpu_grad_sumsq(rows, chunks, like, scale):
         partial[c, 0], partial[c, 1], partial[c, 2] = acc, bad, big
     return partial
 
-def cpu_grad_norm(rows, chunks, like) -> tuple[float, bool]:
-    """(norm, any inf/NaN) of a table's gradients (prologue.grad_norm's rule)."""
-    partial = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0)
+def cpu_grad_norm(rows, chunks, like, size: int) -> tuple[float, bool]:
+    """(norm, any inf/NaN) of a table's gradients, ``size`` elements in all
+    (prologue.grad_norm's rule)."""
+    kernel = host_kernel(_cpu_grad_sumsq, size)
+    partial = kernel(rows, chunks, like, 1.0)
     sumsq, bad = float(np.sum(partial[:, 0])), bool(np.any(partial[:, 1]))
     if bad or math.isfinite(sumsq):
         return math.sqrt(sumsq), bad
     m = float(np.max(partial[:, 2]))
-    rescaled = threaded(_cpu_grad_sumsq)(rows, chunks, like, 1.0 / m)
+    rescaled = kernel(rows, chunks, like, 1.0 / m)
     return m * math.sqrt(float(np.sum(rescaled[:, 0]))), False
 
 @njit(cache=True)
@@ -186,11 +187,10 @@ def _bound(template, scope: dict, name: str, module: str, filename: str):
 
 
 def cpu_run(table, h, grad_scale, found_inf, totals=None):
-    """One step of ``table`` on the cpu backend, inside its call's context (the Numba
-    threads for the table's size); returns 1.0 (a 0-d array) if skipped."""
+    """One step of ``table`` on the cpu backend; returns 1.0 (a 0-d array) if skipped."""
     like = np.empty(0, table.dtype)
     gmul, skip = prologue(h, grad_scale, found_inf, totals,
-                          lambda: cpu_grad_norm(table.rows, table.chunks, like))
+                          lambda: cpu_grad_norm(table.rows, table.chunks, like, table.size))
     if skip:
         return np.asarray(1.0)
     step_like = np.empty(0, np.float32)
@@ -204,8 +204,9 @@ def cpu_run(table, h, grad_scale, found_inf, totals=None):
                        0.0 if h.decoupled else h.weight_decay, h.l1,
                        1.0 - h.lr * h.weight_decay if h.decoupled else 1.0)))
     k64 = tuple(map(float, (h.lr, *h.algorithm.scalars(h))))
-    threaded(h.algorithm.cpu_step)(table.rows, table.chunks, like, step_like, gk,
-                                   tuple(map(f, k64)), k64, h.algorithm.variant(h))
+    host_kernel(h.algorithm.cpu_step, table.size)(table.rows, table.chunks, like, step_like,
+                                                  gk, tuple(map(f, k64)), k64,
+                                                  h.algorithm.variant(h))
     return np.asarray(0.0)
 
 

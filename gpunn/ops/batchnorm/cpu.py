@@ -6,9 +6,9 @@ points :func:`cpu_forward` and :func:`cpu_backward`."""
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from ...cpu_jit import threaded
+from ...backend import host_kernel, host_thread_count
 from .cpu_stats import (COL_TILE, CPU_ROWS_MIN, ROW_BLOCK, finalize_backward, finalize_forward,
                         grad_cols, grad_rows, stats_cols, stats_rows)
 
@@ -281,14 +281,14 @@ def cpu_forward(x3, w, b, rm, rv, mean, invstd, y3, use_batch, update, factor, e
     e = _EMPTY[x3.dtype]
     if not update and rm is not None and not (rm.flags.writeable and rv.flags.writeable):
         rm, rv = rm.copy(), rv.copy()  # only read, but the kernel is typed for writing them
-    threads = get_num_threads()
     if x3.shape[2] == 1:
         A, C = x3.shape[:2]
         x3, y3, driver = x3.reshape(A, C), y3.reshape(A, C), _cpu_forward_flat
     else:
         driver = _cpu_forward_driver
-    threaded(driver)(x3, _or(w, e), _or(b, e), _or(rm, e), _or(rv, e), mean, invstd, y3,
-                     use_batch, update, float(factor), float(eps), relu, threads)
+    host_kernel(driver, x3.size)(x3, _or(w, e), _or(b, e), _or(rm, e), _or(rv, e), mean, invstd,
+                                 y3, use_batch, update, float(factor), float(eps), relu,
+                                 host_thread_count(x3.size))
 
 
 def cpu_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
@@ -299,8 +299,8 @@ def cpu_backward(dy3, x3, mean, invstd, w, b, dx3, dw, db, training, relu):
         driver = _cpu_backward_flat
     else:
         driver = _cpu_backward_driver
-    threaded(driver)(dy3, x3, mean, invstd, _or(w, e), _or(b, e), dx3, dw, db, training, relu,
-                     get_num_threads())
+    host_kernel(driver, x3.size)(dy3, x3, mean, invstd, _or(w, e), _or(b, e), dx3, dw, db,
+                                 training, relu, host_thread_count(x3.size))
 
 
 def _or(a, default):

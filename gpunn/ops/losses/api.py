@@ -9,8 +9,7 @@ import operator
 
 import numpy as np
 
-from ...backend import dtype_name, resolve
-from ...cpu_jit import threaded
+from ...backend import dtype_name, host_kernel, resolve
 from ...validation import choice, real
 from .._apply import compute_dtype
 from .cpu import (MSE_CHUNK, cpu_ce_backward, cpu_ce_forward, cpu_label_stats, cpu_mse_backward,
@@ -161,8 +160,8 @@ def _ce(op, logits, labels, reduction, label_smoothing, ignore_index, backend, c
                     _finish_host(call, losses.sum(dtype=call.xp.float64), count, reduction, out)
             else:
                 losses = np.empty(rows)  # float64 (one specialization for every output dtype)
-                threaded(cpu_ce_forward)(x, y, np.int64(ignore), eps, losses,
-                                          lse if want_lse else np.empty(0), want_lse)
+                host_kernel(cpu_ce_forward, x.size)(x, y, np.int64(ignore), eps, losses,
+                                                    lse if want_lse else np.empty(0), want_lse)
                 if reduction == "none":
                     out.reshape(-1)[...] = losses
                 else:
@@ -230,9 +229,9 @@ def cross_entropy_backward(dloss, logits, labels, reduction="mean", label_smooth
                 dx2[...] = ref_ce_backward(x, y, eps, ignore, w, saved)
             else:
                 w, stride = _weights(call, g, rows)
-                threaded(cpu_ce_backward)(x, y, np.int64(ignore), eps, w * scale, stride,
-                                           saved if saved is not None else np.empty(0),
-                                           saved is not None, dx2)
+                host_kernel(cpu_ce_backward, x.size)(
+                    x, y, np.int64(ignore), eps, w * scale, stride,
+                    saved if saved is not None else np.empty(0), saved is not None, dx2)
     return call.wrap(dx, out)
 
 
@@ -291,7 +290,7 @@ def nll_loss_backward(dloss, log_probs, labels, reduction="mean", ignore_index=-
                 ref_nll_backward(y, ignore, w, dx2)
             else:
                 w, stride = _weights(call, g, rows)
-                threaded(cpu_nll_backward)(y, np.int64(ignore), w * scale, stride, dx2)
+                host_kernel(cpu_nll_backward, dx2.size)(y, np.int64(ignore), w * scale, stride, dx2)
     return call.wrap(dx, out)
 
 
@@ -320,10 +319,10 @@ def mse_loss(input, target, reduction="mean", backend=None):
         elif call.backend == "numpy":
             out[...] = ref_mse_forward(x, t, reduction)
         elif reduction == "none":
-            threaded(cpu_mse_none)(x.reshape(-1), t.reshape(-1), out.reshape(-1))
+            host_kernel(cpu_mse_none, x.size)(x.reshape(-1), t.reshape(-1), out.reshape(-1))
         else:
             parts = np.empty(-(-x.size // MSE_CHUNK))
-            threaded(cpu_mse_chunks)(x.reshape(-1), t.reshape(-1), parts)
+            host_kernel(cpu_mse_chunks, x.size)(x.reshape(-1), t.reshape(-1), parts)
             total = parts.sum()
             out[...] = total if reduction == "sum" else (total / x.size if x.size else math.nan)
         return call.wrap(out)
@@ -347,8 +346,10 @@ def mse_loss_backward(dloss, input, target, reduction="mean", out=None, backend=
             dx[...] = ref_mse_backward(w, x, t, norm)
         elif isinstance(g, float) or g.ndim == 0:
             k = x.dtype.type(norm * float(g))
-            threaded(cpu_mse_backward)(x.reshape(-1), t.reshape(-1), k, dx.reshape(-1))
+            host_kernel(cpu_mse_backward, x.size)(x.reshape(-1), t.reshape(-1), k,
+                                                  dx.reshape(-1))
         else:
-            threaded(cpu_mse_backward_none)(g.reshape(-1), x.reshape(-1), t.reshape(-1),
-                                             x.dtype.type(norm), dx.reshape(-1))
+            host_kernel(cpu_mse_backward_none, x.size)(g.reshape(-1), x.reshape(-1),
+                                                       t.reshape(-1), x.dtype.type(norm),
+                                                       dx.reshape(-1))
     return call.wrap(dx, out)
