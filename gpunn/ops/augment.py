@@ -273,7 +273,7 @@ def _random_theta(d, k0, k1, params):
 
 @njit(inline="always", cache=True, error_model="numpy")
 def _pad_sample(x, s, pad):
-    """pad[c, 1:h+1, 1:w+1] = x[s, c]; the border (and the two rows below it) stays zero
+    """pad[c, 1:h+1, 1:w+1] = x[s, c]; the border and the spare row below it stay zero
     (loops, not a slice assignment: see batchnorm.cpu_stats._set_shift)."""
     channels, h, w = x.shape[1], x.shape[2], x.shape[3]
     for c in range(channels):
@@ -329,8 +329,7 @@ def _row_apply(plane, stride, out, first, w00, w01, w10, w11):
 def _warp_rows(x, y, maps, s, i0, i1, zero):
     """Output rows [i0, i1) of sample s, every channel, through the pixel map maps[s]: the
     sample copied into a zero-bordered plane (no bounds test per tap; one more zero row for
-    the pixels outside), then per row its taps
-    once and each channel's four-tap sums."""
+    the pixels outside), then per row its taps once and each channel's four-tap sums."""
     channels, h, w = x.shape[1], x.shape[2], x.shape[3]
     T = type(zero)
     pad = np.zeros((channels, h + 3, w + 2), x.dtype)
