@@ -91,11 +91,16 @@ class FusedStep:
     def _array(p):
         return p.data
 
+    @classmethod
+    def _arrays(cls, params) -> list:
+        """:meth:`_array` of each parameter (hook: gpunn.torch maps a list at once)."""
+        return list(map(cls._array, params))
+
     @staticmethod
     def _grads(params) -> list:
         """The gradient the step reads for each parameter (hook: gpunn.torch reads the
         local shard of a DTensor's, FSDP2)."""
-        return [p.grad for p in params]
+        return list(map(attrgetter("grad"), params))
 
     def _totals(self, tables):
         """The totals of every gradient of the step (:func:`grad_totals`) that clipping and
@@ -197,7 +202,7 @@ class FusedStep:
         for index, (group, h) in enumerate(zip(self.param_groups, hypers)):
             params = group["params"]
             grads = self._grads(params)
-            arrays = list(map(self._array, params))
+            arrays = self._arrays(params)
             dtypes = set(map(attrgetter("dtype"), arrays))
             if len(dtypes) == 1 and all(map(operator.is_not, grads, repeat(None))):
                 by_dtype = {dtypes.pop(): (params, arrays, grads)}  # the common case
