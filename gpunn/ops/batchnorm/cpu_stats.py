@@ -253,15 +253,39 @@ def stats_cols(x2, S, pmu, pm2):
             pm2[s, k0 + i] = m2[i]
 
 
+# A merge takes one item of every channel's partials (index base + c*stride) as a 1-D view:
+# contiguous where stride is 1 (the columns plans), so that it vectorizes (strided, one item
+# of 1024 channels took ~1.2 us).
+
+
 @njit(cache=True, error_model="numpy")
 def _merge_item(mu, m2, pmu, pm2, base, stride, wb, nwb):
-    """Chan's update of every channel's (mu, m2) with one partial each (index base + c*stride),
-    all of the same count: weights wb = count / (n + count) and nwb = n * wb."""
+    """Chan's update of every channel's (mu, m2) with one partial each, all of the same
+    count: weights wb = count / (n + count) and nwb = n * wb."""
+    C = mu.size
+    if stride == 1:
+        _merge_view(mu, m2, pmu[base:base + C], pm2[base:base + C], wb, nwb)
+    else:
+        _merge_view(mu, m2, pmu[base:base + C * stride:stride],
+                    pm2[base:base + C * stride:stride], wb, nwb)
+
+
+@njit(cache=True, error_model="numpy")
+def _merge_view(mu, m2, pmu, pm2, wb, nwb):
     for c in range(mu.size):
-        i = base + c * stride
-        delta = pmu[i] - mu[c]
+        delta = pmu[c] - mu[c]
         mu[c] += delta * wb
-        m2[c] += pm2[i] + delta * delta * nwb
+        m2[c] += pm2[c] + delta * delta * nwb
+
+
+@njit(cache=True, error_model="numpy")
+def _add_item(acc, partials, base, stride):
+    """acc[c] += partials[base + c*stride] (a view as _merge_item's)."""
+    C = acc.size
+    if stride == 1:
+        _add_float64(acc, partials[base:base + C])
+    else:
+        _add_float64(acc, partials[base:base + C * stride:stride])
 
 
 @njit(cache=True, error_model="numpy")
@@ -454,14 +478,13 @@ def grad_cols(dy2, x2, meank, scalek, betak, relu, S, pa, pb):
 def finalize_backward(pa, pb, sp, S, Bc, count, invstd, w, training, dw, db, k1, k2, k3):
     """Per channel: the sums over its S*Bc partials (index c*sp[0] + s*sp[1] + j*sp[2]),
     dbias, dweight and the dx coefficients dx = k1 (g + k2 (x - mean) + k3)."""
-    sa = np.zeros(invstd.size)
-    sb = np.zeros(invstd.size)
-    for c in range(invstd.size):
-        for s in range(S):
-            for j in range(Bc):
-                i = c * sp[0] + s * sp[1] + j * sp[2]
-                sa[c] += pa[i]
-                sb[c] += pb[i]
+    C = invstd.size
+    sa = np.zeros(C)
+    sb = np.zeros(C)
+    for s in range(S):  # per channel in the order s, then j
+        for j in range(Bc):
+            _add_item(sa, pa, s * sp[1] + j * sp[2], sp[0])
+            _add_item(sb, pb, s * sp[1] + j * sp[2], sp[0])
     for c in range(invstd.size):  # loops as finalize_forward's
         istd = np.float64(invstd[c])
         db[c] = sa[c]
