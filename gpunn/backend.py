@@ -271,8 +271,7 @@ def check_no_overlap(op: str, name: str, a, others: dict, why: str = "", *,
     a ValueError naming both."""
     if a is None or a.size == 0:
         return
-    host = type(a) is np.ndarray
-    if host:  # host arrays: disjoint byte spans, compared by NumPy in C (~10x cheaper)
+    if type(a) is np.ndarray:  # host arrays: disjoint byte spans, compared by NumPy in C
         for b in others.values():
             if b is not None and not (in_place and b is a) and (
                     type(b) is not np.ndarray or np.may_share_memory(a, b)):
@@ -284,8 +283,6 @@ def check_no_overlap(op: str, name: str, a, others: dict, why: str = "", *,
         if b is None or b.size == 0:
             continue
         if in_place and b is a:
-            continue
-        if host and type(b) is np.ndarray and not np.may_share_memory(a, b):
             continue
         if span is None:
             span = byte_span(a)
@@ -397,8 +394,8 @@ class Call:
         if a is None:
             return None
         self.check_dtype(a, name)
-        if type(a) is np.ndarray and self.device == "cpu":  # its own native array, or a copy
-            return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        if type(a) is np.ndarray and self.device == "cpu":  # no view needed
+            return self.contiguous(a)
         if self.kind == "torch" and a.requires_grad and sys.modules["torch"].is_grad_enabled():
             raise RuntimeError(_no_grad_message(self.op, name))
         return self.contiguous(self.view(a))
