@@ -180,8 +180,10 @@ def array_signatures(arrays: list, role: str = "written") -> tuple | None:
       that their ids stay theirs, and a new dtype or strides set in place (deprecated) still
       spans the same bytes;
     - "owned" (arrays the caller made and holds, such as optimizer states): a tensor's
-      address and shape (``resize_`` keeps the address; a storage resize reallocates), an
-      array's id, shape and writeability, as for written ones."""
+      address and element count (``resize_`` keeps the address; a storage resize
+      reallocates; the count, unlike the shape, makes no object: 600 states cost 100 us
+      less a step with cold caches), an array's id, shape and writeability, as for
+      written ones."""
     if not arrays:
         return ()
     getters = _SIGNATURES[role].get(type(arrays[0]))
@@ -204,7 +206,7 @@ def _register_signatures(a, role: str):
         full = (torch.Tensor.data_ptr, torch.Tensor.stride, attrgetter("shape", "dtype"))
         for plain in (torch.Tensor, torch.nn.Parameter):
             _SIGNATURES["written"][plain] = _SIGNATURES["read"][plain] = full
-            _SIGNATURES["owned"][plain] = (torch.Tensor.data_ptr, attrgetter("shape"))
+            _SIGNATURES["owned"][plain] = (torch.Tensor.data_ptr, torch.Tensor.numel)
     else:  # cupy
         _SIGNATURES["written"][type(a)] = _SIGNATURES["read"][type(a)] = (id, attrgetter("shape"))
         _SIGNATURES["owned"][type(a)] = (id, attrgetter("shape"))

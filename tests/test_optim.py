@@ -931,6 +931,33 @@ def test_bad_options(algo, bad, name, where, rng):
     assert _snapshot(run) == before
 
 
+def test_checked_options_are_kept_by_value_and_type():
+    """A group's checked options are kept by their values and types: the same plain values
+    give the kept Hyper, a change (even 0.0 -> -0.0, or 1 -> True) a new one, and a Tensor
+    option (it can change in place) is checked every time."""
+    from gpunn.optim.algorithms import ALGORITHMS
+    from gpunn.optim.hyper import checked
+
+    group = dict(go.Adam([Parameter(np.zeros(3, np.float32))]).param_groups[0])
+    adam = ALGORITHMS["adam"]
+    kept = checked(adam, group)
+    assert checked(adam, dict(group)) is kept
+    assert checked(adam, dict(group, params=[])) is kept  # the parameters are not options
+    negative_zero = checked(adam, dict(group, weight_decay=-0.0))
+    assert negative_zero is not kept and math.copysign(1.0, negative_zero.weight_decay) == -1.0
+    assert checked(adam, dict(group, maximize=1)) is not checked(adam, dict(group, maximize=True))
+    assert checked(adam, dict(group, betas=(0.9, 0.99))).beta2 == 0.99
+    lr = torch.tensor(1e-3)
+    tensor_group = dict(group, lr=lr)
+    assert checked(adam, tensor_group).lr == pytest.approx(1e-3)
+    lr.fill_(2e-3)
+    assert checked(adam, tensor_group).lr == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="lr"):
+        checked(adam, dict(group, lr=-1.0))  # refused every time: a refusal is not kept
+    with pytest.raises(ValueError, match="lr"):
+        checked(adam, dict(group, lr=-1.0))
+
+
 def _bad_grads(grads, rng):
     """name -> (gradient list with one bad entry, exception, message pattern)."""
     g = grads

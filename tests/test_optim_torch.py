@@ -121,6 +121,43 @@ def test_step_hooks_run_once_per_step():
     assert calls == ["pre", "post"] and float(opt.state[p]["step"]) == 1
 
 
+def test_global_step_hooks_and_a_pre_hook_replacing_the_arguments():
+    """Global hooks run once around the step (pre before the optimizer's own, post after),
+    and a pre hook's (args, kwargs) replace the step's: here it passes a closure."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    p = nn.Parameter(torch.ones(3))
+    opt = gt.SGD([p], lr=0.1)
+    calls = []
+    handles = [register_optimizer_step_pre_hook(lambda *a: calls.append("global pre")),
+               register_optimizer_step_post_hook(lambda *a: calls.append("global post"))]
+    try:
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs: (args, {"closure": lambda: calls.append("closure")}))
+        opt.register_step_post_hook(lambda *a: calls.append("post"))
+        p.grad = torch.ones(3)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["global pre", "closure", "post", "global post"]
+    assert torch.allclose(p.detach(), torch.full((3,), 0.9))
+    calls.clear()
+    opt.step()  # the global hooks are gone; the optimizer's stay
+    assert calls == ["closure", "post"]
+
+
+def test_step_is_labelled_for_the_profiler():
+    p = nn.Parameter(torch.ones(3))
+    opt = gt.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {event.name for event in prof.events()}
+    assert float(opt.state[p]["step"]) == 1
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_numpy_backend_on_torch_tensors(algo, rng):
     """backend='numpy' on CPU torch tensors: the reference runs on NumPy views of them."""

@@ -155,25 +155,34 @@ class FusedStep:
                                                    "state 'master_param'")
         return state
 
+    def _cached(self, key, group, h, params, arrays):
+        """The cached table of ``key`` if it addresses exactly what this step would (same
+        parameters, their current memory ``arrays``, the current state arrays:
+        :meth:`Table.matches`), else None."""
+        table = self._tables.get(key)
+        if (table is None or table.options != (h.algorithm, h.slots,
+                                                bool(group.get("master_weights")))
+                or len(table.params) != len(params)
+                or not all(map(operator.is_, params, table.params))):
+            return None
+        try:
+            owned = owned_arrays(
+                list(map(self.state.get, params)), table.owned_keys,
+                None if self.steps_in_state else list(map(self._steps.__getitem__, params)))
+        except (KeyError, TypeError):  # a state, or a state entry, is gone
+            return None
+        return table if table.matches(arrays, owned) else None
+
     def _table(self, key, group, h, params, arrays):
         """(table, new states): the cached table of ``key`` (group index, dtype) while it
         addresses exactly what this step would (same parameters, their current memory
         ``arrays``, the current state arrays: :meth:`Table.matches`); else a new one, fully
         checked, and the states it needs (committed by the caller once every group's
         gradients have passed the checks)."""
-        table = self._tables.get(key)
+        table = self._cached(key, group, h, params, arrays)
+        if table is not None:
+            return table, None
         master = bool(group.get("master_weights"))
-        if (table is not None and table.options == (h.algorithm, h.slots, master)
-                and len(table.params) == len(params)
-                and all(map(operator.is_, params, table.params))):
-            try:
-                owned = owned_arrays(
-                    list(map(self.state.get, params)), table.owned_keys,
-                    None if self.steps_in_state else list(map(self._steps.__getitem__, params)))
-            except (KeyError, TypeError):  # a state, or a state entry, is gone
-                owned = None
-            if owned is not None and table.matches(arrays, owned):
-                return table, None
         for p, a in zip(params, arrays):  # what the step cannot address: refused by position
             position = next(i for i, q in enumerate(group["params"]) if q is p)
             array_kind(a, f"param_groups[{key[0]}]['params'][{position}]")
@@ -203,9 +212,18 @@ class FusedStep:
             params = group["params"]
             grads = self._grads(params)
             arrays = self._arrays(params)
+            every_grad = all(map(operator.is_not, grads, repeat(None)))
+            # the common case: every parameter has a gradient, and the group's cached table
+            # (its dtypes among what it checks) still addresses them all
+            if every_grad and arrays:
+                table = self._cached((index, _dtype_name(arrays[0].dtype)), group, h, params,
+                                     arrays)
+                if table is not None:
+                    ready.append((table.bind_grads(grads), h))
+                    continue
             dtypes = set(map(attrgetter("dtype"), arrays))
-            if len(dtypes) == 1 and all(map(operator.is_not, grads, repeat(None))):
-                by_dtype = {dtypes.pop(): (params, arrays, grads)}  # the common case
+            if len(dtypes) == 1 and every_grad:
+                by_dtype = {dtypes.pop(): (params, arrays, grads)}
             else:  # one table per dtype (a kernel has one), parameters with a gradient
                 by_dtype = {}
                 for p, a, grad in zip(params, arrays, grads):
