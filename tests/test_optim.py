@@ -931,31 +931,28 @@ def test_bad_options(algo, bad, name, where, rng):
     assert _snapshot(run) == before
 
 
-def test_checked_options_are_kept_by_value_and_type():
-    """A group's checked options are kept by their values and types: the same plain values
-    give the kept Hyper, a change (even 0.0 -> -0.0, or 1 -> True) a new one, and a Tensor
-    option (it can change in place) is checked every time."""
-    from gpunn.optim.algorithms import ALGORITHMS
-    from gpunn.optim.hyper import checked
-
-    group = dict(go.Adam([Parameter(np.zeros(3, np.float32))]).param_groups[0])
-    adam = ALGORITHMS["adam"]
-    kept = checked(adam, group)
-    assert checked(adam, dict(group)) is kept
-    assert checked(adam, dict(group, params=[])) is kept  # the parameters are not options
-    negative_zero = checked(adam, dict(group, weight_decay=-0.0))
+def test_checked_options_are_kept_while_the_group_holds_the_same_values():
+    """A step keeps a group's checked options while the group holds the very same plain
+    option objects; a new value (even 0.0 -> -0.0) is checked and used at the next step, a
+    bad one refused, and a Tensor option (it changes in place) is checked at every step."""
+    p = Parameter(np.ones(3, np.float32), np.ones(3, np.float32))
+    opt = go.Adam([p], lr=0.1)
+    opt.step()
+    group = opt.param_groups[0]
+    kept = opt._kept_hyper(0, group)
+    assert opt._kept_hyper(0, group) is kept
+    group["weight_decay"] = -0.0
+    negative_zero = opt._kept_hyper(0, group)
     assert negative_zero is not kept and math.copysign(1.0, negative_zero.weight_decay) == -1.0
-    assert checked(adam, dict(group, maximize=1)) is not checked(adam, dict(group, maximize=True))
-    assert checked(adam, dict(group, betas=(0.9, 0.99))).beta2 == 0.99
-    lr = torch.tensor(1e-3)
-    tensor_group = dict(group, lr=lr)
-    assert checked(adam, tensor_group).lr == pytest.approx(1e-3)
-    lr.fill_(2e-3)
-    assert checked(adam, tensor_group).lr == pytest.approx(2e-3)
+    group["lr"] = -1.0
+    before = p.data.copy()
     with pytest.raises(ValueError, match="lr"):
-        checked(adam, dict(group, lr=-1.0))  # refused every time: a refusal is not kept
-    with pytest.raises(ValueError, match="lr"):
-        checked(adam, dict(group, lr=-1.0))
+        opt.step()
+    np.testing.assert_array_equal(p.data, before)
+    group["lr"] = torch.tensor(0.25)
+    assert opt._kept_hyper(0, group).lr == 0.25
+    group["lr"].fill_(0.5)
+    assert opt._kept_hyper(0, group).lr == 0.5
 
 
 def _bad_grads(grads, rng):

@@ -85,48 +85,7 @@ class Algorithm:
 def checked(algorithm: Algorithm, group: dict) -> Hyper:
     """Check a parameter group's options (torch's names; numbers or one-element Tensors) and
     turn them into ``algorithm``'s Hyper. torch's ``foreach`` and ``fused`` change nothing
-    (the step is always fused); ``capturable`` and ``differentiable`` are not supported.
-    A group of plain values (numbers, strings, None, tuples of them) is checked once: its
-    Hyper is kept by those values (a Tensor option can change in place, so is never kept);
-    the kept one saves a step of 200 tensors ~80 us of cold-cache checks."""
-    key = _options_key(algorithm, group)
-    hyper = _CHECKED.get(key) if key is not None else None
-    if hyper is None:
-        hyper = _checked(algorithm, group)
-        if key is not None:
-            if len(_CHECKED) >= 256:
-                _CHECKED.clear()
-            _CHECKED[key] = hyper
-    return hyper
-
-
-#: checked Hyper by :func:`_options_key`.
-_CHECKED: dict = {}
-_PLAIN = frozenset({bool, int, float, str, type(None)})
-
-
-def _options_key(algorithm: Algorithm, group: dict) -> tuple | None:
-    """The group's options (all but the parameters and their names) with their types, and
-    the algorithm; None if one is not a plain value. A float is keyed by its bits as well
-    (-0.0 == 0.0 and 1 == 1.0 == True as keys otherwise)."""
-    key = [id(algorithm)]
-    for name, value in group.items():
-        kind = type(value)
-        if kind is tuple:
-            if not all(type(v) in _PLAIN for v in value):
-                return None
-            value = tuple((v, type(v), v.hex() if type(v) is float else None) for v in value)
-        elif kind not in _PLAIN:
-            if name in ("params", "param_names"):
-                continue
-            return None
-        elif kind is float:
-            value = value.hex()
-        key.append((name, kind, value))
-    return tuple(key)
-
-
-def _checked(algorithm: Algorithm, group: dict) -> Hyper:
+    (the step is always fused); ``capturable`` and ``differentiable`` are not supported."""
     g = group
     missing = [key for key in algorithm.required if key not in g]
     if missing:
@@ -151,6 +110,23 @@ def gpunn_options(l1, max_grad_norm, skip_nonfinite, master_weights, backend) ->
     """gpunn's options on top of torch's, in every optimizer's param groups."""
     return dict(l1=l1, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                 master_weights=master_weights, backend=backend)
+
+
+def plain_options(group: dict) -> bool:
+    """Whether every option of the group (all but its parameters and their names) is a plain
+    value: a number, string, None or a tuple of them, which cannot change in place (a Tensor
+    lr can)."""
+    for name, value in group.items():
+        kind = type(value)
+        if kind is tuple:
+            if not all(type(v) in _PLAIN for v in value):
+                return False
+        elif kind not in _PLAIN and name not in ("params", "param_names"):
+            return False
+    return True
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
 # --- Number checks, as torch takes options: numbers or one-element Tensors -------------------
