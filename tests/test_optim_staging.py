@@ -115,6 +115,38 @@ def test_gradient_aliasing_what_the_step_writes_is_refused():
     assert torch.equal(p.detach(), before) and not opt.state.get(p)
 
 
+def test_new_gradient_aliasing_a_state_is_refused_after_steps():
+    """A new gradient laid out like its parameter (the path that binds gradients from their
+    signatures alone) that is a state's memory: refused, naming both, nothing changed."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = gt.Adam([p])
+    for _ in range(2):
+        p.grad = torch.full((8,), 0.5)
+        opt.step()
+    before = [p.detach().clone()] + [t.clone() for t in opt.state[p].values()]
+    p.grad = opt.state[p]["exp_avg"]
+    with pytest.raises(ValueError, match=r"grads\[0\] shares memory with exp_avg\[0\]"):
+        opt.step()
+    after = [p.detach()] + list(opt.state[p].values())
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_new_gradient_whose_storage_was_freed_is_refused():
+    """A new gradient whose storage was resized to nothing after it was assigned (its shape
+    and strides still the parameter's): refused before anything is read, nothing changed."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = gt.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.full((8,), 0.5)
+    opt.step()
+    before = p.detach().clone()
+    g = torch.full((8,), 0.5)
+    p.grad = g
+    g.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match=r"grads\[0\].*no longer holds"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 def test_read_only_memory_map_parameter_is_refused(tmp_path):
     path = tmp_path / "w.npy"
     np.save(path, np.ones(16, np.float32))

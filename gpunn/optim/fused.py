@@ -21,13 +21,14 @@ strides, dtype and writeability of each, from :func:`backend.array_signatures`),
 from __future__ import annotations
 
 import math
-from itertools import chain
+import operator
+from itertools import chain, repeat
 from operator import itemgetter
 
 import numpy as np
 
 from ..backend import (DTYPES, HALF_DTYPES, array_signatures, check_writable,
-                       compute_dtype_name, describe, resolve)
+                       compute_dtype_name, describe, resolve, storages_hold)
 from .hyper import Hyper
 from .prologue import grad_norm, reference_step
 from .walker import CHUNK, COLUMNS, G, MASTER, N, P, S0, STEP, cpu_grad_norm, cpu_run, \
@@ -185,7 +186,8 @@ class Table:
             raise ValueError(f"{self.op}: {len(grads)} gradients for {len(self.shapes)} parameters")
         signature = array_signatures(grads, "read")
         if signature is None or signature != self.grad_signature:
-            self._bind_new_grads(grads)
+            if not self._bind_grads_like_params(grads, signature):
+                self._bind_new_grads(grads)
             self.grad_signature = signature
         self.grad_refs = grads = list(grads)  # keeps NumPy ids (in the signature) theirs
         if self.grad_stages:
@@ -195,6 +197,30 @@ class Table:
                 grads[i] = buffer
         self.grads = grads
         return self
+
+    def _bind_grads_like_params(self, grads, signature) -> bool:
+        """Bind torch gradients laid out exactly like their parameters (strides, shape,
+        dtype, device), the common case, from their signature: the storage check and the
+        disjointness test over all of them at once, no per-gradient checks (torch's
+        zero_grad makes new gradients every step: 200 of them cost 0.9 ms a step the long
+        way). False, binding nothing, for anything else (then :meth:`_bind_new_grads`)."""
+        if (signature is None or self.kind != "torch" or self.stages
+                or self.dtype != self.param_dtype or signature[1:] != self.signature[0][1:]):
+            return False
+        device = -1 if self.device == "cpu" else int(self.device.split(":")[1])
+        import torch
+
+        if any(map(operator.ne, map(torch.Tensor.get_device, grads), repeat(device))) \
+                or not storages_hold(grads):
+            return False
+        addresses = np.array(signature[0], np.int64)
+        self.written.check_disjoint("grads", addresses, self.rows[:, N] * _ITEMSIZE[self.dtype],
+                                    range(len(grads)))
+        if self.device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
+            self.device_rows = None
+        self.rows[:, G] = addresses
+        self.grad_stages = []
+        return True
 
     def _bind_new_grads(self, grads) -> None:
         stages, rows, direct = [], [], []
