@@ -121,6 +121,46 @@ def test_step_hooks_run_once_per_step():
     assert calls == ["pre", "post"] and float(opt.state[p]["step"]) == 1
 
 
+def test_new_states_are_aligned_views_of_one_block_laid_out_like_their_parameters():
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7)),
+              nn.Parameter(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))]
+    opt = gt.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    states = [t for p in params for t in opt.state[p].values()]
+    assert len({t.untyped_storage().data_ptr() for t in states}) == 1
+    assert all(t.data_ptr() % 64 == 0 for t in states)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in states)
+    assert all(stop <= start for (_, stop), (start, _) in zip(spans, spans[1:]))
+    for p in params:
+        assert all(opt.state[p][k].stride() == p.stride() for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_state_moved_to_new_memory_is_the_one_updated(how, rng):
+    """A state (a view of the optimizer's block) pointed at new memory in place, by
+    ``.data =`` or ``set_``: the next steps update that memory, as torch's do."""
+    init = torch.tensor(rng.standard_normal(64).astype(np.float32))
+    ours, theirs = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    opts = gt.Adam([ours], lr=0.01), torch.optim.Adam([theirs], lr=0.01)
+    for step in range(4):
+        g = torch.tensor(rng.standard_normal(64).astype(np.float32))
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+        if step == 1:
+            for opt, p in zip(opts, (ours, theirs)):
+                moved = opt.state[p]["exp_avg"].clone() * 2
+                if how == "data":
+                    opt.state[p]["exp_avg"].data = moved
+                else:
+                    opt.state[p]["exp_avg"].set_(moved)
+    torch.testing.assert_close(opts[0].state[ours]["exp_avg"], opts[1].state[theirs]["exp_avg"],
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_global_step_hooks_and_a_pre_hook_replacing_the_arguments():
     """Global hooks run once around the step (pre before the optimizer's own, post after),
     and a pre hook's (args, kwargs) replace the step's: here it passes a closure."""
