@@ -601,20 +601,33 @@ def resolve(op: str, backend: str | None = None, **arrays) -> Call:
 
 
 def _host_call(op: str, backend: str | None, arrays: dict) -> Call | None:
-    """What :func:`resolve` decides for plain NumPy arrays in native byte order and a host
-    backend (requested, else cpu), with the same checks in the same order, done inline
-    (small calls are dominated by such fixed costs); None for anything else (other arrays,
+    """What :func:`resolve` decides for host arrays of one type, NumPy arrays in native byte
+    order or plain strided CPU torch tensors, and a host backend (requested, else cpu), with
+    the same checks, done inline (small calls are dominated by such fixed costs: relu of
+    (64, 256) torch tensors 27 -> 22 us); None for anything else (other arrays, mixed types,
     no array, a cuda request), which resolve's full path decides or refuses."""
-    found = False
+    torch = sys.modules.get("torch")
+    kind = None
     for a in arrays.values():
         if a is None:
             continue
-        if type(a) is not np.ndarray or not a.dtype.isnative:
+        t = type(a)
+        if t is np.ndarray:
+            if not a.dtype.isnative:
+                return None
+            found = "numpy"
+        elif (torch is not None and (t is torch.Tensor or t is torch.nn.Parameter) and a.is_cpu
+              and a.layout is torch.strided and not a.is_quantized):
+            found = "torch"
+        else:
             return None
-        found = True
-    if not found:
+        if kind is None:
+            kind = found
+        elif found != kind:
+            return None
+    if kind is None:
         return None
     requested = _requested(backend)
     if requested == "cuda":
         return None
-    return Call(op, requested or "cpu", "numpy", "cpu")
+    return Call(op, requested or "cpu", kind, "cpu")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numba
 import numpy as np
@@ -69,7 +70,7 @@ def test_mixed_array_types_and_non_arrays():
 
 
 def _full_path(monkeypatch, op, backend_arg=None, **arrays):
-    """What resolve decides without its NumPy fast path (backend._host_call)."""
+    """What resolve decides without its host fast path (backend._host_call)."""
     with monkeypatch.context() as m:
         m.setattr(backend, "_host_call", lambda *args: None)
         call = resolve(op, backend_arg, **arrays)
@@ -111,6 +112,43 @@ def test_fast_path_leaves_other_arrays_to_the_full_path(tmp_path):
     assert (resolve("op", x=mapped).kind, resolve("op", x=mapped).device) == ("numpy", "cpu")
     call = resolve("op", x=torch.ones(4))
     assert (call.backend, call.kind, call.device) == ("cpu", "torch", "cpu")
+
+
+@pytest.mark.parametrize("backend_arg", [None, "cpu", "numpy"])
+def test_torch_host_fast_path_decides_as_the_full_path(monkeypatch, backend_arg):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    t = torch.ones(5, 3)
+    cases = [{"x": t}, {"x": torch.nn.Parameter(t.clone())}, {"x": t, "out": None},
+             {"dy": t, "y": t[:, ::2], "out": torch.empty(7, dtype=torch.float64)},
+             {"x": torch.ones(0)}, {"x": torch.ones(())}]
+    for arrays in cases:
+        call = resolve("op", backend_arg, **arrays)
+        assert (call.backend, call.kind, call.device) == \
+            _full_path(monkeypatch, "op", backend_arg, **arrays)
+
+
+def test_torch_host_fast_path_leaves_other_tensors_to_the_full_path():
+    """A tensor subclass, a sparse, quantized or meta tensor, a NumPy array beside a tensor,
+    and a cuda request each get the full path's answer."""
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.ones(4)
+    with pytest.raises(TypeError, match="x is a Sub, a torch.Tensor subclass"):
+        resolve("op", x=t.as_subclass(Sub))
+    with pytest.raises(TypeError, match="layout torch.sparse_coo"):
+        resolve("op", x=t.to_sparse())
+    with warnings.catch_warnings():  # torch deprecates quantized tensors
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_tensor(t, 0.1, 0, torch.quint8)
+    with pytest.raises(TypeError, match="quantized"):
+        resolve("op", x=quantized)
+    with pytest.raises(TypeError, match="meta tensor"):
+        resolve("op", x=torch.ones(4, device="meta"))
+    with pytest.raises(TypeError, match="x is a torch array but out is a numpy array"):
+        resolve("op", x=t, out=np.ones(4, np.float32))
+    with pytest.raises((RuntimeError, ValueError), match="cuda"):
+        resolve("op", "cuda", x=t)
 
 
 def test_repeated_calls_check_each_call_anew():
