@@ -216,11 +216,16 @@ class Table:
         addresses = np.array(signature[0], np.int64)
         self.written.check_disjoint("grads", addresses, self.rows[:, N] * _ITEMSIZE[self.dtype],
                                     range(len(grads)))
+        self._set_grads(addresses, [])
+        return True
+
+    def _set_grads(self, addresses, stages) -> None:
+        """Record the gradient addresses (the device copy of the rows made again if they
+        moved) and the gradients copied into buffers before each step."""
         if self.device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
             self.device_rows = None
         self.rows[:, G] = addresses
-        self.grad_stages = []
-        return True
+        self.grad_stages = stages
 
     def _bind_new_grads(self, grads) -> None:
         stages, rows, direct = [], [], []
@@ -239,10 +244,7 @@ class Table:
                 addresses[i] = info[5]
         self.written.check_disjoint("grads", direct, self.rows[rows, N] * _ITEMSIZE[self.dtype],
                                     rows)
-        if self.device_rows is not None and not np.array_equal(self.rows[:, G], addresses):
-            self.device_rows = None
-        self.rows[:, G] = addresses
-        self.grad_stages = stages
+        self._set_grads(addresses, stages)
 
     def grad_norm(self) -> tuple[float, bool]:
         """(L2 norm, any inf/NaN) of this table's gradients, on the host (numpy, cpu); the
